@@ -1,0 +1,144 @@
+"""Multi-concept LoRA on the cross-attention projections, with per-sample task weights.
+
+Every task t owns, per attn2 layer l and projection f in (to_q, to_k, to_v, to_out.0), factors
+down A ∈ R^{r×in} and up B ∈ R^{out×r}. A wrapped projection computes, for sample b,
+
+    f(x_b) = W_f x_b + b_f + scale · Σ_t w[b, t] · B_t A_t x_b
+
+where w comes from a router (elastic aggregation, one-hot, fixed, or "the task being trained"). All tasks run as
+one batched low-rank branch: x·[A_1;…;A_K]ᵀ, scaled per (sample, task), then ·[B_1 … B_K]ᵀ — two matmuls
+whatever K is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import PROJECTIONS, CrossAttentionLayer
+
+LayerFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # proj -> (down [r,in], up [out,r])
+TaskFactors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, proj) -> (down, up)
+
+
+def init_task_factors(layers: list[CrossAttentionLayer], rank: int, generator: torch.Generator) -> TaskFactors:
+    """Fresh LoRA factors: down ~ kaiming-uniform(a=√5) as nn.Linear does, up = 0, so training starts at the base."""
+    factors = {}
+    for layer in layers:
+        for proj, (out_features, in_features) in layer.projection_shapes().items():
+            bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform with a=√5 reduces to U(-1/√in, 1/√in)
+            down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+            factors[(layer.index, proj)] = (down, torch.zeros(out_features, rank))
+    return factors
+
+
+class LayerLoRABank:
+    """The factors of K tasks for one layer: frozen tasks stacked once, plus an optional trainable task (last).
+
+    Not an nn.Module on purpose: registered under the UNet it would add keys to the host model's state dict."""
+
+    def __init__(self, tasks: list[LayerFactors], scale: float, trainable: LayerFactors | None = None):
+        self.scale = scale
+        self.trainable = trainable
+        self.num_frozen = len(tasks)
+        self.num_tasks = len(tasks) + (trainable is not None)
+        reference = tasks[0] if tasks else trainable
+        self.rank = reference[PROJECTIONS[0]][0].shape[0] if reference else 0
+        # [K·r, in] and [out, K·r]: task-major blocks of r rows / columns.
+        self.frozen_down = {p: torch.cat([t[p][0] for t in tasks], dim=0) for p in PROJECTIONS} if tasks else {}
+        self.frozen_up = {p: torch.cat([t[p][1] for t in tasks], dim=1) for p in PROJECTIONS} if tasks else {}
+
+    def stacked(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.trainable is None:
+            return self.frozen_down[proj], self.frozen_up[proj]
+        down, up = self.trainable[proj]
+        if not self.num_frozen:
+            return down, up
+        # Re-stacked every call so gradients reach the trainable factors on every step.
+        return (torch.cat([self.frozen_down[proj].to(down), down], dim=0),
+                torch.cat([self.frozen_up[proj].to(up), up], dim=1))
+
+    def delta(self, proj: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """scale · Σ_t w[b,t] B_t A_t x for x [B, N, in] and weights [B, K]."""
+        down, up = self.stacked(proj)
+        down = down.to(device=x.device, dtype=x.dtype)
+        up = up.to(device=x.device, dtype=x.dtype)
+        hidden = F.linear(x, down)  # [B, N, K·r]
+        per_rank = weights.to(x.dtype).repeat_interleave(self.rank, dim=1)  # [B, K·r]
+        return F.linear(hidden * (self.scale * per_rank).unsqueeze(1), up)
+
+
+class Router(Protocol):
+    """Per-sample task weights for one layer: [B, K], from that layer's own context."""
+
+    def __call__(self, layer_index: int, context: torch.Tensor, cond_or_uncond: list[int] | None) -> torch.Tensor:
+        ...
+
+
+AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def scaled_dot_product_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention on [B, N, heads·d] tensors (the default when the host gives none)."""
+    batch, _, inner = q.shape
+    dim_head = inner // heads
+    q, k, v = (t.view(batch, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(batch, -1, inner)
+
+
+def select_layer_context(context: torch.Tensor, layer_index: int, num_layers: int,
+                         tokens_per_layer: int) -> torch.Tensor:
+    """Layer l's slice of a packed [B, num_layers·T, D] context; any other length is a plain prompt, used as is.
+
+    Packing the layer contexts along the token axis lets them ride in an ordinary CONDITIONING through ComfyUI's
+    batching; a model without this adapter attends over all copies and still samples sensibly."""
+    if num_layers > 1 and context.shape[1] == num_layers * tokens_per_layer:
+        return context[:, layer_index * tokens_per_layer:(layer_index + 1) * tokens_per_layer]
+    return context
+
+
+class ConceptCrossAttention(nn.Module):
+    """A cross-attention layer with K tasks' LoRA branches mixed per sample.
+
+    The original module's projections are re-registered under their own names (to_q, to_k, to_v, to_out) so the
+    host's weight patches (stock LoRAs) still find them; the original module itself is kept unregistered."""
+
+    def __init__(self, original: nn.Module, layer: CrossAttentionLayer, bank: LayerLoRABank, router: Router,
+                 num_layers: int, tokens_per_layer: int = 77,
+                 attention: AttentionFunction = scaled_dot_product_heads):
+        super().__init__()
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "original", original)
+        object.__setattr__(self, "bank", bank)
+        object.__setattr__(self, "router", router)
+        self.layer = layer
+        self.heads = original.heads
+        self.num_layers = num_layers
+        self.tokens_per_layer = tokens_per_layer
+        object.__setattr__(self, "attention", attention)
+
+    def project(self, proj: str, linear: nn.Module, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        out = linear(x)
+        if weights is not None and self.bank.num_tasks:
+            out = out + self.bank.delta(proj, x, weights)
+        return out
+
+    def forward_layer(self, x: torch.Tensor, context: torch.Tensor | None, value: torch.Tensor | None = None,
+                      cond_or_uncond: list[int] | None = None, **attention_kwargs) -> torch.Tensor:
+        context = x if context is None else select_layer_context(
+            context, self.layer.index, self.num_layers, self.tokens_per_layer)
+        if value is not None:
+            value = select_layer_context(value, self.layer.index, self.num_layers, self.tokens_per_layer)
+        weights = self.router(self.layer.index, context, cond_or_uncond) if self.bank.num_tasks else None
+        q = self.project("to_q", self.to_q, x, weights)
+        k = self.project("to_k", self.to_k, context, weights)
+        v = self.project("to_v", self.to_v, context if value is None else value, weights)
+        out = self.attention(q, k, v, self.heads, **attention_kwargs)
+        out = self.project("to_out.0", self.to_out[0], out, weights)
+        return self.to_out[1](out) if len(self.to_out) > 1 else out

@@ -1,0 +1,99 @@
+"""Elastic weight aggregation (EWA): per-layer, per-sample task weights from the prompt's own context.
+
+For layer l, with ĥ_{b,c} the L2-normalised context token c of sample b and ê_w the L2-normalised concept feature w
+(the layer-l encoding of the concept tokens, stored with each task):
+
+    s[b,w]  = max_c ⟨ê_w, ĥ_{b,c}⟩            (max over all context positions)
+    g[b,k]  = mean_{w ∈ task k} s[b,w]
+    ω[b,k]  = g[b,k]^p / Σ_k' |g[b,k']^p|      (p = 4 in the reference)
+
+`one-hot` puts all weight on argmax_k g; `fixed` uses user weights for every sample.
+
+Unconditional rows: "match cond" (the reference) gives each uncond row the weights of the cond row it is paired with
+in the same batch, so classifier-free guidance only sees the prompt difference, not a LoRA difference. Where the
+batch holds no cond rows (cond and uncond evaluated in separate calls) the rows fall back to their own weights.
+"own" always routes every row from its own context.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CIDMInputError
+
+MODES = ("elastic", "one-hot", "fixed")
+UNCOND_POLICIES = ("match cond", "own")
+
+
+def ewa_weights(context: torch.Tensor, features: torch.Tensor, spans: list[tuple[int, int]],
+                power: float = 4.0) -> torch.Tensor:
+    """ω [B, K] for context [B, T, D], concept features [N, D] of all tasks, and each task's [start, end) in N."""
+    similarity = torch.einsum("nd,btd->bnt", F.normalize(features.to(context), dim=-1),
+                              F.normalize(context, dim=-1))
+    best = similarity.amax(dim=2)  # [B, N]
+    per_task = torch.stack([best[:, start:end].mean(dim=1) for start, end in spans], dim=1)  # [B, K]
+    powered = per_task.pow(power)
+    total = powered.abs().sum(dim=1, keepdim=True)
+    return powered / total.clamp_min(torch.finfo(powered.dtype).tiny)
+
+
+def one_hot_weights(scores: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(scores.argmax(dim=1), scores.shape[1]).to(scores.dtype)
+
+
+def match_uncond_to_cond(weights: torch.Tensor, cond_or_uncond: list[int] | None) -> torch.Tensor:
+    """Copies the first cond chunk's weights onto every uncond chunk (chunks are equal slices of the batch)."""
+    if not cond_or_uncond or 0 not in cond_or_uncond or 1 not in cond_or_uncond:
+        return weights
+    chunks = list(weights.chunk(len(cond_or_uncond)))
+    cond = chunks[cond_or_uncond.index(0)]
+    return torch.cat([cond if kind == 1 else chunk for kind, chunk in zip(cond_or_uncond, chunks)])
+
+
+class ElasticRouter:
+    """Routes every layer's tasks from the layer's context; `features[k]` is task k's [n_tokens, L, D]."""
+
+    def __init__(self, features: list[torch.Tensor], one_hot: bool = False, power: float = 4.0,
+                 uncond: str = "match cond"):
+        if uncond not in UNCOND_POLICIES:
+            raise CIDMInputError("uncond_weights", f"unknown policy {uncond!r}; supported: {', '.join(UNCOND_POLICIES)}")
+        self.one_hot, self.power, self.uncond = one_hot, power, uncond
+        self.spans, start = [], 0
+        for task_features in features:
+            self.spans.append((start, start + task_features.shape[0]))
+            start += task_features.shape[0]
+        # [L, N, D]: every task's concept tokens, per layer; computed once, not per step.
+        self.features = torch.cat(features, dim=0).transpose(0, 1).contiguous()
+
+    def scores(self, layer_index: int, context: torch.Tensor) -> torch.Tensor:
+        return ewa_weights(context, self.features[layer_index], self.spans, self.power)
+
+    def __call__(self, layer_index: int, context: torch.Tensor, cond_or_uncond: list[int] | None) -> torch.Tensor:
+        weights = self.scores(layer_index, context)
+        if self.one_hot:
+            weights = one_hot_weights(weights)
+        return match_uncond_to_cond(weights, cond_or_uncond) if self.uncond == "match cond" else weights
+
+
+class ConstantRouter:
+    """The same weights for every sample and layer: `fixed` mode, and the training forward (the task being trained,
+    plus the merged old tasks for the sequential-merging baselines)."""
+
+    def __init__(self, weights: list[float]):
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+
+    def __call__(self, layer_index: int, context: torch.Tensor, cond_or_uncond: list[int] | None) -> torch.Tensor:
+        return self.weights.to(context).expand(context.shape[0], -1)
+
+
+def make_router(mode: str, features: list[torch.Tensor], power: float = 4.0, uncond: str = "match cond",
+                fixed_weights: list[float] | None = None):
+    if mode not in MODES:
+        raise CIDMInputError("mode", f"unknown mode {mode!r}; supported: {', '.join(MODES)}")
+    if mode == "fixed":
+        if fixed_weights is None or len(fixed_weights) != len(features):
+            raise CIDMInputError("weights", f"fixed mode needs one weight per task ({len(features)}), "
+                                            f"got {0 if fixed_weights is None else len(fixed_weights)}")
+        return ConstantRouter(fixed_weights)
+    return ElasticRouter(features, one_hot=mode == "one-hot", power=power, uncond=uncond)

@@ -1,0 +1,1 @@
+"""Model backends for cidm outside ComfyUI (ComfyUI's own adapter lives in the pack's nodes/)."""

@@ -1,0 +1,103 @@
+"""Layer-wise concept tokens: each concept token has one input embedding per cross-attention layer.
+
+A prompt such as "a <dog> on a beach" is expanded to the concept's tokens ("a <dog1> <dog2> on a beach") and encoded
+once per layer l with every token replaced by its layer-l embedding; layer l's attn2 then attends to encoding l.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .errors import CIDMInputError
+
+TOKEN_PATTERN = re.compile(r"<[^<>\s]+>")
+RANDOM_INIT_STD = 0.013  # the reference's σ for the first token of a concept
+
+
+@dataclass(frozen=True)
+class ConceptVocabulary:
+    """What a prompt may name: concept names (`<dog>`) expand to their tokens; tokens (`<dog1>`) stand for
+    themselves. `embeddings[token]` is that token's [L, D] layer-wise embedding."""
+
+    concept_tokens: dict[str, list[str]]  # concept name -> its tokens
+    embeddings: dict[str, torch.Tensor]
+
+    def expand(self, text: str, input_name: str = "text") -> str:
+        """Replaces `<name>` by the concept's tokens; unknown `<…>` names raise an error listing the known ones."""
+        def replace(match: re.Match) -> str:
+            word = match.group(0)
+            if word in self.embeddings:
+                return word
+            name = word[1:-1]
+            if name in self.concept_tokens:
+                return " ".join(self.concept_tokens[name])
+            known = ", ".join(f"<{n}>" for n in self.concept_tokens) or "none (the library is empty)"
+            raise CIDMInputError(input_name, f"unknown concept {word}; known concepts: {known}")
+        return TOKEN_PATTERN.sub(replace, text)
+
+    def tokens_in(self, text: str) -> list[str]:
+        return [t for t in TOKEN_PATTERN.findall(text) if t in self.embeddings]
+
+
+def initial_embeddings(num_tokens: int, num_layers: int, class_vectors: list[torch.Tensor | None],
+                       generator: torch.Generator, random_std: float = RANDOM_INIT_STD) -> torch.Tensor:
+    """[n, L, D]: token 0 (and any token without a class word) starts random with σ = `random_std`, the others from
+    their class word's input embedding, copied to every layer."""
+    dim = next((v.shape[-1] for v in class_vectors if v is not None), None)
+    if dim is None:
+        raise CIDMInputError("class_words", "at least one class word is needed to size the embeddings")
+    rows = []
+    for index in range(num_tokens):
+        vector = class_vectors[index] if index < len(class_vectors) else None
+        if vector is None or index == 0:
+            vector = torch.randn(dim, generator=generator) * random_std
+        rows.append(vector.detach().float().expand(num_layers, dim))
+    return torch.stack(rows).clone()
+
+
+def mean_embedding_norm(embeddings: torch.Tensor) -> float:
+    """Mean L2 norm over all (token, layer) rows: the reference freezes embeddings once this reaches 0.55."""
+    return embeddings.detach().norm(dim=-1).mean().item()
+
+
+class LayerwiseTextEncoder(Protocol):
+    """Encodes a prompt once per cross-attention layer with the layer's concept-token embeddings."""
+
+    num_layers: int
+    tokens_per_layer: int
+
+    def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[L, T, D]; differentiable with respect to `embeddings` (token -> [L, D])."""
+        ...
+
+    def word_embedding(self, word: str) -> torch.Tensor | None:
+        """The input embedding of a word that is a single token, else None."""
+        ...
+
+
+def pack_layer_contexts(contexts: torch.Tensor) -> torch.Tensor:
+    """[B, L, T, D] -> [B, L·T, D]: the transport through an ordinary CONDITIONING tensor."""
+    batch, layers, tokens, dim = contexts.shape
+    return contexts.reshape(batch, layers * tokens, dim)
+
+
+def concept_features(encoder: LayerwiseTextEncoder, tokens: list[str], embeddings: torch.Tensor) -> torch.Tensor:
+    """[n, L, D]: each token's encoding inside the prompt made of the concept's tokens alone (after BOS), per
+    layer. Stored with the task, so routing needs no text encoder and does not depend on the other tasks."""
+    table = {token: embeddings[i] for i, token in enumerate(tokens)}
+    with torch.no_grad():
+        encoded = encoder.encode(" ".join(tokens), table)  # [L, T, D]
+    return encoded[:, 1:1 + len(tokens)].transpose(0, 1).contiguous()
+
+
+def vocabulary_from_tasks(concepts: list[str], tokens: list[list[str]],
+                          embeddings: list[torch.Tensor]) -> ConceptVocabulary:
+    """The vocabulary of a library's tasks (each task's embeddings are [n_tokens, L, D])."""
+    table = {}
+    for task_tokens, task_embeddings in zip(tokens, embeddings):
+        table.update({token: task_embeddings[i] for i, token in enumerate(task_tokens)})
+    return ConceptVocabulary(concept_tokens=dict(zip(concepts, tokens)), embeddings=table)

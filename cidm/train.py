@@ -1,0 +1,273 @@
+"""One training loop for a concept increment, over a small `Denoiser` protocol.
+
+The same loop trains on a ComfyUI model (nodes/ supplies the adapter) and on a diffusers model (the toy world).
+Task t trains its own LoRA factors and layer-wise token embeddings; older tasks are frozen and never rewritten.
+The consolidation method decides whether old tasks take part in the forward pass (c-lora, finetune) or only
+in the regularizer (cidm, cidm-official).
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import LayerLoRABank, TaskFactors, init_task_factors
+from .aggregation import ConstantRouter
+from .consolidation import ConsolidationWeights, make_consolidator
+from .data import TrainingSet, make_prompt
+from .errors import CIDMInputError
+from .layers import PROJECTIONS, CrossAttentionLayer
+from .tokens import LayerwiseTextEncoder, concept_features, initial_embeddings, mean_embedding_norm
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 400
+    method: str = "cidm"
+    rank: int = 4
+    alpha: float = 1.0  # LoRA multiplier as in the reference: h = Wx + alpha·BAx (not alpha/rank)
+    lora_lr: float = 1e-4
+    embedding_lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 1
+    noise_offset: float = 0.01
+    embedding_norm_threshold: float = 0.55
+    template: str = "object"
+    seed: int = 0
+    save_every: int = 0
+    gradient_checkpointing: bool = False
+    consolidation: ConsolidationWeights = field(default_factory=ConsolidationWeights)
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise CIDMInputError("steps", f"must be at least 1, got {self.steps}")
+        if self.rank <= 0:
+            raise CIDMInputError("rank", f"must be at least 1, got {self.rank}")
+        if self.batch_size <= 0:
+            raise CIDMInputError("batch_size", f"must be at least 1, got {self.batch_size}")
+        for name in ("lora_lr", "embedding_lr"):
+            if not getattr(self, name) >= 0:
+                raise CIDMInputError(name, f"must be ≥ 0, got {getattr(self, name)}")
+
+    def hyperparameters(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ConceptSpec:
+    name: str
+    tokens: list[str]
+    class_words: list[str | None]  # per token; the first token always starts random
+
+
+class Denoiser(Protocol):
+    """What the loop needs from a diffusion model."""
+
+    layers: list[CrossAttentionLayer]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """ComfyUI IMAGE [N, H, W, 3] in [0, 1] -> latents [N, C, h, w]."""
+
+    def sample_noise_level(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """A training noise level per sample (a sigma or a timestep, the model's own)."""
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def predict(self, noisy: torch.Tensor, level: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The model's raw output (eps, v, ...) for a packed layer-wise context [B, L·T, D]."""
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, level: torch.Tensor,
+               noisy: torch.Tensor) -> torch.Tensor:
+        """What `predict` should output for these latents, in the same parameterisation."""
+
+    def adapted(self, banks: dict[int, LayerLoRABank], router) -> AbstractContextManager:
+        """Context manager: the cross-attention layers run with these LoRA banks."""
+
+    @property
+    def device(self) -> torch.device:
+        ...
+
+
+@dataclass
+class TrainingCallbacks:
+    on_step: Callable[[int, int, float], None] = lambda step, total, loss: None
+    check_interrupt: Callable[[], None] = lambda: None  # raises to stop; nothing is written on the way out
+    save_state: Callable[[dict[str, torch.Tensor], dict], None] | None = None
+    preview: Callable[[int], None] | None = None
+    preview_every: int = 0
+
+
+@dataclass
+class TrainedTask:
+    lora: TaskFactors
+    embeddings: torch.Tensor  # [n, L, D]
+    features: torch.Tensor  # [n, L, D]
+    losses: list[float]
+    embeddings_frozen_at: int | None
+
+
+def _trainable_factors(factors: TaskFactors) -> dict[tuple[int, str], tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    return {key: (torch.nn.Parameter(down.clone()), torch.nn.Parameter(up.clone()))
+            for key, (down, up) in factors.items()}
+
+
+def _layer_banks(layers: list[CrossAttentionLayer], old_tasks: list[TaskFactors], current, scale: float):
+    return {layer.index: LayerLoRABank(
+        [{p: old[(layer.index, p)] for p in PROJECTIONS} for old in old_tasks], scale,
+        trainable={p: current[(layer.index, p)] for p in PROJECTIONS}) for layer in layers}
+
+
+def _linear_decay(total: int) -> Callable[[int], float]:
+    return lambda step: max(0.0, 1.0 - step / total)
+
+
+class ConceptTrainer:
+    """Trains one concept increment. Holds everything a resume must restore."""
+
+    def __init__(self, denoiser: Denoiser, encoder: LayerwiseTextEncoder, training_set: TrainingSet,
+                 concept: ConceptSpec, old_tasks: list[TaskFactors], config: TrainingConfig):
+        config.validate()
+        self.denoiser, self.encoder, self.concept, self.config = denoiser, encoder, concept, config
+        self.training_set = training_set
+        self.layers = denoiser.layers
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.consolidator = make_consolidator(config.method, old_tasks, config.consolidation)
+        self.active_old = old_tasks if self.consolidator.uses_old_in_forward else []
+        self.lora = _trainable_factors(init_task_factors(self.layers, config.rank, self.generator))
+        class_vectors = [encoder.word_embedding(w) if w else None for w in concept.class_words]
+        self.embeddings = torch.nn.Parameter(initial_embeddings(
+            len(concept.tokens), encoder.num_layers, class_vectors, self.generator))
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for pair in self.lora.values() for p in pair], "lr": config.lora_lr},
+             {"params": [self.embeddings], "lr": config.embedding_lr}],
+            lr=config.lora_lr, weight_decay=config.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _linear_decay(config.steps))
+        self.step = 0
+        self.frozen_at: int | None = None
+        self.losses: list[float] = []
+        self.context_cache: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            self.latents = torch.cat([denoiser.encode_images(training_set.images[i:i + 1])
+                                      for i in range(len(training_set.images))])
+
+    # Resume -------------------------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {"embeddings": self.embeddings.detach().clone(),
+                   "generator": self.generator.get_state()}
+        for (layer, proj), (down, up) in self.lora.items():
+            tensors[f"lora.{layer}.{proj}.down"] = down.detach().clone()
+            tensors[f"lora.{layer}.{proj}.up"] = up.detach().clone()
+        for index, param in enumerate(self._parameters()):
+            for name, value in self.optimizer.state.get(param, {}).items():
+                tensors[f"optimizer.{index}.{name}"] = value.detach().clone().reshape(value.shape)
+        for name, value in self.consolidator.state_dict().items():
+            tensors[f"consolidator.{name}"] = value
+        meta = {"step": self.step, "frozen_at": self.frozen_at, "losses": self.losses,
+                "identity": self.identity()}
+        return tensors, meta
+
+    def identity(self) -> dict:
+        """What a saved state must match to be resumed."""
+        return {"concept": self.concept.name, "tokens": self.concept.tokens, "method": self.config.method,
+                "steps": self.config.steps, "rank": self.config.rank, "seed": self.config.seed,
+                "images": len(self.training_set.images)}
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta.get("identity") != self.identity():
+            raise CIDMInputError("resume", f"the saved training state is for {meta.get('identity')}, "
+                                           f"not for this run {self.identity()}; untick resume to start over")
+        with torch.no_grad():
+            self.embeddings.copy_(tensors["embeddings"])
+            for (layer, proj), (down, up) in self.lora.items():
+                down.copy_(tensors[f"lora.{layer}.{proj}.down"])
+                up.copy_(tensors[f"lora.{layer}.{proj}.up"])
+        self.generator.set_state(tensors["generator"])
+        for index, param in enumerate(self._parameters()):
+            state = {name.split(".", 2)[2]: value for name, value in tensors.items()
+                     if name.startswith(f"optimizer.{index}.")}
+            if state:
+                self.optimizer.state[param] = state
+        self.consolidator.load_state_dict({k[len("consolidator."):]: v for k, v in tensors.items()
+                                           if k.startswith("consolidator.")})
+        self.step, self.frozen_at, self.losses = meta["step"], meta["frozen_at"], list(meta["losses"])
+        self.embeddings.requires_grad_(self.frozen_at is None)
+        self.schedule.last_epoch = self.step
+        for group, base in zip(self.optimizer.param_groups, self.schedule.base_lrs):
+            group["lr"] = base * _linear_decay(self.config.steps)(self.step)
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        return [p for pair in self.lora.values() for p in pair] + [self.embeddings]
+
+    # Training -----------------------------------------------------------------------------------------------
+    def _context(self, prompt: str) -> torch.Tensor:
+        """[L·T, D] packed layer contexts; cached per prompt once the embeddings are frozen."""
+        if prompt in self.context_cache:
+            return self.context_cache[prompt]
+        table = {token: self.embeddings[i] for i, token in enumerate(self.concept.tokens)}
+        encoded = self.encoder.encode(prompt, table)
+        packed = encoded.reshape(-1, encoded.shape[-1])
+        if self.frozen_at is not None:
+            self.context_cache[prompt] = packed.detach()
+        return packed
+
+    def _batch(self) -> tuple[torch.Tensor, list[str]]:
+        count = len(self.latents)
+        indices = torch.randint(count, (self.config.batch_size,), generator=self.generator).tolist()
+        prompt_rng = random.Random(int(torch.randint(2**31, (1,), generator=self.generator)))
+        prompts = [make_prompt(self.training_set.captions[i], self.concept.name, self.concept.tokens,
+                               self.config.template, prompt_rng) for i in indices]
+        return self.latents[indices], prompts
+
+    def train_step(self) -> float:
+        latents, prompts = self._batch()
+        device = self.denoiser.device
+        latents = latents.to(device)
+        noise = torch.randn(latents.shape, generator=self.generator)
+        noise = noise + self.config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=self.generator)
+        noise = noise.to(device)
+        level = self.denoiser.sample_noise_level(len(latents), self.generator).to(device)
+        context = torch.stack([self._context(p) for p in prompts]).to(device)
+        noisy = self.denoiser.add_noise(latents, noise, level)
+        prediction = self.denoiser.predict(noisy, level, context)
+        target = self.denoiser.target(latents, noise, level, noisy)
+        diffusion_loss = F.mse_loss(prediction.float(), target.float())
+        current = {key: (down, up) for key, (down, up) in self.lora.items()}
+        loss = diffusion_loss + self.consolidator.loss(current, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        self.step += 1
+        if self.frozen_at is None and mean_embedding_norm(self.embeddings) >= self.config.embedding_norm_threshold:
+            self.frozen_at = self.step
+            self.embeddings.requires_grad_(False)
+        return diffusion_loss.item()
+
+    def run(self, callbacks: TrainingCallbacks) -> TrainedTask:
+        banks = _layer_banks(self.layers, self.active_old, self.lora, self.config.alpha)
+        router = ConstantRouter([1.0] * (len(self.active_old) + 1))
+        with self.denoiser.adapted(banks, router), torch.enable_grad():
+            while self.step < self.config.steps:
+                callbacks.check_interrupt()
+                loss = self.train_step()
+                self.losses.append(loss)
+                callbacks.on_step(self.step, self.config.steps, loss)
+                if callbacks.save_state and self.config.save_every and self.step % self.config.save_every == 0 \
+                        and self.step < self.config.steps:
+                    callbacks.save_state(*self.state())
+                if callbacks.preview and callbacks.preview_every and self.step % callbacks.preview_every == 0:
+                    callbacks.preview(self.step)
+        return self.result()
+
+    def result(self) -> TrainedTask:
+        lora = {key: (down.detach().clone(), up.detach().clone()) for key, (down, up) in self.lora.items()}
+        embeddings = self.embeddings.detach().clone()
+        return TrainedTask(lora=lora, embeddings=embeddings,
+                           features=concept_features(self.encoder, self.concept.tokens, embeddings),
+                           losses=list(self.losses), embeddings_frozen_at=self.frozen_at)

@@ -1,0 +1,122 @@
+"""Translates the Train Concept Increment node's inputs into a cidm training run and writes the library."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from ..cidm.consolidation import METHODS
+from ..cidm.data import build_training_set, examples_from_image_batch, load_concept_folder
+from ..cidm.errors import CIDMInputError
+from ..cidm.library import ConceptLibrary, TaskData, validate_name, validate_tokens
+from ..cidm.plots import line_plot
+from ..cidm.tokens import TOKEN_PATTERN
+from ..cidm.train import ConceptSpec, ConceptTrainer, TrainingCallbacks, TrainingConfig
+from .comfy_backend import ComfyDenoiser, ComfyLayerwiseEncoder, base_model_info
+from .common import LibraryRef, input_subfolder, library_ref
+
+LOG_EVERY = 10
+
+
+def parse_tokens(concept: str, tokens: str) -> list[str]:
+    """Explicit tokens ("<dog1> <dog2>"), or two generated from the concept name."""
+    if not tokens.strip():
+        stem = concept.replace(" ", "_")
+        return [f"<{stem}1>", f"<{stem}2>"]
+    found = TOKEN_PATTERN.findall(tokens)
+    if " ".join(found) != " ".join(tokens.split()):
+        raise CIDMInputError("tokens", f"write tokens as <name> separated by spaces, e.g. '<dog1> <dog2>'; "
+                                       f"got {tokens!r}")
+    return validate_tokens(found)
+
+
+def gather_examples(images, folder: str):
+    examples = []
+    if images is not None:
+        examples += examples_from_image_batch(images, "images")
+    path = input_subfolder(folder)
+    if path is not None:
+        examples += load_concept_folder(path, "folder")
+    if not examples:
+        raise CIDMInputError("images", "connect an IMAGE batch or name a folder under ComfyUI's input directory")
+    return examples
+
+
+def check_library(ref: LibraryRef, info: dict, concept: str, tokens: list[str]) -> list[TaskData]:
+    """Validates the new task against an existing library and returns the old tasks (empty for a new library)."""
+    if ref.revision == 0:
+        return []
+    library = ref.open()
+    library.check_base_model(info["fingerprint"], info["num_layers"])
+    library.check_new_tokens(tokens)
+    names = {task.concept for task in library.tasks}
+    if concept in names:
+        raise CIDMInputError("concept", f"library '{ref.name}' already has a concept named '{concept}'; "
+                                        "choose another name (e.g. 'dog_b')")
+    owners = library.token_owner()
+    if f"<{concept}>" in owners:
+        raise CIDMInputError("concept", f"<{concept}> is already a token of task {owners[f'<{concept}>']}")
+    return library.load_all()
+
+
+def train_concept_increment(model, clip, vae, library_name: str, concept: str, tokens: str, class_words: str,
+                            images, folder: str, config: TrainingConfig, resolution: int, resume: bool,
+                            node_id: str | None):
+    concept = validate_name(concept.strip(), "concept")
+    token_list = parse_tokens(concept, tokens)
+    if config.method not in METHODS:
+        raise CIDMInputError("method", f"unknown method {config.method!r}; supported: {', '.join(METHODS)}")
+    config.validate()
+    ref = library_ref(library_name)
+    info = base_model_info(model)
+    old_tasks = check_library(ref, info, concept, token_list)
+    words = class_words.split()
+    training_set = build_training_set(gather_examples(images, folder), resolution, config.seed)
+
+    denoiser = ComfyDenoiser(model, vae, config.gradient_checkpointing)
+    encoder = ComfyLayerwiseEncoder(clip, info["num_layers"])
+    spec = ConceptSpec(name=concept, tokens=token_list,
+                       class_words=[None] + [words[i] if i < len(words) else None
+                                             for i in range(len(token_list) - 1)])
+    with torch.inference_mode(False):
+        trainer = ConceptTrainer(denoiser, encoder, training_set, spec, [t.lora for t in old_tasks], config)
+        resume_key = f"{concept}"
+        library_for_state = ConceptLibrary.open_or_create(
+            Path(ref.root), info) if config.save_every or resume else None
+        if resume and library_for_state is not None:
+            saved = library_for_state.load_resume_state(resume_key)
+            if saved is not None:
+                trainer.restore(*saved)
+                logging.info("CIDM: resuming '%s' at step %d", concept, trainer.step)
+        progress = comfy.utils.ProgressBar(config.steps, node_id=node_id)
+        progress.update_absolute(trainer.step)
+
+        def on_step(step, total, loss):
+            progress.update_absolute(step, total)
+            if step % LOG_EVERY == 0 or step == total:
+                logging.info("CIDM train '%s': step %d/%d loss %.5f", concept, step, total, loss)
+
+        callbacks = TrainingCallbacks(
+            on_step=on_step,
+            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+            save_state=(lambda tensors, meta: library_for_state.save_resume_state(resume_key, tensors, meta))
+            if library_for_state is not None else None)
+        trained = trainer.run(callbacks)
+
+    library = ConceptLibrary.open_or_create(Path(ref.root), info)
+    library.check_base_model(info["fingerprint"], info["num_layers"])
+    library.append_task(concept=concept, tokens=token_list, method=config.method, rank=config.rank,
+                        alpha=config.alpha, steps=config.steps, seed=config.seed,
+                        hyperparameters={**config.hyperparameters(), "resolution": resolution,
+                                         "class_words": words, "images": len(training_set.images),
+                                         "embeddings_frozen_at": trained.embeddings_frozen_at},
+                        data=TaskData(lora=trained.lora, embeddings=trained.embeddings, features=trained.features))
+    if library_for_state is not None:
+        library.clear_resume_state(resume_key)
+    plot = line_plot(trained.losses, f"{concept}: diffusion loss ({config.method})")
+    return library_ref(ref.name), plot

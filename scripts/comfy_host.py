@@ -1,0 +1,230 @@
+"""Drives a real ComfyUI server in a subprocess for integration tests.
+
+ComfyUI is never imported here: its top-level modules (`nodes`, `utils`, `server`) would shadow the pack's own.
+Everything goes over HTTP on 127.0.0.1, plus the files the server writes into its workspace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("CIDM_CACHE", Path.home() / ".cache" / "cidm-comfyui")).resolve()
+COMFY_ROOT = CACHE / "ComfyUI"
+HOST_PYTHON = CACHE / "venv" / "bin" / "python"
+PACK_FOLDER_NAME = "comfyui-cidm"
+CHECKPOINT_SCRIPT = REPO / "scripts" / "make_test_checkpoint.py"
+
+
+def host_ready() -> bool:
+    return HOST_PYTHON.exists() and (COMFY_ROOT / "main.py").exists()
+
+
+def ensure_checkpoint(layout: str = "mini", seed: int = 0) -> Path:
+    """A generated SD1.5-layout checkpoint, cached outside the repo under the hash of the script that makes it."""
+    digest = hashlib.sha256(CHECKPOINT_SCRIPT.read_bytes() + f"{layout}:{seed}".encode()).hexdigest()[:16]
+    path = CACHE / "checkpoints" / f"cidm_test_{layout}_{digest}.safetensors"
+    if not path.exists():
+        env = dict(os.environ, PYTHONPATH=str(COMFY_ROOT))
+        subprocess.run([str(HOST_PYTHON), str(CHECKPOINT_SCRIPT), "--out", str(path), "--layout", layout,
+                        "--seed", str(seed)], check=True, env=env, cwd=str(CACHE))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class WorkflowFailed(AssertionError):
+    pass
+
+
+class ComfyServer:
+    """`main.py --cpu` on a temporary base directory with the pack linked into custom_nodes."""
+
+    def __init__(self, workspace: Path, checkpoints: dict[str, Path]):
+        self.workspace = workspace
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workspace / "server.log"
+        for sub in ("models/checkpoints", "models/loras", "custom_nodes", "input", "output"):
+            (workspace / sub).mkdir(parents=True, exist_ok=True)
+        for name, source in checkpoints.items():
+            link = workspace / "models" / "checkpoints" / name
+            if not link.exists():
+                link.symlink_to(source)
+        pack_link = workspace / "custom_nodes" / PACK_FOLDER_NAME
+        if not pack_link.exists():
+            pack_link.symlink_to(REPO, target_is_directory=True)
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> "ComfyServer":
+        command = [str(HOST_PYTHON), str(COMFY_ROOT / "main.py"), "--cpu", "--base-directory", str(self.workspace),
+                   "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
+                   "--disable-api-nodes"]
+        log = open(self.log_path, "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+        self.process = subprocess.Popen(command, cwd=str(self.workspace), stdout=log, stderr=subprocess.STDOUT,
+                                        env=env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not come up in {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, route: str):
+        with urllib.request.urlopen(self.url + route, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, route: str, payload: dict):
+        request = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raise WorkflowFailed(f"POST {route} -> {error.code}: {error.read().decode(errors='replace')}") from None
+
+    def object_info(self, node_type: str | None = None) -> dict:
+        return self.get("/object_info" + (f"/{node_type}" if node_type else ""))
+
+    def submit(self, prompt: dict) -> str:
+        return self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
+
+    def interrupt(self) -> None:
+        self.post("/interrupt", {})
+
+    def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        """The /history entry once the prompt has finished (raises WorkflowFailed on an execution error)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"].get("status_str") == "error":
+                    raise WorkflowFailed(self.describe_error(entry))
+                return entry
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI died:\n{self.log()[-4000:]}")
+            time.sleep(0.25)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    def run(self, prompt: dict, timeout: float = 600.0) -> dict:
+        return self.wait(self.submit(prompt), timeout)
+
+    def run_expecting_error(self, prompt: dict, timeout: float = 600.0) -> str:
+        """Runs a prompt that must fail; returns the error message the user would see."""
+        try:
+            self.run(prompt, timeout)
+        except WorkflowFailed as failure:
+            return str(failure)
+        raise AssertionError("the workflow was expected to fail but succeeded")
+
+    @staticmethod
+    def describe_error(entry: dict) -> str:
+        for kind, data in entry["status"].get("messages", []):
+            if kind == "execution_error":
+                return f"{data.get('node_type')}: {data.get('exception_type')}: {data.get('exception_message')}"
+        return json.dumps(entry["status"])
+
+    def output_files(self, entry: dict) -> list[Path]:
+        files = []
+        for node_output in entry.get("outputs", {}).values():
+            for item in node_output.get("images", []):
+                folder = self.workspace / item.get("type", "output") / item.get("subfolder", "")
+                files.append(folder / item["filename"])
+        return files
+
+
+class Graph:
+    """Builds an API-format prompt: `ref = graph.add("KSampler", seed=1, model=other[0])`."""
+
+    def __init__(self):
+        self.nodes: dict[str, dict] = {}
+        self._ids = itertools.count(1)
+
+    def add(self, class_type: str, **inputs) -> "NodeRef":
+        node_id = str(next(self._ids))
+        self.nodes[node_id] = {"class_type": class_type,
+                               "inputs": {k: (v.link if isinstance(v, Output) else v) for k, v in inputs.items()}}
+        return NodeRef(node_id)
+
+    def prompt(self) -> dict:
+        return json.loads(json.dumps(self.nodes))
+
+
+class Output:
+    def __init__(self, node_id: str, index: int):
+        self.link = [node_id, index]
+
+
+class NodeRef:
+    def __init__(self, node_id: str):
+        self.id = node_id
+
+    def __getitem__(self, index: int) -> Output:
+        return Output(self.id, index)
+
+
+def sample_image(graph: Graph, model, clip, vae, positive: str = "a photo", negative: str = "",
+                 seed: int = 1, steps: int = 2, size: int = 64, prefix: str = "cidm_test",
+                 positive_cond=None, negative_cond=None):
+    """Appends CLIPTextEncode → KSampler → VAEDecode → SaveImage; returns the SaveImage node."""
+    positive_cond = positive_cond or graph.add("CLIPTextEncode", text=positive, clip=clip)[0]
+    negative_cond = negative_cond or graph.add("CLIPTextEncode", text=negative, clip=clip)[0]
+    latent = graph.add("EmptyLatentImage", width=size, height=size, batch_size=1)
+    sampled = graph.add("KSampler", model=model, seed=seed, steps=steps, cfg=5.0, sampler_name="euler",
+                        scheduler="normal", positive=positive_cond, negative=negative_cond,
+                        latent_image=latent[0], denoise=1.0)
+    decoded = graph.add("VAEDecode", samples=sampled[0], vae=vae)
+    return graph.add("SaveImage", images=decoded[0], filename_prefix=prefix)
+
+
+def pack_tracebacks(log: str) -> list[str]:
+    """Traceback blocks in a server log whose frames are in the pack's files."""
+    found = []
+    for block in log.split("Traceback (most recent call last):")[1:]:
+        lines = block.splitlines()[1:]
+        frames = []
+        for line in lines:
+            frames.append(line)
+            if not line.startswith(" "):  # the exception line ends the traceback
+                break
+        text = "\n".join(frames)
+        if PACK_FOLDER_NAME in text or str(REPO) in text:
+            found.append(text)
+    return found
+
+if __name__ == "__main__":
+    print(ensure_checkpoint(sys.argv[1] if len(sys.argv) > 1 else "mini"))

@@ -1,0 +1,62 @@
+"""Synthetic concept libraries for a generated checkpoint, written with the pack's own library code.
+
+Used where a trained library is not the point of the test: routing, aggregation and the pack-node sampling path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from cidm.layers import PROJECTIONS, base_model_fingerprint
+from cidm.library import ConceptLibrary, TaskData
+
+UNET = "model.diffusion_model."
+_STAGES = ("input_blocks", "middle_block", "output_blocks")
+
+
+def checkpoint_layers(checkpoint: Path) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """The attn2 paths of a checkpoint in CIDM order, and each projection's (out, in) shape at layer 0."""
+    with safe_open(str(checkpoint), "pt") as f:
+        keys = [k for k in f.keys() if k.startswith(UNET) and k.endswith(".attn2.to_k.weight")]
+        paths = sorted({k[len(UNET):-len(".to_k.weight")] for k in keys},
+                       key=lambda p: (_STAGES.index(p.split(".")[0]), [int(n) for n in re.findall(r"\d+", p)]))
+        shapes = {}
+        for path in paths:
+            for proj in PROJECTIONS:
+                shapes[(path, proj)] = tuple(f.get_slice(f"{UNET}{path}.{proj}.weight").get_shape())
+    return paths, shapes
+
+
+def checkpoint_base_model(checkpoint: Path) -> dict:
+    paths, _ = checkpoint_layers(checkpoint)
+    with safe_open(str(checkpoint), "pt") as f:
+        fingerprint = base_model_fingerprint(lambda key: f.get_tensor(UNET + key).float(), len(paths))
+    return {"fingerprint": fingerprint, "num_layers": len(paths), "context_dim": 768, "layer_paths": paths}
+
+
+def synthesize_library(checkpoint: Path, root: Path, concepts: list[str], rank: int = 4, seed: int = 0,
+                       lora_std: float = 0.05) -> ConceptLibrary:
+    """A library with one task per concept: random LoRA factors and embeddings, and concept features that are
+    distinct random directions (so routing between them is separable)."""
+    info = checkpoint_base_model(checkpoint)
+    paths, shapes = checkpoint_layers(checkpoint)
+    generator = torch.Generator().manual_seed(seed)
+    library = ConceptLibrary.create(root, info)
+    for number, concept in enumerate(concepts):
+        lora = {}
+        for layer, path in enumerate(paths):
+            for proj in PROJECTIONS:
+                out_features, in_features = shapes[(path, proj)]
+                lora[(layer, proj)] = (torch.randn(rank, in_features, generator=generator) * lora_std,
+                                       torch.randn(out_features, rank, generator=generator) * lora_std)
+        tokens = [f"<{concept}{i}>" for i in (1, 2)]
+        embeddings = torch.randn(len(tokens), len(paths), 768, generator=generator) * 0.02
+        features = torch.randn(len(tokens), len(paths), 768, generator=generator)
+        library.append_task(concept=concept, tokens=tokens, method="cidm", rank=rank, alpha=1.0, steps=0,
+                            seed=seed + number, hyperparameters={"synthetic": True},
+                            data=TaskData(lora=lora, embeddings=embeddings, features=features))
+    return library

@@ -1,0 +1,109 @@
+"""Concept folders, image normalisation, captions and prompts."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cidm.data import (build_training_set, examples_from_image_batch, load_concept_folder, make_prompt,
+                       resize_and_crop, to_rgb)
+from cidm.errors import CIDMInputError
+
+CIFC = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifc"
+
+
+def _save(path, mode="RGB", size=(80, 64), color=(200, 10, 10)):
+    Image.new(mode, size, color).save(path)
+
+
+def test_folder_with_captions(tmp_path):
+    _save(tmp_path / "b.png")
+    _save(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").write_text("a dog on the grass\n")
+    examples = load_concept_folder(tmp_path, "folder")
+    assert [e.source for e in examples] == ["a.jpg", "b.png"]
+    assert examples[0].caption == "a dog on the grass" and examples[1].caption is None
+    assert examples[0].image.shape == (64, 80, 3)
+
+
+@pytest.mark.skipif(not CIFC.exists(), reason="CIFC dataset not present")
+def test_cifc_concept_folder_loads():
+    folder = next(p for p in sorted(CIFC.rglob("*")) if p.is_dir() and any(
+        f.suffix.lower() in (".jpg", ".png", ".jpeg") for f in p.iterdir()))
+    examples = load_concept_folder(folder, "folder")
+    assert examples and all(e.image.ndim == 3 and e.image.shape[-1] == 3 for e in examples)
+    training = build_training_set(examples, 64, seed=0)
+    assert training.images.shape == (len(examples), 64, 64, 3)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "no images"),
+    (lambda d: (d / "notes.pdf").write_bytes(b"%PDF"), "notes.pdf is not an image"),
+    (lambda d: (d / "broken.png").write_bytes(b"not a png"), "broken.png is not a readable image"),
+    (lambda d: _save(d / "tiny.png", size=(32, 32)), "tiny.png is 32×32"),
+])
+def test_bad_folders_name_the_input_and_file(tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(CIDMInputError, match=message) as error:
+        load_concept_folder(tmp_path, "folder")
+    assert error.value.input_name == "folder"
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CIDMInputError, match="does not exist"):
+        load_concept_folder(tmp_path / "nope", "folder")
+
+
+def test_modes_become_rgb():
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # fully transparent -> white
+    assert np.asarray(to_rgb(rgba))[0, 0].tolist() == [255, 255, 255]
+    gray16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert np.asarray(to_rgb(gray16))[0, 0].tolist() == [255, 255, 255]
+    cmyk = Image.new("CMYK", (4, 4), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [255, 255, 255]
+    palette = Image.new("P", (4, 4), 0)
+    assert to_rgb(palette).mode == "RGB"
+    assert to_rgb(Image.new("LA", (4, 4), (10, 255))).getpixel((0, 0)) == (10, 10, 10)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (80, 64))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90°
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    (example,) = load_concept_folder(tmp_path, "folder")
+    assert example.image.shape[:2] == (80, 64)
+
+
+def test_resize_and_crop_is_aspect_aware():
+    image = torch.zeros(100, 200, 3)
+    image[:, 90:110] = 1.0  # a bar in the centre survives the centre crop
+    out = resize_and_crop(image, 64)
+    assert out.shape == (64, 64, 3)
+    assert out[:, 32].mean() > 0.9 and out[:, 0].mean() < 0.1
+    assert resize_and_crop(image, 64, random.Random(0)).shape == (64, 64, 3)
+
+
+def test_image_batch_and_resolution_errors():
+    examples = examples_from_image_batch(torch.rand(2, 72, 72, 3), "images")
+    assert [e.source for e in examples] == ["images[0]", "images[1]"]
+    with pytest.raises(CIDMInputError, match="at least 64"):
+        examples_from_image_batch(torch.rand(1, 16, 16, 3), "images")
+    with pytest.raises(CIDMInputError) as error:
+        build_training_set(examples, 60, seed=0)
+    assert error.value.input_name == "resolution"
+
+
+def test_prompts_bind_tokens():
+    rng = random.Random(0)
+    tokens = ["<dog1>", "<dog2>"]
+    assert make_prompt("a Dog on a hotdog stand", "dog", tokens, "object", rng) == "a <dog1> <dog2> on a hotdog stand"
+    templated = make_prompt(None, "dog", tokens, "object", rng)
+    assert "<dog1> <dog2>" in templated and templated.startswith("a") or templated.startswith("the")
+    styled = make_prompt("a picture of a house", "dog", tokens, "style", rng)
+    assert "in the style of <dog1> <dog2>" in styled
+    with pytest.raises(CIDMInputError, match="template"):
+        make_prompt(None, "dog", tokens, "poem", rng)

@@ -1,0 +1,363 @@
+import fcntl
+import hashlib
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from cidm import library as library_module
+from cidm.errors import CIDMInputError
+from cidm.library import ConceptLibrary, TaskData, validate_name, validate_tokens
+
+NUM_LAYERS = 2
+DIM = 8
+BASE_MODEL = {"fingerprint": "sd15-abc123", "num_layers": NUM_LAYERS, "context_dim": DIM, "label": "tiny"}
+
+
+def make_task_data(seed: int, n_tokens: int = 2, rank: int = 2, with_features: bool = True) -> TaskData:
+    generator = torch.Generator().manual_seed(seed)
+    lora = {
+        (layer, projection): (torch.randn(rank, DIM, generator=generator), torch.randn(DIM, rank, generator=generator))
+        for layer in range(NUM_LAYERS)
+        for projection in ("to_q", "to_k", "to_v", "to_out.0")
+    }
+    embeddings = torch.randn(n_tokens, NUM_LAYERS, DIM, generator=generator)
+    features = torch.randn(n_tokens, NUM_LAYERS, DIM, generator=generator) if with_features else None
+    return TaskData(lora=lora, embeddings=embeddings, features=features)
+
+
+def append(library: ConceptLibrary, concept: str, tokens: list[str], seed: int, **overrides):
+    fields = dict(
+        concept=concept,
+        tokens=tokens,
+        method="cidm",
+        rank=2,
+        alpha=2.0,
+        steps=10,
+        seed=seed,
+        hyperparameters={"lr": 1e-4},
+        data=make_task_data(seed, n_tokens=len(tokens)),
+    )
+    fields.update(overrides)
+    return library.append_task(**fields)
+
+
+def assert_task_data_close(loaded: TaskData, original: TaskData) -> None:
+    assert loaded.lora.keys() == original.lora.keys()
+    for key, (down, up) in original.lora.items():
+        assert loaded.lora[key][0].dtype == torch.float32
+        torch.testing.assert_close(loaded.lora[key][0], down, atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(loaded.lora[key][1], up, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(loaded.embeddings, original.embeddings, atol=1e-2, rtol=1e-2)
+    if original.features is None:
+        assert loaded.features is None
+    else:
+        torch.testing.assert_close(loaded.features, original.features, atol=1e-2, rtol=1e-2)
+
+
+@pytest.fixture
+def library(tmp_path):
+    return ConceptLibrary.create(tmp_path / "pets", BASE_MODEL)
+
+
+@pytest.fixture
+def library_with_one_task(library):
+    append(library, "dog", ["<dog1>", "<dog2>"], seed=1)
+    return library
+
+
+def test_round_trip_two_tasks(library):
+    first = append(library, "dog", ["<dog1>", "<dog2>"], seed=1)
+    second = append(library, "red cat", ["<cat1>"], seed=2, data=make_task_data(2, n_tokens=1, with_features=False))
+
+    reopened = ConceptLibrary.open(library.root)
+    assert reopened.name == "pets"
+    assert reopened.base_model == BASE_MODEL
+    assert reopened.revision == 3
+    assert reopened.tasks == [first, second]
+    assert [task.index for task in reopened.tasks] == [1, 2]
+    assert second.file == "task_002_red_cat.safetensors"
+    assert reopened.token_owner() == {"<dog1>": 1, "<dog2>": 1, "<cat1>": 2}
+    loaded = reopened.load_all()
+    assert_task_data_close(loaded[0], make_task_data(1))
+    assert_task_data_close(loaded[1], make_task_data(2, n_tokens=1, with_features=False))
+
+
+def test_task_file_is_fp16_and_header_holds_record(library_with_one_task):
+    record = library_with_one_task.tasks[0]
+    path = library_with_one_task.root / record.file
+    with library_module.safe_open(str(path), framework="pt") as reader:
+        assert reader.get_tensor("lora.01.to_out.0.down").dtype == torch.float16
+        assert reader.get_tensor("tokens.embeddings").dtype == torch.float16
+        header = json.loads(reader.metadata()["cidm.task"])
+    assert header == {key: value for key, value in record.to_json().items() if key != "sha256"}
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == record.sha256
+
+
+def test_append_leaves_older_task_file_untouched(library_with_one_task):
+    first_path = library_with_one_task.root / library_with_one_task.tasks[0].file
+    before = first_path.read_bytes()
+    append(library_with_one_task, "cat", ["<cat1>"], seed=2)
+    assert first_path.read_bytes() == before
+
+
+def test_append_sees_tasks_written_by_another_handle(library_with_one_task):
+    stale = ConceptLibrary.open(library_with_one_task.root)
+    append(library_with_one_task, "cat", ["<cat1>"], seed=2)
+    with pytest.raises(CIDMInputError, match="task 2"):
+        append(stale, "kitten", ["<cat1>"], seed=3)
+    assert append(stale, "bird", ["<bird1>"], seed=3).index == 3
+
+
+@pytest.mark.parametrize("crashing_file", ["manifest.json", "task_002_cat.safetensors"])
+def test_crash_during_write_keeps_previous_revision(library_with_one_task, monkeypatch, crashing_file):
+    root = library_with_one_task.root
+    real_replace = os.replace
+
+    def crashing_replace(source, destination):
+        if os.path.basename(destination) == crashing_file:
+            raise OSError("simulated crash")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        append(library_with_one_task, "cat", ["<cat1>"], seed=2)
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    reopened = ConceptLibrary.open(root)
+    assert reopened.revision == 2
+    assert [task.concept for task in reopened.tasks] == ["dog"]
+    assert_task_data_close(reopened.load_task(1), make_task_data(1))
+    assert not list(root.glob("*.tmp"))
+
+    record = append(reopened, "cat", ["<cat1>"], seed=2)
+    assert record.index == 2
+    assert_task_data_close(ConceptLibrary.open(root).load_task(2), make_task_data(2, n_tokens=1))
+
+
+def test_temp_files_left_by_a_killed_writer_do_not_block_writes(library_with_one_task):
+    root = library_with_one_task.root
+    (root / ".manifest.json.dead.tmp").write_bytes(b"{half a manifest")
+    (root / ".task_002_cat.safetensors.dead.tmp").write_bytes(b"\x00" * 10)
+    append(library_with_one_task, "cat", ["<cat1>"], seed=2)
+    assert [task.concept for task in ConceptLibrary.open(root).tasks] == ["dog", "cat"]
+
+
+def test_orphan_task_file_is_ignored_and_overwritten(library_with_one_task):
+    root = library_with_one_task.root
+    (root / "task_002_cat.safetensors").write_bytes(b"orphan from a crashed append")
+    assert len(ConceptLibrary.open(root).tasks) == 1
+    append(library_with_one_task, "cat", ["<cat1>"], seed=2)
+    assert_task_data_close(ConceptLibrary.open(root).load_task(2), make_task_data(2, n_tokens=1))
+
+
+@pytest.mark.parametrize(
+    "manifest_text, message",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"format": "something-else", "version": 1}), "not a CIDM concept library"),
+        (json.dumps({"format": "cidm-concept-library", "version": 99}), "version 99"),
+        (
+            json.dumps({"format": "cidm-concept-library", "version": 1, "name": "pets", "revision": 1,
+                        "base_model": BASE_MODEL, "tasks": [{"index": 1, "file": "../x.safetensors"}]}),
+            "corrupt",
+        ),
+    ],
+)
+def test_corrupt_manifest_is_refused(library, manifest_text, message):
+    (library.root / "manifest.json").write_text(manifest_text)
+    with pytest.raises(CIDMInputError, match=message) as error:
+        ConceptLibrary.open(library.root)
+    assert error.value.input_name == "library"
+    assert str(library.root) in str(error.value)
+
+
+def test_missing_manifest_is_refused(tmp_path):
+    with pytest.raises(CIDMInputError, match="manifest.json is missing") as error:
+        ConceptLibrary.open(tmp_path / "nothing")
+    assert error.value.input_name == "library"
+
+
+def test_create_refuses_existing_library(library):
+    with pytest.raises(CIDMInputError, match="already exists"):
+        ConceptLibrary.create(library.root, BASE_MODEL)
+    assert ConceptLibrary.open_or_create(library.root, BASE_MODEL).revision == library.revision
+
+
+def test_open_or_create_creates_missing_library(tmp_path):
+    created = ConceptLibrary.open_or_create(tmp_path / "new one", BASE_MODEL)
+    assert created.tasks == [] and created.revision == 1 and created.num_layers == NUM_LAYERS
+
+
+def flip_byte(path, offset):
+    content = bytearray(path.read_bytes())
+    content[offset] ^= 0xFF
+    path.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "deleted"])
+def test_corrupt_task_file_is_refused(library_with_one_task, damage):
+    path = library_with_one_task.root / library_with_one_task.tasks[0].file
+    if damage == "flipped byte":
+        flip_byte(path, len(path.read_bytes()) - 3)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path.unlink()
+    with pytest.raises(CIDMInputError, match="is corrupt") as error:
+        library_with_one_task.load_task(1)
+    assert error.value.input_name == "library"
+    assert str(path) in str(error.value)
+
+
+def test_pickle_with_matching_hash_is_refused(library_with_one_task):
+    root = library_with_one_task.root
+    pickled = pickle.dumps({"tokens.embeddings": [1.0, 2.0]})
+    (root / "evil.pt").write_bytes(pickled)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["tasks"][0].update(file="evil.pt", sha256=hashlib.sha256(pickled).hexdigest())
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CIDMInputError, match="not a safetensors file") as error:
+        ConceptLibrary.open(root).load_task(1)
+    assert error.value.input_name == "library"
+
+
+def test_pickled_resume_state_is_refused(library):
+    (library.root / ".resume").mkdir()
+    (library.root / ".resume" / "task_001.safetensors").write_bytes(pickle.dumps({"step": 3}))
+    with pytest.raises(CIDMInputError, match="not a safetensors file"):
+        library.load_resume_state("task_001")
+
+
+@pytest.mark.parametrize("bad_name", ["", "..", "a/b", "a\\b", "x..y", ".hidden", "nul\0", "a" * 65, "star*"])
+def test_validate_name_rejects_unsafe_names(bad_name):
+    with pytest.raises(CIDMInputError) as error:
+        validate_name(bad_name, "library_name")
+    assert error.value.input_name == "library_name"
+
+
+def test_validate_name_accepts_plain_names():
+    assert validate_name("my dogs_v2.1-final", "concept") == "my dogs_v2.1-final"
+
+
+def test_append_rejects_unsafe_concept_name(library):
+    with pytest.raises(CIDMInputError) as error:
+        append(library, "../dog", ["<dog1>"], seed=1)
+    assert error.value.input_name == "concept"
+    assert not list(library.root.glob("task_*"))
+
+
+@pytest.mark.parametrize("bad_tokens", [[], ["dog1"], ["<dog 1>"], ["<dog1>", "<dog1>"], ["<>"]])
+def test_validate_tokens_rejects_malformed(bad_tokens):
+    with pytest.raises(CIDMInputError) as error:
+        validate_tokens(bad_tokens)
+    assert error.value.input_name == "tokens"
+
+
+def test_token_collision_names_owning_task(library_with_one_task):
+    with pytest.raises(CIDMInputError, match=r"<dog2> is already used by task 1 \(dog\)") as error:
+        library_with_one_task.check_new_tokens(["<new1>", "<dog2>"])
+    assert error.value.input_name == "tokens"
+    with pytest.raises(CIDMInputError, match="task 1"):
+        append(library_with_one_task, "puppy", ["<dog1>"], seed=2)
+    assert len(ConceptLibrary.open(library_with_one_task.root).tasks) == 1
+
+
+def test_base_model_mismatch_names_model(library):
+    library.check_base_model("sd15-abc123", NUM_LAYERS)
+    with pytest.raises(CIDMInputError, match="sd15-abc123.*other-fp") as error:
+        library.check_base_model("other-fp", NUM_LAYERS)
+    assert error.value.input_name == "model"
+
+
+def test_append_rejects_data_that_does_not_fit(library):
+    with pytest.raises(ValueError, match="embeddings have shape"):
+        append(library, "dog", ["<dog1>"], seed=1, data=make_task_data(1, n_tokens=2))
+    with pytest.raises(ValueError, match="expected \\[3, in\\]"):
+        append(library, "dog", ["<dog1>", "<dog2>"], seed=1, rank=3)
+
+
+def test_second_writer_is_refused_while_lock_is_held(library):
+    with open(library.root / ".lock", "a+b") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CIDMInputError, match="being written by another process") as error:
+            append(library, "dog", ["<dog1>", "<dog2>"], seed=1)
+        assert error.value.input_name == "library"
+        with pytest.raises(CIDMInputError, match="being written by another process"):
+            library.save_resume_state("task_001", {"x": torch.zeros(1)}, {})
+        fcntl.flock(holder.fileno(), fcntl.LOCK_UN)
+    assert append(library, "dog", ["<dog1>", "<dog2>"], seed=1).index == 1
+
+
+def test_writer_holds_lock_during_write(library, monkeypatch):
+    other_handle = ConceptLibrary.open(library.root)
+    real_replace = os.replace
+    refusals = []
+
+    def replace_while_trying_second_writer(source, destination):
+        with pytest.raises(CIDMInputError, match="being written by another process"):
+            append(other_handle, "cat", ["<cat1>"], seed=2)
+        refusals.append(destination)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace_while_trying_second_writer)
+    append(library, "dog", ["<dog1>", "<dog2>"], seed=1)
+    assert len(refusals) == 2
+
+
+def test_resume_state_round_trip(library):
+    assert library.load_resume_state("task_001") is None
+    tensors = {"lora.down": torch.randn(2, 3), "step": torch.tensor([7], dtype=torch.int64)}
+    meta = {"step": 7, "concept": "dog", "lr": 1e-4}
+    library.save_resume_state("task_001", tensors, meta)
+
+    loaded_tensors, loaded_meta = ConceptLibrary.open(library.root).load_resume_state("task_001")
+    assert loaded_meta == meta
+    assert loaded_tensors.keys() == tensors.keys()
+    torch.testing.assert_close(loaded_tensors["lora.down"], tensors["lora.down"], rtol=0, atol=0)
+    assert loaded_tensors["step"].dtype == torch.int64
+    assert json.loads((library.root / "manifest.json").read_text())["revision"] == library.revision
+
+    library.clear_resume_state("task_001")
+    assert library.load_resume_state("task_001") is None
+    library.clear_resume_state("task_001")
+
+
+def test_resume_key_is_validated(library):
+    with pytest.raises(CIDMInputError) as error:
+        library.save_resume_state("../escape", {"x": torch.zeros(1)}, {})
+    assert error.value.input_name == "resume_key"
+
+
+def test_plain_safetensors_without_cidm_header_is_refused(library_with_one_task):
+    root = library_with_one_task.root
+    foreign = library_module.safetensors_bytes({"tokens.embeddings": torch.zeros(2, NUM_LAYERS, DIM)})
+    (root / "foreign.safetensors").write_bytes(foreign)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["tasks"][0].update(file="foreign.safetensors", sha256=hashlib.sha256(foreign).hexdigest())
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CIDMInputError, match="is not a cidm-task file"):
+        ConceptLibrary.open(root).load_task(1)
+
+
+def test_append_syncs_task_file_before_manifest(library, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append("fsync folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync file")
+        real_fsync(fd)
+
+    def recording_replace(source, destination):
+        events.append(f"replace {os.path.basename(destination)}")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    append(library, "dog", ["<dog1>", "<dog2>"], seed=1)
+    assert events == [
+        "fsync file", "replace task_001_dog.safetensors", "fsync folder",
+        "fsync file", "replace manifest.json", "fsync folder",
+    ]
