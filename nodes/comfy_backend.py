@@ -85,9 +85,9 @@ def object_patch_attn2(model, banks: dict[int, LayerLoRABank], router):
 def _detach_from_inference_mode(module: torch.nn.Module) -> None:
     """ComfyUI loads weights under torch.inference_mode; autograd cannot save such tensors for backward, so the
     frozen weights are re-materialised as ordinary tensors (same values) before training."""
-    for param in module.parameters(recurse=True):
-        if param.is_inference():
-            param.data = param.data.clone()
+    for name, param in list(module.named_parameters(recurse=False)):
+        if param.is_inference():  # replacing .data keeps the Parameter itself an inference tensor
+            setattr(module, name, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
     for name, buffer in list(module.named_buffers(recurse=False)):
         if buffer.is_inference():
             setattr(module, name, buffer.clone())
@@ -231,4 +231,29 @@ class ComfyLayerwiseEncoder:
         return torch.stack(layers), pooled
 
     def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.encode_with_pooled(text, embeddings)[0]
+        if not torch.is_grad_enabled():
+            return self.encode_with_pooled(text, embeddings)[0]
+        with _out_of_place_residuals(self.text_model):
+            return self.encode_with_pooled(text, embeddings)[0]
+
+
+def _residual_forward(layer):
+    def forward(x, mask=None, optimized_attention=None):
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+    return forward
+
+
+@contextlib.contextmanager
+def _out_of_place_residuals(text_model: torch.nn.Module):
+    """ComfyUI's CLIPLayer adds its residuals in place (x += ...), which autograd rejects once the token embeddings
+    require grad. While training, each layer runs the same arithmetic out of place."""
+    layers = [m for m in text_model.modules() if all(hasattr(m, a) for a in
+                                                     ("self_attn", "layer_norm1", "mlp", "layer_norm2"))]
+    for layer in layers:
+        layer.forward = _residual_forward(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
