@@ -43,13 +43,10 @@ class ConceptVocabulary:
         return [t for t in TOKEN_PATTERN.findall(text) if t in self.embeddings]
 
 
-def initial_embeddings(num_tokens: int, num_layers: int, class_vectors: list[torch.Tensor | None],
+def initial_embeddings(num_tokens: int, num_layers: int, dim: int, class_vectors: list[torch.Tensor | None],
                        generator: torch.Generator, random_std: float = RANDOM_INIT_STD) -> torch.Tensor:
     """[n, L, D]: token 0 (and any token without a class word) starts random with σ = `random_std`, the others from
     their class word's input embedding, copied to every layer."""
-    dim = next((v.shape[-1] for v in class_vectors if v is not None), None)
-    if dim is None:
-        raise CIDMInputError("class_words", "at least one class word is needed to size the embeddings")
     rows = []
     for index in range(num_tokens):
         vector = class_vectors[index] if index < len(class_vectors) else None

@@ -142,7 +142,7 @@ class ConceptTrainer:
         self.lora = _trainable_factors(init_task_factors(self.layers, config.rank, self.generator))
         class_vectors = [encoder.word_embedding(w) if w else None for w in concept.class_words]
         self.embeddings = torch.nn.Parameter(initial_embeddings(
-            len(concept.tokens), encoder.num_layers, class_vectors, self.generator))
+            len(concept.tokens), encoder.num_layers, self.layers[0].context_dim, class_vectors, self.generator))
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for pair in self.lora.values() for p in pair], "lr": config.lora_lr},
              {"params": [self.embeddings], "lr": config.embedding_lr}],

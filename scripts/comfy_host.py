@@ -112,7 +112,8 @@ class ComfyServer:
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())
+                body = response.read()
+                return json.loads(body) if body else None  # /interrupt answers with an empty body
         except urllib.error.HTTPError as error:
             raise WorkflowFailed(f"POST {route} -> {error.code}: {error.read().decode(errors='replace')}") from None
 

@@ -1,0 +1,201 @@
+"""Train Concept Increment and Export Concept LoRA in the real server, on CIFC concepts and the mini checkpoint."""
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_host import Graph, WorkflowFailed, sample_image
+
+pytestmark = pytest.mark.integration
+
+CIFC = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifc"
+CKPT = "cidm_mini_sd15.safetensors"
+LIBRARY = "continual"
+TRAIN_DEFAULTS = dict(tokens="", class_words="", method="cidm", template="object", steps=3, lora_lr=1e-2,
+                      embedding_lr=1e-3, rank=4, alpha=1.0, orthogonal_weight=0.1, shared_weight=0.01,
+                      clora_lambda=1.0e6, resolution=64, batch_size=1, seed=0, save_every=0, resume=False,
+                      gradient_checkpointing=False)
+
+
+def stage(workspace: Path, concept: str, subfolder: str | None = None) -> str:
+    target = workspace / "input" / "cifc" / (subfolder or concept)
+    if not target.exists():
+        target.mkdir(parents=True)
+        for folder in ("images", "caption"):
+            for file in (CIFC / folder / concept).iterdir():
+                shutil.copy2(file, target / file.name)
+    return f"cifc/{subfolder or concept}"
+
+
+def train_graph(library: str, concept: str, folder: str, ckpt: str = CKPT, **overrides):
+    graph = Graph()
+    checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=ckpt)
+    lib = graph.add("CIDM_LoadConceptLibrary", library=library)
+    trained = graph.add("CIDM_TrainConceptIncrement", model=checkpoint[0], clip=checkpoint[1], vae=checkpoint[2],
+                        library=lib[0], concept=concept, folder=folder, **{**TRAIN_DEFAULTS, **overrides})
+    graph.add("SaveImage", images=trained[1], filename_prefix=f"loss_{concept}")
+    return graph
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file a library reader uses (the lock and resume side files are not part of a version)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def library_root(comfy, name: str) -> Path:
+    return comfy.workspace / "models" / "cidm" / name
+
+
+@pytest.fixture(scope="module")
+def trained_library(comfy):
+    """Two CIFC concepts trained in sequence; returns the snapshot taken after task 1."""
+    if not (CIFC / "images").is_dir():
+        pytest.skip("CIFC dataset not present")
+    root = library_root(comfy, LIBRARY)
+    entry = comfy.run(train_graph(LIBRARY, "dog", stage(comfy.workspace, "dog")).prompt())
+    assert any(p.name.startswith("loss_dog") for p in comfy.output_files(entry))
+    after_first = snapshot(root)
+    comfy.run(train_graph(LIBRARY, "duck", stage(comfy.workspace, "duck_toy"), method="c-lora",
+                          tokens="<duck1> <duck2> <duck3>", class_words="duck toy", seed=1).prompt())
+    return after_first
+
+
+def test_two_concepts_in_sequence_leave_task_one_untouched(comfy, trained_library):
+    root = library_root(comfy, LIBRARY)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert [t["concept"] for t in manifest["tasks"]] == ["dog", "duck"]
+    assert [t["method"] for t in manifest["tasks"]] == ["cidm", "c-lora"]
+    assert manifest["tasks"][1]["tokens"] == ["<duck1>", "<duck2>", "<duck3>"]
+    first = [name for name in trained_library if name.startswith("task_001")]
+    assert first and all(snapshot(root)[name] == trained_library[name] for name in first)
+    sizes = [p.stat().st_size for p in root.glob("task_*.safetensors")]
+    assert len(sizes) == 2 and max(sizes) < 1_000_000
+
+
+def _pixels(comfy, entry) -> np.ndarray:
+    (path,) = comfy.output_files(entry)
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_exported_lora_loads_in_stock_loraloader_and_changes_output(comfy, trained_library):
+    export = Graph()
+    lib = export.add("CIDM_LoadConceptLibrary", library=LIBRARY)
+    export.add("CIDM_ExportConceptLoRA", library=lib[0], concept="dog", filename="")
+    entry = comfy.run(export.prompt())
+    lora_file = comfy.workspace / "models" / "loras" / f"{LIBRARY}_dog.safetensors"
+    assert lora_file.is_file(), entry
+
+    def sample(with_lora: bool):
+        graph = Graph()
+        checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=CKPT)
+        model, clip = checkpoint[0], checkpoint[1]
+        if with_lora:
+            loaded = graph.add("LoraLoader", model=model, clip=clip, lora_name=lora_file.name,
+                               strength_model=1.0, strength_clip=1.0)
+            model = loaded[0]
+        sample_image(graph, model, clip, checkpoint[2], "a photo of a dog", prefix=f"export_{with_lora}")
+        return _pixels(comfy, comfy.run(graph.prompt()))
+
+    base, adapted = sample(False), sample(True)
+    assert np.abs(base - adapted).mean() > 0.5
+    assert "lora key not loaded" not in comfy.log()
+
+
+def wait_for_log(comfy, text: str, timeout: float = 300.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if text in comfy.log():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{text!r} did not appear in the server log")
+
+
+def test_interrupt_keeps_library_and_resume_completes(comfy, trained_library):
+    root = library_root(comfy, LIBRARY)
+    before = snapshot(root)
+    settings = dict(steps=24, save_every=5, resume=True, seed=3)
+    folder = stage(comfy.workspace, "cat")
+    prompt_id = comfy.submit(train_graph(LIBRARY, "cat", folder, **settings).prompt())
+    wait_for_log(comfy, "CIDM train 'cat': step 10/24")
+    comfy.interrupt()
+    with pytest.raises(WorkflowFailed):
+        comfy.wait(prompt_id)
+    assert snapshot(root) == before
+    assert (root / ".resume" / "cat.safetensors").is_file()
+    comfy.run(train_graph(LIBRARY, "cat", folder, **settings).prompt())
+    log = comfy.log()
+    assert "CIDM: resuming 'cat' at step" in log
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert [t["concept"] for t in manifest["tasks"]] == ["dog", "duck", "cat"]
+    assert not (root / ".resume" / "cat.safetensors").exists()
+    assert all(snapshot(root)[name] == digest for name, digest in before.items() if name.startswith("task_"))
+
+
+BAD_INPUTS = [
+    # (concept, folder maker, overrides, input named in the error, text in the error)
+    ("empty", lambda ws: (ws / "input" / "empty").mkdir(parents=True, exist_ok=True) or "empty", {},
+     "folder", "no images"),
+    ("junk", lambda ws: _junk_folder(ws), {}, "folder", "notes.pdf is not an image"),
+    ("collide", lambda ws: stage(ws, "cat"), {"tokens": "<dog1> <new2>"}, "tokens", "<dog1>"),
+    ("dog", lambda ws: stage(ws, "cat"), {"tokens": "<dogb1>"}, "concept", "already has a concept named 'dog'"),
+    ("escape", lambda ws: "../../etc", {}, "folder", "outside ComfyUI's input directory"),
+    ("../evil", lambda ws: stage(ws, "cat"), {}, "concept", ""),
+]
+
+
+def _junk_folder(ws: Path) -> str:
+    folder = ws / "input" / "junk"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.pdf").write_bytes(b"%PDF-1.4")
+    Image.new("RGB", (96, 96)).save(folder / "ok.png")
+    return "junk"
+
+
+@pytest.mark.parametrize("concept, make_folder, overrides, input_name, message", BAD_INPUTS,
+                         ids=[case[0].strip("./") + "-" + case[3] for case in BAD_INPUTS])
+def test_bad_input_names_the_input_and_keeps_library(comfy, trained_library, concept, make_folder, overrides,
+                                                     input_name, message):
+    root = library_root(comfy, LIBRARY)
+    before = snapshot(root)
+    error = comfy.run_expecting_error(train_graph(LIBRARY, concept, make_folder(comfy.workspace),
+                                                  **overrides).prompt())
+    assert f"'{input_name}'" in error or f"{input_name}:" in error, error
+    assert message in error
+    assert snapshot(root) == before
+
+
+def test_steps_below_one_are_rejected_before_running(comfy, trained_library):
+    with pytest.raises(WorkflowFailed, match="steps"):
+        comfy.submit(train_graph(LIBRARY, "zero", stage(comfy.workspace, "cat"), steps=0).prompt())
+
+
+def test_library_from_another_base_model_is_refused(comfy, trained_library):
+    root = library_root(comfy, LIBRARY)
+    before = snapshot(root)
+    error = comfy.run_expecting_error(train_graph(LIBRARY, "cat16", stage(comfy.workspace, "cat"),
+                                                  ckpt="cidm_sd15_blocks.safetensors").prompt())
+    assert "base model" in error and "library" in error
+    assert snapshot(root) == before
+
+
+def test_corrupt_manifest_is_reported_not_overwritten(comfy, trained_library):
+    broken = library_root(comfy, "broken")
+    shutil.copytree(library_root(comfy, LIBRARY), broken)
+    (broken / "manifest.json").write_text("{ not json")
+    before = snapshot(broken)
+    error = comfy.run_expecting_error(train_graph("broken", "cat", stage(comfy.workspace, "cat")).prompt())
+    assert "corrupt" in error and "library" in error
+    assert snapshot(broken) == before
+
+
+def test_library_name_with_dots_is_refused(comfy):
+    error = comfy.run_expecting_error(train_graph("../outside", "cat", "cifc/cat").prompt())
+    assert "library" in error
+    assert not (comfy.workspace / "models" / "outside").exists()
