@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..cidm.adapters import LayerLoRABank
 from ..cidm.aggregation import MODES, UNCOND_POLICIES, ElasticRouter, make_router
@@ -130,7 +130,9 @@ class InspectAggregationWeights(io.ComfyNode):
         lines += [f"{layer:5d} | " + " | ".join(f"{w:.3f}" for w in row.tolist()) for layer, row in enumerate(weights)]
         lines.append(" mean | " + " | ".join(f"{w:.3f}" for w in weights.mean(0).tolist()))
         plot = heatmap(weights, [f"layer {i}" for i in range(lib.num_layers)], names, f"{mode} weights")
-        return io.NodeOutput("\n".join(lines), plot)
+        table = "\n".join(lines)
+        return io.NodeOutput(table, plot, ui={**ui.PreviewText(table).as_dict(),
+                                              **ui.PreviewImage(plot, cls=cls).as_dict()})
 
 
 NODES = [CIDMTextEncode, ElasticAggregateLoRAs, InspectAggregationWeights]

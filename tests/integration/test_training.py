@@ -1,6 +1,5 @@
 """Train Concept Increment and Export Concept LoRA in the real server, on CIFC concepts and the mini checkpoint."""
 
-import hashlib
 import json
 import shutil
 import time
@@ -11,46 +10,9 @@ import pytest
 from PIL import Image
 
 from comfy_host import Graph, WorkflowFailed, sample_image
+from pack_workflows import CIFC, CKPT, LIBRARY, library_root, pixels, snapshot, stage, train_graph
 
 pytestmark = pytest.mark.integration
-
-CIFC = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifc"
-CKPT = "cidm_mini_sd15.safetensors"
-LIBRARY = "continual"
-TRAIN_DEFAULTS = dict(tokens="", class_words="", method="cidm", template="object", steps=3, lora_lr=1e-2,
-                      embedding_lr=1e-3, rank=4, alpha=1.0, orthogonal_weight=0.1, shared_weight=0.01,
-                      clora_lambda=1.0e6, resolution=64, batch_size=1, seed=0, save_every=0, resume=False,
-                      gradient_checkpointing=False)
-
-
-def stage(workspace: Path, concept: str, subfolder: str | None = None) -> str:
-    target = workspace / "input" / "cifc" / (subfolder or concept)
-    if not target.exists():
-        target.mkdir(parents=True)
-        for folder in ("images", "caption"):
-            for file in (CIFC / folder / concept).iterdir():
-                shutil.copy2(file, target / file.name)
-    return f"cifc/{subfolder or concept}"
-
-
-def train_graph(library: str, concept: str, folder: str, ckpt: str = CKPT, **overrides):
-    graph = Graph()
-    checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=ckpt)
-    lib = graph.add("CIDM_LoadConceptLibrary", library=library)
-    trained = graph.add("CIDM_TrainConceptIncrement", model=checkpoint[0], clip=checkpoint[1], vae=checkpoint[2],
-                        library=lib[0], concept=concept, folder=folder, **{**TRAIN_DEFAULTS, **overrides})
-    graph.add("SaveImage", images=trained[1], filename_prefix=f"loss_{concept}")
-    return graph
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file a library reader uses (the lock and resume side files are not part of a version)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("*"))
-            if p.is_file() and p.name != ".lock"}
-
-
-def library_root(comfy, name: str) -> Path:
-    return comfy.workspace / "models" / "cidm" / name
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +41,6 @@ def test_two_concepts_in_sequence_leave_task_one_untouched(comfy, trained_librar
     assert len(sizes) == 2 and max(sizes) < 1_000_000
 
 
-def _pixels(comfy, entry) -> np.ndarray:
-    (path,) = comfy.output_files(entry)
-    return np.asarray(Image.open(path), dtype=np.int16)
-
-
 def test_exported_lora_loads_in_stock_loraloader_and_changes_output(comfy, trained_library):
     export = Graph()
     lib = export.add("CIDM_LoadConceptLibrary", library=LIBRARY)
@@ -101,7 +58,7 @@ def test_exported_lora_loads_in_stock_loraloader_and_changes_output(comfy, train
                                strength_model=1.0, strength_clip=1.0)
             model = loaded[0]
         sample_image(graph, model, clip, checkpoint[2], "a photo of a dog", prefix=f"export_{with_lora}")
-        return _pixels(comfy, comfy.run(graph.prompt()))
+        return pixels(comfy, comfy.run(graph.prompt()))
 
     base, adapted = sample(False), sample(True)
     assert np.abs(base - adapted).mean() > 0.5
