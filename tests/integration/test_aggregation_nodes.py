@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from comfy_host import Graph, sample_image
-from pack_workflows import CIFC, CKPT, pixels, stage, train_graph
+from pack_workflows import CKPT, pixels, stage, train_graph
 from synthetic import synthesize_library
 
 pytestmark = pytest.mark.integration
@@ -16,8 +16,6 @@ AGGREGATE = dict(tasks="all", scale=0.8, mode="elastic", weights="", uncond_weig
 @pytest.fixture(scope="module")
 def library(comfy):
     """dog then duck, trained for a few steps each (large learning rates so the LoRAs visibly act)."""
-    if not (CIFC / "images").is_dir():
-        pytest.skip("CIFC dataset not present")
     comfy.run(train_graph(LIBRARY, "dog", stage(comfy.workspace, "dog"), steps=4, embedding_lr=2e-2).prompt())
     comfy.run(train_graph(LIBRARY, "duck", stage(comfy.workspace, "duck_toy"), steps=4, embedding_lr=2e-2,
                           class_words="duck", seed=1).prompt())

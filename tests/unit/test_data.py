@@ -1,5 +1,6 @@
 """Concept folders, image normalisation, captions and prompts."""
 
+import os
 import random
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from cidm.data import (build_training_set, examples_from_image_batch, load_conce
                        resize_and_crop, to_rgb)
 from cidm.errors import CIDMInputError
 
-CIFC = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifc"
+CIFC = Path(os.environ.get("CIDM_CIFC", Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifc"))
 
 
 def _save(path, mode="RGB", size=(80, 64), color=(200, 10, 10)):
