@@ -1,0 +1,97 @@
+"""The same cidm training and aggregation code on a tiny diffusers UNet and CLIP text encoder (the toy-world
+path): two tasks in sequence, eps and v-prediction, and elastic aggregation through the attention processors."""
+
+import random
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from cidm.adapters import LayerLoRABank
+from cidm.aggregation import make_router
+from cidm.backends.diffusers_backend import DiffusersDenoiser, DiffusersLayerwiseEncoder
+from cidm.consolidation import ConsolidationWeights
+from cidm.data import TrainingSet
+from cidm.layers import PROJECTIONS
+from cidm.train import ConceptSpec, ConceptTrainer, TrainingCallbacks, TrainingConfig
+from comfy_host import COMFY_ROOT
+
+TOKENIZER = COMFY_ROOT / "comfy" / "sd1_tokenizer"  # files only: ComfyUI is never imported here
+WIDTH = 32
+TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_world():
+    if not TOKENIZER.is_dir():
+        pytest.skip("the ComfyUI host (for its CLIP tokenizer files) is not installed")
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER), model_max_length=TOKENS)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4,
+                                                max_position_embeddings=TOKENS)).eval().requires_grad_(False)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=WIDTH,
+                                attention_head_dim=4, norm_num_groups=8).requires_grad_(False)
+    return tokenizer, text_encoder, unet
+
+
+def images(colour: tuple[float, float, float], count: int = 3) -> TrainingSet:
+    rng = random.Random(str(colour))
+    batch = torch.rand(count, 16, 16, 3) * 0.2
+    for image in batch:
+        top, left = rng.randrange(8), rng.randrange(8)
+        image[top:top + 8, left:left + 8] = torch.tensor(colour)
+    return TrainingSet(batch, [None] * count, [f"img{i}" for i in range(count)])
+
+
+def train(world, scheduler, concept, tokens, colour, old, method):
+    tokenizer, text_encoder, unet = world
+    denoiser = DiffusersDenoiser(unet, scheduler, tokens_per_layer=TOKENS)
+    encoder = DiffusersLayerwiseEncoder(tokenizer, text_encoder, len(denoiser.layers))
+    config = TrainingConfig(steps=4, method=method, lora_lr=1e-2, embedding_lr=1e-2, seed=len(old),
+                            consolidation=ConsolidationWeights())
+    trainer = ConceptTrainer(denoiser, encoder, images(colour), ConceptSpec(concept, tokens, [None, "red"]), old,
+                             config)
+    steps = []
+    before = float(trainer.consolidator.loss(trainer.lora, 0).detach())
+    task = trainer.run(TrainingCallbacks(on_step=lambda step, total, loss: steps.append(step)))
+    after = float(trainer.consolidator.loss(trainer.lora, trainer.step).detach())
+    penalties = [before, after]
+    return task, steps, penalties, denoiser, encoder
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_two_tasks_in_sequence_then_elastic_aggregation(tiny_world, prediction_type):
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    first, steps, _, denoiser, encoder = train(tiny_world, scheduler, "ball", ["<ball1>", "<ball2>"],
+                                               (1.0, 0.0, 0.0), [], "cidm")
+    assert steps == [1, 2, 3, 4]
+    assert len(denoiser.layers) == 4  # down, mid and two up attentions
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in first.losses)
+    assert any(up.abs().sum() > 0 for _, up in first.lora.values()), "LoRA up factors left zero"
+    assert first.features.shape == (2, 4, WIDTH)
+
+    second, _, penalties, _, _ = train(tiny_world, scheduler, "cube", ["<cube1>", "<cube2>"], (0.0, 0.0, 1.0),
+                                       [first.lora], "cidm")
+    assert penalties[1] > 0, "the consolidation loss sees the first task"
+
+    tasks = [first, second]
+    banks = {layer.index: LayerLoRABank([{p: task.lora[(layer.index, p)] for p in PROJECTIONS} for task in tasks],
+                                        0.8) for layer in denoiser.layers}
+    router = make_router("elastic", [task.features for task in tasks])
+    table = {"<ball1>": first.embeddings[0], "<ball2>": first.embeddings[1]}
+    context = encoder.encode("a photo of a <ball1> <ball2>", table).reshape(1, -1, WIDTH)
+    noisy = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    level = torch.tensor([500])
+    with torch.no_grad():
+        plain = denoiser.predict(noisy, level, context)
+        with denoiser.adapted(banks, router):
+            adapted = denoiser.predict(noisy, level, context)
+        restored = denoiser.predict(noisy, level, context)
+    assert not torch.allclose(plain, adapted)
+    assert torch.equal(plain, restored), "the attention processors were not restored"
+    weights = router(0, context.reshape(1, 4, TOKENS, WIDTH)[:, 0], None)
+    assert weights.shape == (1, 2) and torch.allclose(weights.sum(1), torch.ones(1))
