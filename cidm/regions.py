@@ -33,8 +33,9 @@ def box_mask(x: float, y: float, width: float, height: float, size: int = 64) ->
     for name, value in (("x", x), ("y", y), ("width", width), ("height", height)):
         if not 0.0 <= value <= 1.0:
             raise CIDMInputError(name, f"must be a fraction of the image in [0, 1], got {value}")
-    if width <= 0 or height <= 0:
-        raise CIDMInputError("width", "the box is empty")
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0:
+            raise CIDMInputError(name, "the box is empty: give it a size above 0")
     mask = torch.zeros(size, size)
     top, left = round(y * size), round(x * size)
     bottom, right = max(top + 1, round(min(1.0, y + height) * size)), max(left + 1, round(min(1.0, x + width) * size))
