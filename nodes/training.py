@@ -74,7 +74,9 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     config.validate()
     ref = library_ref(library_name)
     info = base_model_info(model)
-    old_tasks = check_library(ref, info, concept, token_list)
+    # ComfyUI runs nodes under inference_mode; tensors read there (old tasks' factors) could not join autograd.
+    with torch.inference_mode(False):
+        old_tasks = check_library(ref, info, concept, token_list)
     words = class_words.split()
     training_set = build_training_set(gather_examples(images, folder), resolution, config.seed)
 

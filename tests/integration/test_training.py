@@ -154,3 +154,17 @@ def test_library_name_with_dots_is_refused(comfy):
     error = comfy.run_expecting_error(train_graph("../outside", "cat", "cifc/cat").prompt())
     assert "library" in error
     assert not (comfy.workspace / "models" / "outside").exists()
+
+
+@pytest.mark.slow
+def test_sixteen_layer_training_with_gradient_checkpointing(comfy):
+    ckpt = "cidm_sd15_blocks.safetensors"
+    folder = stage(comfy.workspace, "teddybear")
+    for concept, method in (("teddy", "cidm"), ("teddy_b", "cidm-official")):
+        comfy.run(train_graph("sixteen-trained", concept, folder, ckpt=ckpt, method=method, steps=6, resolution=128,
+                              gradient_checkpointing=method == "cidm").prompt())
+    manifest = json.loads((library_root(comfy, "sixteen-trained") / "manifest.json").read_text())
+    assert manifest["base_model"]["num_layers"] == 16
+    assert [t["method"] for t in manifest["tasks"]] == ["cidm", "cidm-official"]
+    task_files = sorted(library_root(comfy, "sixteen-trained").glob("task_*.safetensors"))
+    assert len(task_files) == 2 and all(p.stat().st_size < 1_000_000 for p in task_files)
