@@ -221,14 +221,16 @@ class ComfyLayerwiseEncoder:
         if len(positions) != len(occurrences):
             raise CIDMInputError("text", "the concept tokens did not fit in the first 75 tokens; shorten the prompt")
         tokenizer_key = next(iter(self.clip.tokenize("")))
-        layers, pooled = [], None
+        chunks = []
         for layer in range(self.num_layers):
             tokens = list(base)
             for position, token in zip(positions, occurrences):
                 tokens[position] = (embeddings[token][layer],) + tuple(base[position][1:])
-            cond, pooled = self.clip.encode_from_tokens({tokenizer_key: [tokens]}, return_pooled=True)
-            layers.append(cond[0, :TOKENS_PER_LAYER])
-        return torch.stack(layers), pooled
+            chunks.append(tokens)
+        # ComfyUI encodes a prompt's 77-token chunks as one batch and joins them along the token axis, so one call
+        # with a chunk per layer runs the text encoder once and returns the packed [1, L·77, D] layout.
+        cond, pooled = self.clip.encode_from_tokens({tokenizer_key: chunks}, return_pooled=True)
+        return cond[0].reshape(self.num_layers, TOKENS_PER_LAYER, -1), pooled
 
     def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
         if not torch.is_grad_enabled():

@@ -51,7 +51,8 @@ def test_pack_node_in_sampling_workflow_writes_png(comfy):
 
 
 def test_server_log_has_no_pack_traceback(comfy):
-    log = comfy.log()
+    # Other tests provoke clear input errors on purpose; loading is everything before the server starts serving.
+    log = comfy.log().split("To see the GUI go to")[0]
     assert "Import times for custom nodes" in log and "comfyui-cidm" in log
     # Core extras such as nodes_audio fail without torchaudio; only our pack's lines matter here.
     assert not [line for line in log.splitlines() if "IMPORT FAILED" in line and "cidm" in line.lower()]
