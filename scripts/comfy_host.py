@@ -10,6 +10,8 @@ import hashlib
 import itertools
 import json
 import os
+import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,9 +21,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("CIDM_CACHE", Path.home() / ".cache" / "cidm-comfyui")).resolve()
 COMFY_ROOT = CACHE / "ComfyUI"
+CIFC = Path(os.environ.get("CIDM_CIFC", REPO.parent / "shared" / "datasets" / "cifc"))
 HOST_PYTHON = CACHE / "venv" / "bin" / "python"
 PACK_FOLDER_NAME = "comfyui-cidm"
 CHECKPOINT_SCRIPT = REPO / "scripts" / "make_test_checkpoint.py"
@@ -210,6 +215,32 @@ def sample_image(graph: Graph, model, clip, vae, positive: str = "a photo", nega
                         latent_image=latent[0], denoise=1.0)
     decoded = graph.add("VAEDecode", samples=sampled[0], vae=vae)
     return graph.add("SaveImage", images=decoded[0], filename_prefix=prefix)
+
+
+def stage(workspace: Path, concept: str, subfolder: str | None = None) -> str:
+    """Copies a CIFC concept into the server's input folder; without the dataset, draws a stand-in concept."""
+    target = workspace / "input" / "cifc" / (subfolder or concept)
+    if not target.exists():
+        target.mkdir(parents=True)
+        if (CIFC / "images" / concept).is_dir():
+            for folder in ("images", "caption"):
+                for file in (CIFC / folder / concept).iterdir():
+                    shutil.copy2(file, target / file.name)
+        else:
+            draw_concept(target, concept)
+    return f"cifc/{subfolder or concept}"
+
+
+def draw_concept(folder: Path, concept: str, count: int = 4) -> None:
+    """A distinctive coloured shape on varied backgrounds, with captions that name the concept."""
+    rng = random.Random(concept)
+    colour = tuple(rng.randrange(256) for _ in range(3))
+    for index in range(count):
+        image = Image.new("RGB", (96, 80), tuple(rng.randrange(256) for _ in range(3)))
+        left, top = rng.randrange(10, 40), rng.randrange(10, 30)
+        ImageDraw.Draw(image).ellipse((left, top, left + 40, top + 40), fill=colour)
+        image.save(folder / f"{index:02d}.png")
+        (folder / f"{index:02d}.txt").write_text(f"a photo of a {concept} on a plain background")
 
 
 def pack_tracebacks(log: str) -> list[str]:

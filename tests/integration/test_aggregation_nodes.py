@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from comfy_host import Graph, sample_image
-from pack_workflows import CKPT, pixels, stage, train_graph
+from comfy_host import Graph, sample_image, stage
+from pack_workflows import CKPT, pixels, train_graph
 from synthetic import synthesize_library
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_host import Graph, WorkflowFailed, sample_image
-from pack_workflows import CKPT, LIBRARY, library_root, pixels, snapshot, stage, train_graph
+from comfy_host import Graph, WorkflowFailed, sample_image, stage
+from pack_workflows import CKPT, LIBRARY, library_root, pixels, snapshot, train_graph
 
 pytestmark = pytest.mark.integration
 
