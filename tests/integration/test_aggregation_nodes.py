@@ -130,3 +130,21 @@ def test_sixteen_layer_checkpoint(comfy):
     checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=ckpt)
     aggregated_sample(graph, checkpoint, checkpoint[0], "sixteen", "a photo of a <cat>", "sixteen")
     assert pixels(comfy, comfy.run(graph.prompt())).shape == (64, 64, 3)
+
+
+def test_area_and_masked_conds_carry_the_layer_contexts(comfy, library):
+    graph = Graph()
+    checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=CKPT)
+    lib = graph.add("CIDM_LoadConceptLibrary", library=library)
+    patched = graph.add("CIDM_ElasticAggregateLoRAs", model=checkpoint[0], library=lib[0], **AGGREGATE)
+    dog = graph.add("CIDM_TextEncode", clip=checkpoint[1], library=lib[0], text="a photo of a <dog>")
+    duck = graph.add("CIDM_TextEncode", clip=checkpoint[1], library=lib[0], text="a photo of a <duck>")
+    left = graph.add("ConditioningSetAreaPercentage", conditioning=dog[0], width=0.5, height=1.0, x=0.0, y=0.0,
+                     strength=1.0)
+    mask = graph.add("SolidMask", value=1.0, width=64, height=64)
+    right = graph.add("ConditioningSetMask", conditioning=duck[0], mask=mask[0], strength=1.0,
+                      set_cond_area="default")
+    combined = graph.add("ConditioningCombine", conditioning_1=left[0], conditioning_2=right[0])
+    sample_image(graph, patched[0], checkpoint[1], checkpoint[2], positive_cond=combined[0], prefix="areas")
+    image = pixels(comfy, comfy.run(graph.prompt()))
+    assert image.shape == (64, 64, 3) and image.std() > 0
