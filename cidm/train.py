@@ -150,6 +150,9 @@ class ConceptTrainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _linear_decay(config.steps))
         self.step = 0
         self.frozen_at: int | None = None
+        if config.embedding_lr == 0:  # nothing to learn in the tokens: their contexts are cached from the start
+            self.frozen_at = 0
+            self.embeddings.requires_grad_(False)
         self.losses: list[float] = []
         self.context_cache: dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -210,7 +213,8 @@ class ConceptTrainer:
         if prompt in self.context_cache:
             return self.context_cache[prompt]
         table = {token: self.embeddings[i] for i, token in enumerate(self.concept.tokens)}
-        encoded = self.encoder.encode(prompt, table)
+        with torch.set_grad_enabled(self.frozen_at is None):
+            encoded = self.encoder.encode(prompt, table)
         packed = encoded.reshape(-1, encoded.shape[-1])
         if self.frozen_at is not None:
             self.context_cache[prompt] = packed.detach()

@@ -95,3 +95,15 @@ def test_two_tasks_in_sequence_then_elastic_aggregation(tiny_world, prediction_t
     assert torch.equal(plain, restored), "the attention processors were not restored"
     weights = router(0, context.reshape(1, 4, TOKENS, WIDTH)[:, 0], None)
     assert weights.shape == (1, 2) and torch.allclose(weights.sum(1), torch.ones(1))
+
+
+def test_zero_embedding_rate_freezes_tokens_and_caches_contexts(tiny_world):
+    tokenizer, text_encoder, unet = tiny_world
+    denoiser = DiffusersDenoiser(unet, DDPMScheduler(num_train_timesteps=1000), tokens_per_layer=TOKENS)
+    encoder = DiffusersLayerwiseEncoder(tokenizer, text_encoder, len(denoiser.layers))
+    trainer = ConceptTrainer(denoiser, encoder, images((0.0, 1.0, 0.0)), ConceptSpec("leaf", ["<leaf1>"], [None]),
+                             [], TrainingConfig(steps=2, embedding_lr=0.0, lora_lr=1e-2))
+    start = trainer.embeddings.detach().clone()
+    task = trainer.run(TrainingCallbacks())
+    assert task.embeddings_frozen_at == 0 and torch.equal(task.embeddings, start)
+    assert trainer.context_cache and not any(c.requires_grad for c in trainer.context_cache.values())
