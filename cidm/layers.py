@@ -37,10 +37,12 @@ class CrossAttentionLayer:
 
 
 def _stage(path: str) -> int | None:
-    head = path.split(".", 1)[0]
-    for stage, names in enumerate(_STAGE_PREFIXES):
-        if head in names:
-            return stage
+    """0/1/2 for down/mid/up from the first path part that names a stage, so wrapped UNets (x.unet.down_blocks…)
+    are found too."""
+    for part in path.split("."):
+        for stage, names in enumerate(_STAGE_PREFIXES):
+            if part in names:
+                return stage
     return None
 
 

@@ -23,9 +23,11 @@ class CIDMAttnProcessor:
                  tokens_per_layer: int):
         self.concept_attention = ConceptCrossAttention(attention, layer, bank, router, num_layers, tokens_per_layer)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    # diffusers passes a processor only the keyword arguments its signature names, so cond_or_uncond is explicit.
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, cond_or_uncond=None,
+                 **kwargs):
         out = self.concept_attention.forward_layer(hidden_states, encoder_hidden_states,
-                                                   cond_or_uncond=kwargs.get("cond_or_uncond"))
+                                                   cond_or_uncond=cond_or_uncond)
         return out / attn.rescale_output_factor
 
 
@@ -59,8 +61,10 @@ class DiffusersDenoiser:
     def add_noise(self, latents, noise, level):
         return self.scheduler.add_noise(latents, noise, level.to(latents.device))
 
-    def predict(self, noisy, level, context):
-        return self.unet(noisy, level, encoder_hidden_states=context).sample
+    def predict(self, noisy, level, context, cond_or_uncond: list[int] | None = None):
+        """`cond_or_uncond` labels the batch's chunks (0 cond, 1 uncond) for routers that match uncond to cond."""
+        extra = {"cross_attention_kwargs": {"cond_or_uncond": cond_or_uncond}} if cond_or_uncond else {}
+        return self.unet(noisy, level, encoder_hidden_states=context, **extra).sample
 
     def target(self, latents, noise, level, noisy):
         if self.prediction_type == "epsilon":

@@ -107,3 +107,23 @@ def test_zero_embedding_rate_freezes_tokens_and_caches_contexts(tiny_world):
     task = trainer.run(TrainingCallbacks())
     assert task.embeddings_frozen_at == 0 and torch.equal(task.embeddings, start)
     assert trainer.context_cache and not any(c.requires_grad for c in trainer.context_cache.values())
+
+
+def test_cond_uncond_layout_reaches_the_router(tiny_world):
+    _, _, unet = tiny_world
+    denoiser = DiffusersDenoiser(unet, DDPMScheduler(num_train_timesteps=1000), tokens_per_layer=TOKENS)
+    seen = []
+
+    def router(layer_index, context, cond_or_uncond):
+        seen.append(cond_or_uncond)
+        return torch.ones(context.shape[0], 1)
+
+    lora = {(layer.index, p): shapes for layer in denoiser.layers
+            for p, shapes in ((p, (torch.zeros(1, i), torch.zeros(o, 1)))
+                              for p, (o, i) in layer.projection_shapes().items())}
+    banks = {layer.index: LayerLoRABank([{p: lora[(layer.index, p)] for p in PROJECTIONS}], 1.0)
+             for layer in denoiser.layers}
+    with torch.no_grad(), denoiser.adapted(banks, router):
+        denoiser.predict(torch.zeros(2, 3, 16, 16), torch.tensor([10, 10]), torch.zeros(2, 4 * TOKENS, WIDTH),
+                         cond_or_uncond=[0, 1])
+    assert seen and all(layout == [0, 1] for layout in seen)

@@ -1,0 +1,1 @@
+"""The toy-world continual concept benchmark (issue #5); see README.md."""

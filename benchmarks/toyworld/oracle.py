@@ -1,0 +1,200 @@
+"""The judge: a small CNN that reads a 32×32 image's shape, colour, pattern, background and concept.
+
+The concept head has two classes besides the ten concepts: "generic" (a clean object that is no concept) and
+"garbage" (noise, or an image whose structure is mostly noise). Without "garbage" the concept head fires on the
+blobs an undertrained model draws (toyworld-feasibility.md), so concept rates must still be read together with the
+control false-positive rate and the strict (p > 0.9) rate that the protocol reports.
+
+Attribute heads are trained only where the attribute is defined: concepts have no generic colour or pattern, and
+garbage has no attribute at all (label -1 is ignored).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from . import world
+from .models import CACHE, cache_key, make_scheduler, save_atomically
+
+GENERIC, GARBAGE = "generic", "garbage"
+HEADS = {"shape": list(world.SHAPES), "colour": list(world.COLOURS), "pattern": list(world.PATTERNS),
+         "background": list(world.BACKGROUNDS), "concept": [GENERIC, GARBAGE, *(c.name for c in world.CONCEPTS)]}
+IGNORE = -1
+STRICT = 0.9
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    generic: int = 35000
+    per_concept: int = 600
+    garbage: int = 4000
+    epochs: int = 3
+    batch_size: int = 128
+    width: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        return cache_key(self, Path(__file__))
+
+
+class Oracle(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+
+        def stage(inputs: int, outputs: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(inputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs), nn.ReLU(),
+                                 nn.Conv2d(outputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs), nn.ReLU(),
+                                 nn.MaxPool2d(2))
+
+        self.trunk = nn.Sequential(stage(3, width), stage(width, 2 * width), stage(2 * width, 4 * width),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.heads = nn.ModuleDict({name: nn.Linear(4 * width, len(classes)) for name, classes in HEADS.items()})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """IMAGE [N, 32, 32, 3] in [0, 1] -> logits per head."""
+        features = self.trunk(images.permute(0, 3, 1, 2) * 2 - 1)
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+@dataclass
+class Verdict:
+    """Per head: the predicted class names and the full probability table [N, classes]."""
+
+    predictions: dict[str, list[str]]
+    probabilities: dict[str, torch.Tensor]
+
+    def confident(self, head: str, label: str, threshold: float = STRICT) -> list[bool]:
+        column = HEADS[head].index(label)
+        return [p >= threshold for p in self.probabilities[head][:, column].tolist()]
+
+
+@torch.no_grad()
+def judge(oracle: Oracle, images: torch.Tensor) -> Verdict:
+    oracle.eval()
+    probabilities = {name: logits.softmax(dim=1) for name, logits in oracle(images.float()).items()}
+    predictions = {name: [HEADS[name][i] for i in p.argmax(dim=1).tolist()] for name, p in probabilities.items()}
+    return Verdict(predictions, probabilities)
+
+
+def as_images(samples: list[world.Sample]) -> torch.Tensor:
+    """Rendered samples as an IMAGE batch [N, 32, 32, 3] in [0, 1]."""
+    return torch.from_numpy(np.stack([s.image for s in samples])).float() / 255
+
+
+def _labels(shape=IGNORE, colour=IGNORE, pattern=IGNORE, background=IGNORE, concept=IGNORE) -> list[int]:
+    return [shape, colour, pattern, background, concept]
+
+
+def _look_labels(sample: world.Sample, concept: str) -> list[int]:
+    generic = concept == GENERIC
+    return _labels(HEADS["shape"].index(sample.look.shape),
+                   HEADS["colour"].index(sample.look.colour) if generic else IGNORE,
+                   HEADS["pattern"].index(sample.look.pattern) if generic else IGNORE,
+                   HEADS["background"].index(sample.background), HEADS["concept"].index(concept))
+
+
+def _garbage(clean: torch.Tensor, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
+    """Images with no readable object, one third each: white noise; real images diffused to t ≥ 500 (what an
+    unfinished sampling run looks like); and smooth colour blobs (what an undertrained model draws)."""
+    count = len(clean)
+    alphas = make_scheduler().alphas_cumprod
+    timesteps = torch.from_numpy(rng.integers(500, 1000, size=count))
+    signal = alphas[timesteps].sqrt()[:, None, None, None]
+    diffused = (clean * 2 - 1) * signal + torch.randn(clean.shape, generator=generator) * (1 - signal ** 2).sqrt()
+    coarse = torch.rand(count, 3, 4, 4, generator=generator)
+    blobs = F.interpolate(coarse, size=world.SIZE, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    noise = torch.rand(clean.shape, generator=generator)
+    kind = torch.from_numpy(rng.integers(3, size=count))[:, None, None, None]
+    return torch.where(kind == 0, noise, torch.where(kind == 1, (diffused + 1) / 2, blobs)).clamp(0, 1)
+
+
+def training_data(config: OracleConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [N, 32, 32, 3] and labels [N, heads]: generic objects, concepts on every background, garbage."""
+    rng = np.random.default_rng([config.seed, 4])
+    generator = torch.Generator().manual_seed(config.seed)
+    samples = [(s, GENERIC) for s in world.generic_samples(config.generic, config.seed + 1)]
+    for concept in world.CONCEPTS:
+        per_background = max(1, config.per_concept // len(world.BACKGROUNDS))
+        samples += [(s, concept.name) for s in world.concept_samples(concept, list(world.BACKGROUNDS),
+                                                                      config.seed + 1, per_background)]
+    images = as_images([s for s, _ in samples])
+    labels = torch.tensor([_look_labels(s, c) for s, c in samples])
+    garbage = _garbage(images[torch.from_numpy(rng.integers(len(images), size=config.garbage))], rng, generator)
+    garbage_labels = torch.tensor([_labels(concept=HEADS["concept"].index(GARBAGE))] * config.garbage)
+    return torch.cat([images, garbage]), torch.cat([labels, garbage_labels])
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Horizontal flips and mild Gaussian noise: generated samples are never as clean as the renders."""
+    flip = torch.rand(len(images), generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(2), images)
+    sigma = torch.rand(len(images), 1, 1, 1, generator=generator) * 0.08
+    return (images + sigma * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+
+
+def train_oracle(config: OracleConfig, log: Callable[[str], None] = print) -> Oracle:
+    torch.manual_seed(config.seed)
+    images, labels = training_data(config)
+    oracle = Oracle(config.width)
+    optimizer = torch.optim.AdamW(oracle.parameters(), lr=config.lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(config.seed)
+    steps = config.epochs * -(-len(images) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
+    started = time.monotonic()
+    oracle.train()
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(images), config.batch_size):
+            batch = order[start:start + config.batch_size]
+            logits = oracle(_augment(images[batch], generator))
+            loss = sum(F.cross_entropy(logits[name], labels[batch, i], ignore_index=IGNORE)
+                       for i, name in enumerate(HEADS) if (labels[batch, i] != IGNORE).any())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        log(f"oracle: epoch {epoch + 1}/{config.epochs}, loss {loss.item():.3f}, {time.monotonic() - started:.0f} s")
+    return oracle.eval()
+
+
+def load_or_train_oracle(config: OracleConfig, cache: Path = CACHE, log: Callable[[str], None] = print) -> Oracle:
+    path = cache / f"oracle-{config.key()}.safetensors"
+    if path.exists():
+        log(f"oracle: cached {path}")
+        oracle = Oracle(config.width)
+        oracle.load_state_dict(load_file(str(path)))
+        return oracle.eval()
+    oracle = train_oracle(config, log)
+    save_atomically(oracle.state_dict(), path)
+    log(f"oracle: saved {path}")
+    return oracle
+
+
+def held_out_accuracy(oracle: Oracle, count: int, seed: int) -> dict[str, float]:
+    """Accuracy on fresh renders (a seed the oracle never saw): every head on generic objects, concept recall on
+    concepts (any background), and how often garbage is called garbage."""
+    generic = world.generic_samples(count, seed)
+    concepts = [(s, c.name) for c in world.CONCEPTS
+                for s in world.concept_samples(c, list(world.BACKGROUNDS), seed, max(1, count // 60))]
+    verdict = judge(oracle, as_images(generic))
+    truth = {"shape": [s.look.shape for s in generic], "colour": [s.look.colour for s in generic],
+             "pattern": [s.look.pattern for s in generic], "background": [s.background for s in generic],
+             "concept": [GENERIC] * len(generic)}
+    scores = {head: float(np.mean([p == t for p, t in zip(verdict.predictions[head], truth[head])])) for head in truth}
+    concept_verdict = judge(oracle, as_images([s for s, _ in concepts]))
+    scores["concept recall"] = float(np.mean([p == c for p, (_, c) in zip(concept_verdict.predictions["concept"],
+                                                                             concepts)]))
+    rng = np.random.default_rng([seed, 5])
+    garbage = _garbage(as_images(generic), rng, torch.Generator().manual_seed(seed))
+    scores["garbage rejected"] = float(np.mean([p == GARBAGE for p in judge(oracle, garbage).predictions["concept"]]))
+    return scores

@@ -1,0 +1,332 @@
+"""The continual-learning protocol: learn the world's concepts one task at a time, judge every learned concept after
+every task.
+
+Everything that learns or composes goes through the same cidm code as the ComfyUI nodes: `ConceptTrainer` (with
+`TrainingConfig.method` choosing the consolidator via `make_consolidator`), the previous tasks' LoRA factors passed
+as `old_tasks`, and at sampling time `make_router` + `LayerLoRABank` under `DiffusersDenoiser.adapted`. Only the
+sampler (DDIM with classifier-free guidance) and the judging are the benchmark's own.
+
+After task t, for every learned concept c, M samples on each of K prompts "a <c> {shape} on a {bg} background"
+(K backgrounds, including the one no training image used) give acc[t][c] (the oracle names c), strict[t][c]
+(named with p ≥ 0.9), context[t][c] (the background is right), the mean EWA weight on c's own task, and, for a
+same-shape pair, the weight on and oracle rate of the partner. Baselines: the upper bound (each concept's own
+independently trained LoRA, alone: routing by an oracle), control prompts (the closest generic object, which
+must not come out as the concept), and Q5 (ordinary prompts with every concept aggregated, against the base).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cidm.adapters import LayerLoRABank, select_layer_context
+from cidm.aggregation import ElasticRouter, make_router
+from cidm.consolidation import METHODS
+from cidm.data import TrainingSet
+from cidm.layers import PROJECTIONS
+from cidm.tokens import ConceptVocabulary, vocabulary_from_tasks
+from cidm.train import ConceptSpec, ConceptTrainer, TrainedTask, TrainingCallbacks, TrainingConfig
+
+from . import models, world
+from .oracle import GARBAGE, Oracle, as_images, judge
+
+UPPER_BOUND = "upper bound"
+# The reference freezes token embeddings at mean norm 0.55, about 1.4× a typical SD CLIP word embedding; the toy
+# text encoder's embeddings have their own scale, so the threshold is set relative to it.
+FREEZE_AT_NORM_RATIO = 1.4
+SAMPLING_BATCH = 64
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    methods: tuple[str, ...] = METHODS
+    tasks: int = 10
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(
+        steps=300, rank=4, lora_lr=3e-4, embedding_lr=3e-3, batch_size=10))
+    images_per_concept: int = 5
+    backgrounds: tuple[str, ...] = tuple(world.BACKGROUNDS)  # K prompts per concept
+    samples_per_prompt: int = 3  # M
+    generic_prompts: int = 48  # Q5
+    sampling_steps: int = 10
+    guidance: float = 4.0
+    seed: int = 0
+
+
+@dataclass
+class Setup:
+    base: models.BaseModel
+    oracle: Oracle
+    world_seed: int
+
+
+@dataclass
+class LearnedConcept:
+    concept: world.Concept
+    tokens: list[str]
+    task: TrainedTask
+
+
+@dataclass
+class MethodRun:
+    trainers: list[ConceptTrainer]  # kept so a caller can check what did the training
+    learned: list[LearnedConcept]
+    scores: dict
+    samples: dict[str, torch.Tensor]  # concept -> its samples after the last task [K·M, 32, 32, 3]
+
+
+def concept_tokens(concept: world.Concept) -> list[str]:
+    return [f"<{concept.name}1>", f"<{concept.name}2>"]
+
+
+def training_set(concept: world.Concept, config: ProtocolConfig, world_seed: int) -> TrainingSet:
+    samples = world.concept_samples(concept, world.training_backgrounds(config.images_per_concept), world_seed)
+    images = as_images(samples)
+    return TrainingSet(images, [concept.caption(s.background) for s in samples],
+                       [f"{concept.name}-{s.background}" for s in samples])
+
+
+class Composer:
+    """One base model with a set of learned concepts: encodes prompts, samples, and reports EWA weights."""
+
+    def __init__(self, setup: Setup, learned: list[LearnedConcept], config: ProtocolConfig, mode: str = "elastic"):
+        self.config = config
+        self.denoiser = setup.base.denoiser()
+        self.encoder = setup.base.encoder(len(self.denoiser.layers))
+        self.vocabulary: ConceptVocabulary = vocabulary_from_tasks(
+            [c.concept.name for c in learned], [c.tokens for c in learned], [c.task.embeddings for c in learned])
+        tasks = [c.task for c in learned]
+        self.banks = {layer.index: LayerLoRABank([{p: t.lora[(layer.index, p)] for p in PROJECTIONS} for t in tasks],
+                                                 config.training.alpha) for layer in self.denoiser.layers}
+        features = [t.features for t in tasks]
+        self.router = make_router(mode, features, fixed_weights=[1.0] * len(tasks)) if tasks else None
+        self.uncond = self.context("")
+
+    def context(self, prompt: str) -> torch.Tensor:
+        """The packed layer-wise context [L·T, D] of a prompt that may name learned concepts as <name>."""
+        with torch.no_grad():
+            encoded = self.encoder.encode(self.vocabulary.expand(prompt), self.vocabulary.embeddings)
+        return encoded.reshape(-1, encoded.shape[-1])
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """DDIM + classifier-free guidance; the same seed gives the same starting noise whatever the method."""
+        chunks = []
+        for start in range(0, len(prompts), SAMPLING_BATCH):
+            contexts = torch.stack([self.context(p) for p in prompts[start:start + SAMPLING_BATCH]])
+            noise = [torch.randn(models.LATENT_SHAPE, generator=torch.Generator().manual_seed(s))
+                     for s in seeds[start:start + SAMPLING_BATCH]]
+            chunks.append(self._denoise(torch.stack(noise), contexts))
+        return torch.cat(chunks)
+
+    def _denoise(self, latents: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        scheduler = models.sampling_scheduler(self.denoiser.scheduler, self.config.sampling_steps)
+        both = torch.cat([contexts, self.uncond.expand_as(contexts)])
+        adapted = self.denoiser.adapted(self.banks, self.router) if self.router else contextlib.nullcontext()
+        with adapted:
+            for timestep in scheduler.timesteps:
+                cond, uncond = self.denoiser.predict(torch.cat([latents, latents]), timestep.expand(len(both)),
+                                                     both, cond_or_uncond=[0, 1]).chunk(2)
+                latents = scheduler.step(uncond + self.config.guidance * (cond - uncond), timestep,
+                                         latents).prev_sample
+        return models.to_images(latents)
+
+    def task_weights(self, prompt: str) -> torch.Tensor:
+        """The router's weights [K] for a prompt's cond row, averaged over the cross-attention layers."""
+        context = self.context(prompt)[None]
+        count, per_layer = len(self.denoiser.layers), self.encoder.tokens_per_layer
+        return torch.stack([self.router(layer, select_layer_context(context, layer, count, per_layer), None)[0]
+                            for layer in range(count)]).mean(dim=0)
+
+
+def _rate(flags) -> float:
+    return float(np.mean(flags)) if len(flags) else float("nan")
+
+
+def judge_concept(composer: Composer, concept: world.Concept, partner: str | None, config: ProtocolConfig,
+                  oracle: Oracle) -> tuple[dict, torch.Tensor]:
+    """Scores for one learned concept, and its samples (rows: backgrounds, columns: seeds)."""
+    prompts = [concept.caption(bg) for bg in config.backgrounds for _ in range(config.samples_per_prompt)]
+    backgrounds = [bg for bg in config.backgrounds for _ in range(config.samples_per_prompt)]
+    seeds = [config.seed * 1000 + i for i in range(len(prompts))]
+    images = composer.sample(prompts, seeds)
+    verdict = judge(oracle, images)
+    named = verdict.predictions["concept"]
+    scores = {"acc": _rate([n == concept.name for n in named]),
+              "strict": _rate(verdict.confident("concept", concept.name)),
+              "context": _rate([p == bg for p, bg in zip(verdict.predictions["background"], backgrounds)]),
+              "garbage": _rate([n == GARBAGE for n in named]),
+              "partner_rate": _rate([n == partner for n in named]) if partner else None}
+    if isinstance(composer.router, ElasticRouter):
+        learned = list(composer.vocabulary.concept_tokens)
+        weights = torch.stack([composer.task_weights(concept.caption(bg)) for bg in config.backgrounds]).mean(dim=0)
+        scores["ewa_right"] = float(weights[learned.index(concept.name)])
+        scores["ewa_partner"] = float(weights[learned.index(partner)]) if partner else None
+    return scores, images
+
+
+def partner_of(concept: world.Concept, learned: list[str]) -> str | None:
+    """The learned concept of the same shape, if any (the world has at most one per concept)."""
+    for a, b in world.same_shape_pairs():
+        if concept.name in (a, b):
+            other = b if concept.name == a else a
+            if other in learned:
+                return other
+    return None
+
+
+def freeze_threshold(base: models.BaseModel) -> float:
+    table = base.text_encoder.get_input_embeddings().weight
+    ids = [base.tokenizer(word, add_special_tokens=False).input_ids[0] for word in world.vocabulary()]
+    return FREEZE_AT_NORM_RATIO * table[ids].norm(dim=1).mean().item()
+
+
+def learn(setup: Setup, index: int, old: list[LearnedConcept], method: str,
+          config: ProtocolConfig) -> tuple[ConceptTrainer, LearnedConcept]:
+    """Task `index`: the concept's own LoRA and tokens, with the earlier tasks' factors as `old_tasks`. The seed
+    depends on the concept only, so every method's first task (and the upper bound's) starts identically."""
+    concept = world.CONCEPTS[index]
+    training = dataclasses.replace(config.training, method=method, seed=config.seed + index,
+                                   embedding_norm_threshold=freeze_threshold(setup.base))
+    denoiser = setup.base.denoiser()
+    trainer = ConceptTrainer(denoiser, setup.base.encoder(len(denoiser.layers)),
+                             training_set(concept, config, setup.world_seed),
+                             ConceptSpec(concept.name, concept_tokens(concept), [None, concept.look.shape]),
+                             [c.task.lora for c in old], training)
+    return trainer, LearnedConcept(concept, concept_tokens(concept), trainer.run(TrainingCallbacks()))
+
+
+def judge_stage(composer: Composer, learned: list[LearnedConcept], config: ProtocolConfig,
+                oracle: Oracle) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    names = [c.concept.name for c in learned]
+    scores, images = {}, {}
+    for item in learned:
+        scores[item.concept.name], images[item.concept.name] = judge_concept(
+            composer, item.concept, partner_of(item.concept, names), config, oracle)
+    return scores, images
+
+
+def control_rates(composer: Composer, concepts: list[world.Concept], config: ProtocolConfig,
+                  oracle: Oracle) -> dict[str, float]:
+    """Prompts for each concept's closest generic object: how often the oracle still names the concept."""
+    prompts, expected = [], []
+    for concept in concepts:
+        for bg in config.backgrounds:
+            prompts += [world.caption(concept.control, bg)] * config.samples_per_prompt
+            expected += [concept.name] * config.samples_per_prompt
+    verdict = judge(oracle, composer.sample(prompts, [config.seed * 1000 + i for i in range(len(prompts))]))
+    strict = [verdict.confident("concept", name)[i] for i, name in enumerate(expected)]
+    return {"false_positive": _rate([p == e for p, e in zip(verdict.predictions["concept"], expected)]),
+            "false_positive_strict": _rate(strict)}
+
+
+def generic_looks(config: ProtocolConfig) -> list[tuple[world.Look, str]]:
+    rng = np.random.default_rng([config.seed, 6])
+    return [(world.random_look(rng), str(rng.choice(list(world.BACKGROUNDS)))) for _ in range(config.generic_prompts)]
+
+
+def generic_accuracy(composer: Composer, config: ProtocolConfig, oracle: Oracle) -> dict[str, float]:
+    """Q5: does the model still draw what an ordinary prompt asks for? Per attribute, and all four at once."""
+    looks = generic_looks(config)
+    verdict = judge(oracle, composer.sample([world.caption(look, bg) for look, bg in looks],
+                                            [config.seed * 1000 + i for i in range(len(looks))]))
+    truth = {"shape": [look.shape for look, _ in looks], "colour": [look.colour for look, _ in looks],
+             "pattern": [look.pattern for look, _ in looks], "background": [bg for _, bg in looks]}
+    hits = {head: [p == t for p, t in zip(verdict.predictions[head], values)] for head, values in truth.items()}
+    scores = {head: _rate(flags) for head, flags in hits.items()}
+    scores["all"] = _rate([all(flags) for flags in zip(*hits.values())])
+    return scores
+
+
+def matrix(stages: list[dict[str, dict]], names: list[str], key: str) -> list[list[float | None]]:
+    """[task][concept]: the score after each task, None for concepts not learned yet."""
+    return [[stage[name][key] if name in stage else None for name in names] for stage in stages]
+
+
+def forgetting(stages: list[dict[str, dict]], names: list[str]) -> float | None:
+    """Mean over all but the last learned concept of (best accuracy before the last task − final accuracy)."""
+    drops = [max(stage[name]["acc"] for stage in stages[:-1] if name in stage) - stages[-1][name]["acc"]
+             for name in names[:len(stages) - 1]]
+    return float(np.mean(drops)) if drops else None
+
+
+def summary(stages: list[dict[str, dict]], names: list[str]) -> dict:
+    final = stages[-1]
+
+    def mean(key: str) -> float:
+        return _rate([final[n][key] for n in final if final[n].get(key) is not None])
+
+    return {"final_acc": mean("acc"), "final_strict": mean("strict"), "final_context": mean("context"),
+            "final_garbage": mean("garbage"), "final_ewa_right": mean("ewa_right"),
+            "final_ewa_partner": mean("ewa_partner"), "final_partner_rate": mean("partner_rate"),
+            "forgetting": forgetting(stages, names),
+            **{key: matrix(stages, names, key) for key in ("acc", "strict", "context", "ewa_right", "ewa_partner",
+                                                         "partner_rate")}}
+
+
+def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[[str], None]) -> MethodRun:
+    names = [c.name for c in world.CONCEPTS[:config.tasks]]
+    trainers, learned, stages = [], [], []
+    started = time.monotonic()
+    for index in range(config.tasks):
+        trainer, item = learn(setup, index, learned, method, config)
+        trainers.append(trainer)
+        learned.append(item)
+        composer = Composer(setup, learned, config)
+        stage, images = judge_stage(composer, learned, config, setup.oracle)
+        stages.append(stage)
+        log(f"{method}: task {index + 1}/{config.tasks} ({names[index]}), acc "
+            + " ".join(f"{n} {stage[n]['acc']:.2f}" for n in stage) + f", {time.monotonic() - started:.0f} s")
+    scores = summary(stages, names)
+    scores["control"] = control_rates(composer, [c.concept for c in learned], config, setup.oracle)
+    scores["generic"] = generic_accuracy(composer, config, setup.oracle)
+    scores["seconds"] = time.monotonic() - started
+    scores["trainer"] = f"{type(trainers[0]).__module__}.{type(trainers[0]).__qualname__}"
+    scores["consolidator"] = type(trainers[-1].consolidator).__name__
+    return MethodRun(trainers, learned, scores, images)
+
+
+def run_upper_bound(setup: Setup, config: ProtocolConfig, log: Callable[[str], None]) -> MethodRun:
+    """Each concept's own LoRA, trained with no other task and sampled alone (fixed weight 1)."""
+    trainers, learned, scores, images = [], [], {}, {}
+    started = time.monotonic()
+    for index in range(config.tasks):
+        trainer, item = learn(setup, index, [], "finetune", config)
+        trainers.append(trainer)
+        learned.append(item)
+        composer = Composer(setup, [item], config, mode="fixed")
+        name = item.concept.name
+        scores[name], images[name] = judge_concept(composer, item.concept, None, config, setup.oracle)
+        log(f"{UPPER_BOUND}: {name} acc {scores[name]['acc']:.2f}")
+    names = list(scores)
+    result = {"acc": [scores[n]["acc"] for n in names], "strict": [scores[n]["strict"] for n in names],
+              "context": [scores[n]["context"] for n in names],
+              "final_acc": _rate([scores[n]["acc"] for n in names]),
+              "final_strict": _rate([scores[n]["strict"] for n in names]),
+              "final_context": _rate([scores[n]["context"] for n in names]),
+              "seconds": time.monotonic() - started}
+    return MethodRun(trainers, learned, result, images)
+
+
+def run_protocol(setup: Setup, config: ProtocolConfig,
+                 log: Callable[[str], None] = print) -> tuple[dict, dict[str, MethodRun]]:
+    """All methods plus the upper bound; returns the JSON-ready results and each method's run."""
+    names = [c.name for c in world.CONCEPTS[:config.tasks]]
+    base = Composer(setup, [], config)
+    results = {"config": dataclasses.asdict(config), "concepts": names,
+               "same_shape_pairs": [p for p in world.same_shape_pairs() if set(p) <= set(names)],
+               "base": {"control": control_rates(base, list(world.CONCEPTS[:config.tasks]), config, setup.oracle),
+                        "generic": generic_accuracy(base, config, setup.oracle)},
+               "methods": {}}
+    runs = {}
+    for method in config.methods:
+        runs[method] = run_method(setup, method, config, log)
+        results["methods"][method] = runs[method].scores
+    runs[UPPER_BOUND] = run_upper_bound(setup, config, log)
+    results[UPPER_BOUND] = runs[UPPER_BOUND].scores
+    return results, runs

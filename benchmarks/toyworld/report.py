@@ -1,0 +1,104 @@
+"""Writes the protocol's results: results.json, results.md, and PNGs (accuracy heatmaps, sample grids)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .protocol import UPPER_BOUND, MethodRun
+
+CELL, MARGIN, ZOOM = 30, 44, 2
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def heatmap(values: list[list[float | None]], rows: list[str], columns: list[str], title: str) -> Image.Image:
+    """A [rows × columns] table of values in [0, 1], white to blue, with the numbers written in."""
+    width = max(MARGIN + CELL * len(columns) + 4, 8 + 6 * len(title))  # the default font is 6 px per character
+    image = Image.new("RGB", (width, MARGIN + CELL * len(rows) + 4), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 2), title, fill="black")
+    for j, name in enumerate(columns):
+        draw.text((MARGIN + j * CELL + 2, 20), name[:4], fill="black")
+    for i, name in enumerate(rows):
+        draw.text((2, MARGIN + i * CELL + 10), name[:6], fill="black")
+        for j, value in enumerate(values[i]):
+            box = [MARGIN + j * CELL, MARGIN + i * CELL, MARGIN + (j + 1) * CELL - 1, MARGIN + (i + 1) * CELL - 1]
+            if value is None:
+                draw.rectangle(box, fill=(235, 235, 235))
+                continue
+            shade = int(255 * (1 - min(max(value, 0.0), 1.0)))
+            draw.rectangle(box, fill=(shade, shade, 255))
+            draw.text((box[0] + 3, box[1] + 10), f"{value:.2f}", fill="black" if value < 0.6 else "white")
+    return image
+
+
+def sample_grid(samples: dict[str, torch.Tensor], columns: int) -> Image.Image:
+    """One row per concept (name on the left), its samples in order."""
+    side = samples[next(iter(samples))].shape[1] * ZOOM
+    image = Image.new("RGB", (MARGIN + columns * side, len(samples) * side), "white")
+    draw = ImageDraw.Draw(image)
+    for row, (name, images) in enumerate(samples.items()):
+        draw.text((2, row * side + side // 2 - 5), name, fill="black")
+        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        for column, tile in enumerate(pixels[:columns]):
+            image.paste(Image.fromarray(np.ascontiguousarray(tile)).resize((side, side), Image.Resampling.NEAREST),
+                        (MARGIN + column * side, row * side))
+    return image
+
+
+def markdown(results: dict) -> str:
+    methods, upper = results["methods"], results[UPPER_BOUND]
+    base = results["base"]
+    lines = ["# Toy-world continual concept benchmark", "",
+             f"Concepts, in task order: {', '.join(results['concepts'])}. Same-shape pairs: "
+             + (", ".join(f"{a}/{b}" for a, b in results["same_shape_pairs"]) or "none") + ".",
+             "Oracle on held-out renders: " + ", ".join(f"{k} {_number(v)}" for k, v in results["oracle"].items())
+             + ".", "",
+             "acc: the oracle names the prompt's concept (argmax); strict: with p ≥ 0.9; context: the background is "
+             "right; forgetting: best accuracy before the last task minus final accuracy; EWA right/partner: mean "
+             "routing weight on the concept's own task / on its same-shape partner; control FP: prompts for the "
+             "closest generic object judged as the concept; Q5 all-4: ordinary prompts with all concepts "
+             "aggregated, all four attributes right.", "",
+             "| method | acc | strict | context | forgetting | EWA right | EWA partner | partner rate | control FP "
+             "(strict) | Q5 all-4 | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, scores in methods.items():
+        control = scores["control"]
+        lines.append(f"| {name} | {_number(scores['final_acc'])} | {_number(scores['final_strict'])} | "
+                     f"{_number(scores['final_context'])} | {_number(scores['forgetting'])} | "
+                     f"{_number(scores['final_ewa_right'])} | {_number(scores['final_ewa_partner'])} | "
+                     f"{_number(scores['final_partner_rate'])} | {_number(control['false_positive'])} "
+                     f"({_number(control['false_positive_strict'])}) | {_number(scores['generic']['all'])} | "
+                     f"{scores['seconds'] / 60:.1f} |")
+    lines.append(f"| {UPPER_BOUND} (own LoRA alone) | {_number(upper['final_acc'])} | {_number(upper['final_strict'])} "
+                 f"| {_number(upper['final_context'])} | – | 1 | – | – | – | – | {upper['seconds'] / 60:.1f} |")
+    lines.append(f"| base model | – | – | – | – | – | – | – | {_number(base['control']['false_positive'])} "
+                 f"({_number(base['control']['false_positive_strict'])}) | {_number(base['generic']['all'])} | – |")
+    for name, scores in methods.items():
+        lines += ["", f"## {name}: acc[task][concept]", "",
+                  "| after task | " + " | ".join(results["concepts"]) + " |",
+                  "|---" * (len(results["concepts"]) + 1) + "|"]
+        lines += [f"| {t + 1} | " + " | ".join(_number(v) for v in row) + " |" for t, row in enumerate(scores["acc"])]
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, runs: dict[str, MethodRun], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(markdown(results), encoding="utf-8")
+    names = results["concepts"]
+    per_grid = len(results["config"]["backgrounds"]) * results["config"]["samples_per_prompt"]
+    for method, run in runs.items():
+        slug = method.replace(" ", "-")
+        if method != UPPER_BOUND:
+            rows = [f"task {t + 1}" for t in range(len(run.scores["acc"]))]
+            heatmap(run.scores["acc"], rows, names, f"{method}: acc[task][concept]").save(out / f"acc-{slug}.png")
+        sample_grid(run.samples, per_grid).save(out / f"samples-{slug}.png")

@@ -1,0 +1,73 @@
+"""The toy-world benchmark: a deterministic world with same-shape concept pairs, and the smoke protocol end to end
+through the same cidm training, consolidation and aggregation code as the nodes (the shared tiny case)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.toyworld import run, world
+from cidm.backends.diffusers_backend import DiffusersDenoiser
+from cidm.consolidation import CONSOLIDATORS
+from cidm.train import ConceptTrainer
+
+
+def test_world_is_deterministic_from_its_seed():
+    first, again, other = (world.generic_samples(8, seed) for seed in (3, 3, 4))
+    assert all(np.array_equal(a.image, b.image) and a.look == b.look for a, b in zip(first, again))
+    assert not all(np.array_equal(a.image, b.image) for a, b in zip(first, other))
+    concept = world.CONCEPTS[0]
+    assert np.array_equal(world.concept_samples(concept, ["white"], 3)[0].image,
+                          world.concept_samples(concept, ["white"], 3)[0].image)
+    assert first[0].image.shape == (world.SIZE, world.SIZE, 3) and first[0].image.dtype == np.uint8
+
+
+def test_concepts_have_names_same_shape_pairs_and_never_occur_generically():
+    assert len(world.CONCEPTS) == 10 and len({c.name for c in world.CONCEPTS}) == 10
+    assert len(world.same_shape_pairs()) >= 2
+    concept_looks = {c.look for c in world.CONCEPTS}
+    assert not concept_looks & {s.look for s in world.generic_samples(300, 0)}
+    backgrounds = world.training_backgrounds()
+    assert 4 <= len(backgrounds) <= 6 and world.HELD_OUT_BACKGROUND not in backgrounds
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The --smoke run on a fresh cache (so the base model and oracle are trained too), on one thread: on a shared
+    2-core machine a second thread waiting for a busy core makes these tiny ops many times slower."""
+    threads = torch.get_num_threads()
+    folder = tmp_path_factory.mktemp("toyworld")
+    try:
+        results, runs = run.run(smoke=True, out=folder / "out", cache=folder / "cache", threads=1, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    return folder / "out", results, runs
+
+
+def test_smoke_protocol_writes_results_for_every_method(smoke):
+    out, results, _ = smoke
+    written = json.loads((out / "results.json").read_text())
+    tasks = written["config"]["tasks"]
+    assert written["concepts"] == [c.name for c in world.CONCEPTS[:tasks]]
+    assert set(written["methods"]) == set(CONSOLIDATORS)
+    for scores in written["methods"].values():
+        assert len(scores["acc"]) == tasks and all(len(row) == tasks for row in scores["acc"])
+        assert all(scores["acc"][t][c] is None for t in range(tasks) for c in range(t + 1, tasks))
+        assert all(0 <= scores["acc"][t][c] <= 1 for t in range(tasks) for c in range(t + 1))
+        assert 0 <= scores["ewa_right"][-1][0] <= 1
+    assert len(written["upper bound"]["acc"]) == tasks
+    assert written["same_shape_pairs"], "the smoke tasks are a same-shape pair, so EWA is tested on one"
+    assert (out / "results.md").exists() and (out / "acc-cidm.png").exists() and (out / "samples-cidm.png").exists()
+
+
+def test_smoke_protocol_trains_through_cidm_concept_trainer(smoke):
+    _, results, runs = smoke
+    for method, consolidator in CONSOLIDATORS.items():
+        trainers = runs[method].trainers
+        assert all(type(t) is ConceptTrainer and isinstance(t.denoiser, DiffusersDenoiser) for t in trainers)
+        assert all(type(t.consolidator) is consolidator for t in trainers)
+        # Task 2 saw task 1's factors as an old task, and the learned LoRA is what the trainer produced.
+        assert trainers[1].consolidator.old_tasks[0] is runs[method].learned[0].task.lora
+        assert all(t.step == t.config.steps for t in trainers)
+        assert results["methods"][method]["trainer"] == "cidm.train.ConceptTrainer"
