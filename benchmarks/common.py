@@ -1,8 +1,15 @@
-"""What both benchmarks share: a real ComfyUI server in a scratch workspace, and per-step times of a measured node.
+"""What both benchmarks share: a real ComfyUI server in a scratch workspace, and the per-step times of one node.
 
-ComfyUI is never imported here; prompts go over HTTP and times come from the server's own /history timestamps.
-A prompt's execution time is fixed overhead (uncached upstream nodes, model loading and patching, VAE work,
-file writes) plus steps × per-step time, so (time with 2N steps − time with N steps) / N is the per-step time.
+ComfyUI is never imported here; prompts go over HTTP. A step's time is the interval between two of the server's
+websocket "progress" messages for the measured node (KSampler, TrainLoraNode and Train Concept Increment each send
+one per step), so model loading, VAE encoding, text encoding and saving, which happen before the first step or
+after the last, never enter it. The first step is left out too: it carries one-time work such as lazy allocation.
+Each interval is measured twice: in wall seconds, and in the CPU seconds the server process spent (Linux /proc).
+With the server on one torch thread (the default) the CPU time is the work alone, little disturbed by other jobs on
+the machine.
+
+Timing whole prompts with N and 2N steps would cancel the overhead too, but that overhead is large and jittery
+(±4 s in a 20 s Train Concept Increment prompt on a busy 2-core machine), so its noise swamped the difference.
 """
 
 from __future__ import annotations
@@ -10,11 +17,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import signal
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests"), str(REPO)]
@@ -23,10 +33,16 @@ from comfy_host import ComfyServer, Graph, ensure_checkpoint  # noqa: E402
 
 LAYOUTS = ("mini", "sd15-blocks", "full")
 _unique = itertools.count(1)
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Timing(NamedTuple):
+    wall: float
+    cpu: float
 
 
 def unique() -> int:
-    """A fresh number per run: a prompt whose inputs all match the previous one is answered from ComfyUI's cache
+    """A fresh number per run: a prompt whose inputs all match an earlier one is answered from ComfyUI's cache
     without executing, so every measured run changes a seed or a name."""
     return next(_unique)
 
@@ -35,63 +51,99 @@ def common_arguments(parser: argparse.ArgumentParser, resolution: int, steps: in
     parser.add_argument("--layout", default="sd15-blocks", choices=LAYOUTS,
                         help="generated checkpoint: mini (4 attn2 layers), sd15-blocks (16), full (real SD1.5 size)")
     parser.add_argument("--resolution", type=int, default=resolution, help="image side in pixels")
-    parser.add_argument("--steps", type=int, default=steps, help="N: every configuration runs with N and 2N steps")
-    parser.add_argument("--repeats", type=int, default=repeats, help="N/2N pairs per configuration (median)")
+    parser.add_argument("--steps", type=int, default=steps, help="steps per run (the first is not timed)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="runs per configuration")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in the server; with more than one, other jobs on the machine inflate "
+                             "CPU time too (threads spin while waiting for each other)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
 
 
 class BenchServer:
-    """`with BenchServer(layout) as server:` a ComfyUI server on a fresh temporary workspace with one checkpoint,
-    available to prompts as `server.ckpt` and on disk as `server.ckpt_path`."""
+    """`with BenchServer(args) as bench:` a ComfyUI server on a fresh temporary workspace with the checkpoint of
+    `args.layout`, named `bench.ckpt` in prompts and found at `bench.ckpt_path`."""
 
-    def __init__(self, layout: str):
-        self.ckpt = f"cidm_{layout.replace('-', '_')}.safetensors"
+    def __init__(self, args: argparse.Namespace):
+        self.ckpt = f"cidm_{args.layout.replace('-', '_')}.safetensors"
+        self.threads = args.threads
         self._scratch = tempfile.TemporaryDirectory(prefix="cidm-bench-")
         self.workspace = Path(self._scratch.name)
-        self.server = ComfyServer(self.workspace, {self.ckpt: ensure_checkpoint(layout)})
+        self.server = ComfyServer(self.workspace, {self.ckpt: ensure_checkpoint(args.layout)})
         self.ckpt_path = self.workspace / "models" / "checkpoints" / self.ckpt
 
     def __enter__(self) -> "BenchServer":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed benchmark still stops its server
+        os.environ["OMP_NUM_THREADS"] = str(self.threads)  # the server inherits this environment
         self.server.start()
+        self.events = self.server.listen(stamp=self._clock).__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.events.__exit__(*exc)
         self.server.stop()
         self._scratch.cleanup()
 
-    def seconds(self, graph: Graph) -> float:
-        """Server-side time from execution_start to execution_success of one prompt."""
-        entry = self.server.run(graph.prompt(), timeout=3600)
-        stamps = {kind: data["timestamp"] for kind, data in entry["status"]["messages"]}
-        return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
+    def _clock(self) -> Timing:
+        fields = Path(f"/proc/{self.server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime: fields 14, 15 of proc(5)
+        return Timing(time.monotonic(), cpu)
 
     def checkpoint_graph(self) -> tuple[Graph, object]:
         graph = Graph()
         return graph, graph.add("CheckpointLoaderSimple", ckpt_name=self.ckpt)
 
+    def step_times(self, graph: Graph, node, steps: int) -> list[Timing]:
+        """Runs the prompt; returns the wall and CPU seconds of `node`'s steps 2..steps."""
+        prompt_id = self.server.submit(graph.prompt(), self.events.client_id)
+        self.server.wait(prompt_id, timeout=3600)
+        self.events.wait_finished(prompt_id)
+        arrivals = {}
+        for kind, data, clock in list(self.events.messages):
+            if kind == "progress" and data["prompt_id"] == prompt_id and data["node"] == node.id and data["value"] >= 1:
+                arrivals.setdefault(data["value"], clock)
+        if len(arrivals) != steps:
+            raise RuntimeError(f"node {node.id} reported steps {sorted(arrivals)}, expected 1..{steps}")
+        return [Timing(*(after - before for after, before in zip(arrivals[value + 1], arrivals[value])))
+                for value in range(1, steps)]
 
-def seconds_per_step(configurations: dict[str, Callable[[int], float]], steps: int,
-                     repeats: int) -> dict[str, list[float]]:
-    """Per-step samples for each configuration: `run(steps)` executes one prompt and returns its seconds.
 
-    Each pair is preceded by a 1-step run of the same configuration, which re-executes whatever upstream nodes
-    the previous configuration's prompt evicted from ComfyUI's cache, so the N and 2N runs carry the same overhead.
-    Configurations alternate within each repeat, so drifting CPU load (other jobs on the machine) hits all alike.
-    """
-    samples = {name: [] for name in configurations}
+def seconds_per_step(configurations: dict[str, Callable[[], list[Timing]]],
+                     repeats: int) -> tuple[dict[str, Timing], dict[str, list[Timing]]]:
+    """The median per-step wall and CPU seconds of each configuration, and every step timing behind them.
+    Configurations take turns, run by run, so drifting load from other jobs hits all of them alike."""
+    steps = {name: [] for name in configurations}
     for repeat in range(repeats):
         for name, run in configurations.items():
-            run(1)
-            single, double = run(steps), run(2 * steps)
-            samples[name].append((double - single) / steps)
-            print(f"  repeat {repeat + 1}/{repeats} {name}: {samples[name][-1]:.3f} s/step", file=sys.stderr)
-    return samples
+            steps[name] += run()
+            print(f"  run {repeat + 1}/{repeats} {name}: " + " ".join(f"{t.wall:.2f}" for t in steps[name][-3:])
+                  + " s/step (last 3)", file=sys.stderr, flush=True)
+    medians = {name: Timing(*(statistics.median(getattr(t, kind) for t in timings) for kind in Timing._fields))
+               for name, timings in steps.items()}
+    return medians, steps
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+def print_table(per_step: dict[str, Timing], labels: dict[str, str], reference: str) -> dict[str, Timing]:
+    """Prints per-step CPU and wall seconds with their ratios to the `reference` row; returns the ratios."""
+    ratios = {name: Timing(*(value / base for value, base in zip(timing, per_step[reference])))
+              for name, timing in per_step.items()}
+    width = max(map(len, labels.values())) + 2
+    print(f"{'':<{width}}{'CPU s/step':>12}{'wall s/step':>12}{'CPU ratio':>11}{'wall ratio':>12}")
+    for name, label in labels.items():
+        print(f"{label:<{width}}{per_step[name].cpu:12.3f}{per_step[name].wall:12.3f}{ratios[name].cpu:11.3f}"
+              f"{ratios[name].wall:12.3f}")
+    return ratios
+
+
+def verdict(value: float, goal: float, unit: str = "") -> str:
+    return f"goal ≤ {goal:g}{unit}  {'ok' if value <= goal else 'MISSED'}"
 
 
 def write_json(path: Path | None, result: dict) -> None:
+    def plain(value):
+        if isinstance(value, Timing):
+            return value._asdict()
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return [plain(item) for item in value] if isinstance(value, list) else value
     if path is not None:
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        path.write_text(json.dumps(plain(result), indent=1) + "\n")

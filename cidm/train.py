@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .adapters import LayerLoRABank, TaskFactors, init_task_factors
 from .aggregation import ConstantRouter
 from .consolidation import ConsolidationWeights, make_consolidator
-from .data import TrainingSet, make_prompt
+from .data import TEMPLATES, TrainingSet, make_prompt
 from .errors import CIDMInputError
 from .layers import PROJECTIONS, CrossAttentionLayer
 from .tokens import LayerwiseTextEncoder, concept_features, initial_embeddings, mean_embedding_norm
@@ -208,17 +208,23 @@ class ConceptTrainer:
         return [p for pair in self.lora.values() for p in pair] + [self.embeddings]
 
     # Training -----------------------------------------------------------------------------------------------
-    def _context(self, prompt: str) -> torch.Tensor:
+    def _context(self, prompt: str, track_grad: bool = True) -> torch.Tensor:
         """[L·T, D] packed layer contexts; cached per prompt once the embeddings are frozen."""
         if prompt in self.context_cache:
             return self.context_cache[prompt]
         table = {token: self.embeddings[i] for i, token in enumerate(self.concept.tokens)}
-        with torch.set_grad_enabled(self.frozen_at is None):
+        with torch.set_grad_enabled(track_grad and self.frozen_at is None):
             encoded = self.encoder.encode(prompt, table)
         packed = encoded.reshape(-1, encoded.shape[-1])
         if self.frozen_at is not None:
             self.context_cache[prompt] = packed.detach()
         return packed
+
+    def preview_contexts(self) -> torch.Tensor:
+        """[2, L·T, D]: a template prompt for the concept and the empty prompt, with the current embeddings."""
+        prompt = TEMPLATES[self.config.template][0].format(" ".join(self.concept.tokens))
+        with torch.no_grad():
+            return torch.stack([self._context(prompt, track_grad=False), self._context("", track_grad=False)])
 
     def _batch(self) -> tuple[torch.Tensor, list[str]]:
         count = len(self.latents)

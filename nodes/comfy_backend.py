@@ -9,6 +9,7 @@ import logging
 import torch
 
 import comfy.model_management
+import comfy.samplers
 from comfy.ldm.modules.attention import optimized_attention, optimized_attention_masked
 
 from ..cidm.adapters import ConceptCrossAttention, LayerLoRABank
@@ -134,6 +135,23 @@ class ComfyDenoiser:
         at_zero = self.sampling.calculate_denoised(level, torch.zeros_like(noisy), noisy)
         at_one = self.sampling.calculate_denoised(level, torch.ones_like(noisy), noisy)
         return (at_zero - latents) / (at_zero - at_one)
+
+    @torch.no_grad()
+    def sample(self, contexts: torch.Tensor, latent_shape: tuple[int, ...], steps: int, cfg: float,
+               generator: torch.Generator) -> torch.Tensor:
+        """Euler sampling with classifier-free guidance over packed contexts [cond, uncond] -> IMAGE [1, H, W, 3].
+        Used for training previews, inside `adapted`, so the sample shows the weights as they are now."""
+        sigmas = comfy.samplers.calculate_sigmas(self.sampling, "normal", steps).to(self.device)
+        noise = torch.randn(latent_shape, generator=generator).to(self.device)
+        x = self.sampling.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
+        for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
+            level = sigma.repeat(2)
+            batch = x.repeat(2, 1, 1, 1)
+            cond, uncond = self.sampling.calculate_denoised(level, self.predict(batch, level, contexts), batch)
+            denoised = uncond + cfg * (cond - uncond)
+            x = x + (x - denoised) / sigma * (next_sigma - sigma)
+        latents = self.sampling.inverse_noise_scaling(sigmas[-1], x)
+        return self.vae.decode(self.base.process_latent_out(latents))[:1]
 
     @contextlib.contextmanager
     def adapted(self, banks, router):

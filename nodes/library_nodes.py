@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import folder_paths
-from comfy_api.latest import io
+import torch
+from comfy_api.latest import io, ui
 from safetensors.torch import save_file
 
 from ..cidm.consolidation import METHODS, ConsolidationWeights
@@ -90,6 +91,10 @@ class TrainConceptIncrement(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="Training images (or use folder)."),
                 io.String.Input("folder", default="", optional=True, tooltip="Folder under ComfyUI's input "
                                 "directory with images and same-name .txt captions."),
+                # Last and optional, so workflows saved before this input existed still load and validate.
+                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Every N steps, sample the concept with the weights so far and show it on "
+                                     "the node (0: never). Each preview costs about 24 model passes."),
             ],
             outputs=[ConceptLibraryType.Output(display_name="library"),
                      io.Image.Output(display_name="loss_plot")],
@@ -98,17 +103,18 @@ class TrainConceptIncrement(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, library, concept, tokens, class_words, method, template, steps, lora_lr,
                 embedding_lr, rank, alpha, orthogonal_weight, shared_weight, clora_lambda, resolution, batch_size,
-                seed, save_every, resume, gradient_checkpointing, images=None, folder=""):
+                seed, save_every, resume, gradient_checkpointing, images=None, folder="", preview_every=0):
         config = TrainingConfig(
             steps=steps, method=method, rank=rank, alpha=alpha, lora_lr=lora_lr, embedding_lr=embedding_lr,
             batch_size=batch_size, template=template, seed=seed, save_every=save_every,
             gradient_checkpointing=gradient_checkpointing,
             consolidation=ConsolidationWeights(orthogonal=orthogonal_weight, shared=shared_weight,
                                                clora=clora_lambda))
-        updated, plot = train_concept_increment(model, clip, vae, library.name, concept, tokens, class_words,
-                                                images, folder or "", config, resolution, resume,
-                                                cls.hidden.unique_id)
-        return io.NodeOutput(updated, plot)
+        updated, plot, previews = train_concept_increment(model, clip, vae, library.name, concept, tokens,
+                                                          class_words, images, folder or "", config, resolution,
+                                                          resume, preview_every, cls.hidden.unique_id)
+        shown = ui.PreviewImage(torch.cat(previews), cls=cls) if previews else None
+        return io.NodeOutput(updated, plot, ui=shown)
 
 
 class ExportConceptLoRA(io.ComfyNode):

@@ -6,9 +6,11 @@ import logging
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import comfy.model_management
 import comfy.utils
+from server import PromptServer
 
 from ..cidm.consolidation import METHODS
 from ..cidm.data import build_training_set, examples_from_image_batch, load_concept_folder
@@ -21,6 +23,9 @@ from .comfy_backend import ComfyDenoiser, ComfyLayerwiseEncoder, base_model_info
 from .common import LibraryRef, input_subfolder, library_ref
 
 LOG_EVERY = 10
+PREVIEW_STEPS = 12
+PREVIEW_CFG = 5.0
+PREVIEW_MAX_SIDE = 512
 
 
 def parse_tokens(concept: str, tokens: str) -> list[str]:
@@ -66,7 +71,8 @@ def check_library(ref: LibraryRef, info: dict, concept: str, tokens: list[str]) 
 
 def train_concept_increment(model, clip, vae, library_name: str, concept: str, tokens: str, class_words: str,
                             images, folder: str, config: TrainingConfig, resolution: int, resume: bool,
-                            node_id: str | None):
+                            preview_every: int, node_id: str | None):
+    """Trains and appends the task; returns (library ref, loss plot, preview samples taken, possibly none)."""
     concept = validate_name(concept.strip(), "concept")
     token_list = parse_tokens(concept, tokens)
     if config.method not in METHODS:
@@ -100,10 +106,24 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
 
         def on_step(step, total, loss):
             progress.update_absolute(step, total)
+            if node_id is not None:  # the bar shows only the step; the loss goes on the node as text
+                server = PromptServer.instance
+                server.send_progress_text(f"step {step}/{total}\nloss {loss:.4f}", node_id, server.client_id)
             if step % LOG_EVERY == 0 or step == total:
                 logging.info("CIDM train '%s': step %d/%d loss %.5f", concept, step, total, loss)
 
+        previews = []
+
+        def preview(step):
+            # One seed for every preview, so successive samples show the weights changing, not the noise.
+            image = denoiser.sample(trainer.preview_contexts(), tuple(trainer.latents[:1].shape), PREVIEW_STEPS,
+                                    PREVIEW_CFG, torch.Generator().manual_seed(config.seed)).cpu()
+            previews.append(image)
+            pixels = (image[0].clamp(0, 1) * 255).to(torch.uint8).numpy()
+            progress.update_absolute(step, config.steps, ("JPEG", Image.fromarray(pixels), PREVIEW_MAX_SIDE))
+
         callbacks = TrainingCallbacks(
+            preview=preview, preview_every=preview_every,
             on_step=on_step,
             check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
             save_state=(lambda tensors, meta: library_for_state.save_resume_state(resume_key, tensors, meta))
@@ -121,4 +141,4 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     if library_for_state is not None:
         library.clear_resume_state(resume_key)
     plot = line_plot(trained.losses, f"{concept}: diffusion loss ({config.method})")
-    return library_ref(ref.name), plot
+    return library_ref(ref.name), plot, previews

@@ -6,6 +6,7 @@ Everything goes over HTTP on 127.0.0.1, plus the files the server writes into it
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
@@ -15,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -125,8 +127,12 @@ class ComfyServer:
     def object_info(self, node_type: str | None = None) -> dict:
         return self.get("/object_info" + (f"/{node_type}" if node_type else ""))
 
-    def submit(self, prompt: dict) -> str:
-        return self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
+    def submit(self, prompt: dict, client_id: str | None = None) -> str:
+        """Queues a prompt; the server sends its progress messages to the websocket client `client_id`."""
+        return self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})["prompt_id"]
+
+    def listen(self, stamp=time.monotonic) -> "EventListener":
+        return EventListener(self.url.replace("http", "ws", 1), stamp)
 
     def interrupt(self) -> None:
         self.post("/interrupt", {})
@@ -171,6 +177,67 @@ class ComfyServer:
                 folder = self.workspace / item.get("type", "output") / item.get("subfolder", "")
                 files.append(folder / item["filename"])
         return files
+
+
+class EventListener:
+    """`with server.listen() as events:` records what the server sends to one websocket client, from a background
+    thread, each message with `stamp()` taken on arrival. Prompts must be queued with `events.client_id`."""
+
+    TEXT_EVENT = 3  # BinaryEventTypes.TEXT: a node's progress text
+
+    def __init__(self, ws_url: str, stamp):
+        self.client_id = uuid.uuid4().hex
+        self.url = f"{ws_url}/ws?clientId={self.client_id}"
+        self.stamp = stamp
+        self.messages: list[tuple[str, object, object]] = []  # (type, data, stamp); binary: ("binary", (kind, bytes))
+        self._connected = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._socket = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._listen(),), daemon=True)
+
+    def __enter__(self) -> "EventListener":
+        self._thread.start()
+        if not self._connected.wait(30):
+            raise RuntimeError(f"could not open {self.url}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._socket.close()))
+        self._thread.join(10)
+
+    async def _listen(self) -> None:
+        import aiohttp  # ComfyUI's own dependency: present in the host venv that runs tests and benchmarks
+        async with aiohttp.ClientSession() as session, session.ws_connect(self.url, max_msg_size=0) as socket:
+            self._socket = socket
+            self._connected.set()
+            async for message in socket:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    event = json.loads(message.data)
+                    self.messages.append((event["type"], event["data"], self.stamp()))
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    kind = int.from_bytes(message.data[:4], "big")
+                    self.messages.append(("binary", (kind, message.data[4:]), self.stamp()))
+
+    def wait_finished(self, prompt_id: str, timeout: float = 30.0) -> None:
+        """Waits for the last message of a prompt ("executing" with no node), so that every earlier message of
+        it has arrived too (the history can be complete before the socket has delivered them)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id
+                   for kind, data, _ in list(self.messages)):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"no end-of-prompt message for {prompt_id} within {timeout}s")
+
+    def progress_texts(self, node_id: str) -> list[str]:
+        """The progress texts a node showed (binary TEXT events: node id length, node id, text)."""
+        texts = []
+        for kind, data, _ in list(self.messages):
+            if kind == "binary" and data[0] == self.TEXT_EVENT:
+                length = int.from_bytes(data[1][:4], "big")
+                if data[1][4:4 + length].decode() == node_id:
+                    texts.append(data[1][4 + length:].decode())
+        return texts
 
 
 class Graph:

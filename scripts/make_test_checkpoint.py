@@ -6,6 +6,8 @@ Layouts:
   sd15-blocks  SD1.5's full block structure (16 cross-attention layers) with every level at 320 channels,
                because detection reads the channel multipliers from the keys and does not constrain them.
   full         the real SD1.5 UNet (859.5M parameters), for benchmarks.
+  mini-sd2     the mini UNet with SD2's 1024-wide context and linear projections, written alone (no VAE, no
+               text encoder) for UNETLoader: a model that is *not* SD1.5-layout, for the refusal tests.
 The text encoder (CLIP ViT-L) and VAE are always full size: ComfyUI builds both from fixed configs.
 """
 
@@ -26,6 +28,10 @@ UNET_LAYOUTS = {
                  transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
                  transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]),
 }
+SD15_ATTENTION = dict(context_dim=768, use_linear_in_transformer=False, num_heads=8, num_head_channels=-1)
+SD2_ATTENTION = dict(context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64)
+UNET_LAYOUTS["mini-sd2"] = UNET_LAYOUTS["mini"]
+UNET_ONLY = {"mini-sd2"}
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 
 
@@ -76,11 +82,13 @@ def build_checkpoint(layout: str, seed: int):
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     generator = torch.Generator().manual_seed(seed)
-    unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_heads=8,
-                     num_head_channels=-1, context_dim=768, use_linear_in_transformer=False,
+    attention = SD2_ATTENTION if layout in UNET_ONLY else SD15_ATTENTION
+    unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4,
                      use_spatial_transformer=True, legacy=False, adm_in_channels=None,
                      operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32,
-                     **UNET_LAYOUTS[layout])
+                     **attention, **UNET_LAYOUTS[layout])
+    if layout in UNET_ONLY:  # UNETLoader takes the bare LDM UNet keys
+        return random_fill(unet.state_dict(), generator)
     vae = AutoencoderKL(ddconfig={"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
                                   "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
                                   "attn_resolutions": [], "dropout": 0.0}, embed_dim=4)
@@ -104,7 +112,8 @@ def main():
     partial = args.out + ".partial"
     save_file(checkpoint, partial, metadata={"cidm.test_checkpoint": args.layout})
     os.replace(partial, args.out)  # a cache hit must never see a half-written file
-    unet_params = sum(v.numel() for k, v in checkpoint.items() if k.startswith("model."))
+    unet_params = sum(v.numel() for k, v in checkpoint.items()
+                      if not k.startswith(("first_stage_model.", "cond_stage_model.")))
     print(f"wrote {args.out}: {args.layout}, unet {unet_params / 1e6:.1f}M params, "
           f"{os.path.getsize(args.out) / 2**20:.0f} MiB, {time.time() - started:.1f}s")
 

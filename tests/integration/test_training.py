@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_host import Graph, WorkflowFailed, sample_image, stage
+from comfy_host import Graph, WorkflowFailed, ensure_checkpoint, sample_image, stage
 from pack_workflows import CKPT, LIBRARY, library_root, pixels, snapshot, train_graph
 
 pytestmark = pytest.mark.integration
@@ -168,3 +168,32 @@ def test_sixteen_layer_training_with_gradient_checkpointing(comfy):
     assert [t["method"] for t in manifest["tasks"]] == ["cidm", "cidm-official"]
     task_files = sorted(library_root(comfy, "sixteen-trained").glob("task_*.safetensors"))
     assert len(task_files) == 2 and all(p.stat().st_size < 1_000_000 for p in task_files)
+
+
+def test_loss_text_and_preview_samples_are_shown_on_the_node(comfy):
+    graph = train_graph("previewed", "cat", stage(comfy.workspace, "cat"), steps=2, preview_every=1)
+    trainer = next(node for node, spec in graph.nodes.items() if spec["class_type"] == "CIDM_TrainConceptIncrement")
+    with comfy.listen() as events:
+        prompt_id = comfy.submit(graph.prompt(), events.client_id)
+        entry = comfy.wait(prompt_id)
+        events.wait_finished(prompt_id)
+    assert [text.split("\n")[0] for text in events.progress_texts(trainer)] == ["step 1/2", "step 2/2"]
+    assert all("loss" in text for text in events.progress_texts(trainer))
+    shown = entry["outputs"][trainer]["images"]
+    assert len(shown) == 2 and all(item["type"] == "temp" for item in shown)
+    for item in shown:
+        preview = np.asarray(Image.open(comfy.workspace / "temp" / item["subfolder"] / item["filename"]))
+        assert preview.shape == (64, 64, 3) and preview.std() > 0
+
+
+def test_model_that_is_not_sd15_layout_is_refused(comfy):
+    unet_dir = comfy.workspace / "models" / "diffusion_models"
+    unet_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ensure_checkpoint("mini-sd2"), unet_dir / "cidm_mini_sd2.safetensors")
+    graph = train_graph("sd2-library", "cat", stage(comfy.workspace, "cat"))
+    trainer = next(spec for spec in graph.nodes.values() if spec["class_type"] == "CIDM_TrainConceptIncrement")
+    trainer["inputs"]["model"] = graph.add("UNETLoader", unet_name="cidm_mini_sd2.safetensors",
+                                           weight_dtype="default")[0].link
+    error = comfy.run_expecting_error(graph.prompt())
+    assert "model:" in error and "1024" in error and "SD1.5" in error, error
+    assert not library_root(comfy, "sd2-library").exists()
