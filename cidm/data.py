@@ -74,6 +74,8 @@ def _read_image(path: Path, input_name: str) -> torch.Tensor:
         with Image.open(path) as opened:
             check_image_size(*opened.size, path.name, input_name)
             rgb = to_rgb(opened)
+    except Image.DecompressionBombError as error:  # Pillow refuses to open it at all, before our own size check
+        raise CIDMInputError(input_name, f"{path.name} is too large to load ({error}); downscale it first") from error
     except (UnidentifiedImageError, OSError) as error:
         raise CIDMInputError(input_name, f"{path.name} is not a readable image ({error})") from error
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)

@@ -2,6 +2,8 @@
 
 import os
 import random
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,14 @@ from cidm.data import (build_training_set, examples_from_image_batch, load_conce
 from cidm.errors import CIDMInputError
 
 CIFC = Path(os.environ.get("CIDM_CIFC", Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifc"))
+
+
+def _png_header_only(path, width, height):
+    """A PNG that declares its size and holds no pixels: Pillow reads the size without decoding anything."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
 
 
 def _save(path, mode="RGB", size=(80, 64), color=(200, 10, 10)):
@@ -45,6 +55,8 @@ def test_cifc_concept_folder_loads():
     (lambda d: (d / "notes.pdf").write_bytes(b"%PDF"), "notes.pdf is not an image"),
     (lambda d: (d / "broken.png").write_bytes(b"not a png"), "broken.png is not a readable image"),
     (lambda d: _save(d / "tiny.png", size=(32, 32)), "tiny.png is 32×32"),
+    (lambda d: _png_header_only(d / "huge.png", 9000, 8000), "huge.png is 9000×8000, more than"),
+    (lambda d: _png_header_only(d / "bomb.png", 20000, 20000), "bomb.png is too large to load"),
 ])
 def test_bad_folders_name_the_input_and_file(tmp_path, make, message):
     make(tmp_path)
