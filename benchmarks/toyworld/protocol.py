@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from cidm.adapters import LayerLoRABank, select_layer_context
 from cidm.aggregation import ElasticRouter, make_router
@@ -313,9 +316,28 @@ def run_upper_bound(setup: Setup, config: ProtocolConfig, log: Callable[[str], N
     return MethodRun(trainers, learned, result, images)
 
 
-def run_protocol(setup: Setup, config: ProtocolConfig,
-                 log: Callable[[str], None] = print) -> tuple[dict, dict[str, MethodRun]]:
-    """All methods plus the upper bound; returns the JSON-ready results and each method's run."""
+def kept_run(folder: Path | None, method: str, compute: Callable[[], MethodRun],
+             log: Callable[[str], None]) -> MethodRun:
+    """`compute()`, or its scores and samples as kept in `folder` by an earlier run with the same key. A finished
+    method is kept at once, so that a run stopped part-way resumes at the first unfinished method."""
+    if folder is None:
+        return compute()
+    slug = method.replace(" ", "-")
+    scores_path, samples_path = folder / f"{slug}.json", folder / f"{slug}.safetensors"
+    if scores_path.exists() and samples_path.exists():
+        log(f"{method}: finished in an earlier run, taken from {folder}")
+        return MethodRun([], [], json.loads(scores_path.read_text()), load_file(samples_path))
+    run = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({name: images.contiguous() for name, images in run.samples.items()}, samples_path)
+    scores_path.write_text(json.dumps(run.scores))  # last: its presence marks the method finished
+    return run
+
+
+def run_protocol(setup: Setup, config: ProtocolConfig, log: Callable[[str], None] = print,
+                 finished: Path | None = None) -> tuple[dict, dict[str, MethodRun]]:
+    """All methods plus the upper bound; returns the JSON-ready results and each method's run (see `kept_run` for
+    `finished`)."""
     names = [c.name for c in world.CONCEPTS[:config.tasks]]
     base = Composer(setup, [], config)
     results = {"config": dataclasses.asdict(config), "concepts": names,
@@ -325,8 +347,8 @@ def run_protocol(setup: Setup, config: ProtocolConfig,
                "methods": {}}
     runs = {}
     for method in config.methods:
-        runs[method] = run_method(setup, method, config, log)
+        runs[method] = kept_run(finished, method, lambda: run_method(setup, method, config, log), log)
         results["methods"][method] = runs[method].scores
-    runs[UPPER_BOUND] = run_upper_bound(setup, config, log)
+    runs[UPPER_BOUND] = kept_run(finished, UPPER_BOUND, lambda: run_upper_bound(setup, config, log), log)
     results[UPPER_BOUND] = runs[UPPER_BOUND].scores
     return results, runs

@@ -10,6 +10,9 @@ by a hash of their configuration and code, and rebuilt deterministically when mi
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import os
 import sys
 import time
@@ -36,6 +39,15 @@ RESULTS = REPO / "benchmarks" / "results" / "toyworld"
 ORACLE_CHECK_SEED = 12345  # held-out renders: a world seed the oracle never trained on
 
 
+def protocol_key(base_config, oracle_config, protocol_config) -> str:
+    """Names the folder of finished methods: every configuration, and the code of the method and of the harness."""
+    digest = hashlib.sha256(f"{base_config.key()} {oracle_config.key()}".encode())
+    digest.update(json.dumps(dataclasses.asdict(protocol_config), sort_keys=True, default=str).encode())
+    for source in sorted((REPO / "cidm").rglob("*.py")) + sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run(smoke: bool, out: Path, cache: Path = models.CACHE, threads: int | None = None,
         log=print) -> tuple[dict, dict[str, protocol.MethodRun]]:
     base_config, oracle_config, protocol_config = SMOKE if smoke else FULL
@@ -46,7 +58,8 @@ def run(smoke: bool, out: Path, cache: Path = models.CACHE, threads: int | None 
     base = models.load_or_train_base(base_config, cache, log)
     judge = oracle.load_or_train_oracle(oracle_config, cache, log)
     setup = protocol.Setup(base, judge, world_seed=base_config.seed)
-    results, runs = protocol.run_protocol(setup, protocol_config, log)
+    finished = cache / f"protocol-{protocol_key(base_config, oracle_config, protocol_config)}"
+    results, runs = protocol.run_protocol(setup, protocol_config, log, finished)
     results["oracle"] = oracle.held_out_accuracy(judge, 60 if smoke else 600, ORACLE_CHECK_SEED)
     results["base_model"] = {"key": base_config.key(), "steps": base_config.steps}
     results["smoke"] = smoke

@@ -71,3 +71,16 @@ def test_smoke_protocol_trains_through_cidm_concept_trainer(smoke):
         assert trainers[1].consolidator.old_tasks[0] is runs[method].learned[0].task.lora
         assert all(t.step == t.config.steps for t in trainers)
         assert results["methods"][method]["trainer"] == "cidm.train.ConceptTrainer"
+
+
+def test_rerun_takes_finished_methods_from_the_cache(smoke, tmp_path):
+    out, results, _ = smoke
+    threads = torch.get_num_threads()
+    try:
+        again, runs = run.run(smoke=True, out=tmp_path / "again", cache=out.parent / "cache", threads=1,
+                              log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(not method_run.trainers for method_run in runs.values()), "nothing is trained again"
+    assert again["methods"] == json.loads(json.dumps(results["methods"]))
+    assert (tmp_path / "again" / "results.md").exists()
