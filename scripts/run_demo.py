@@ -33,7 +33,8 @@ def main() -> int:
     print(f"demo finished in {time.time() - started:.0f}s")
     print(f"concept library: {workspace / 'models' / 'cidm' / 'demo-concepts'}")
     for path in outputs:
-        print(f"output: {path}")
+        kind = "preview" if path.is_relative_to(workspace / "temp") else "output"  # temp: training previews
+        print(f"{kind}: {path}")
     for table in entry["outputs"].get("16", {}).get("text", []):
         print(table)  # Inspect Aggregation Weights: the per-layer task weights for the duck prompt
     print(f"server log: {server.log_path}")
