@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class ProtocolConfig:
     methods: tuple[str, ...] = METHODS
     tasks: int = 10
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(
-        steps=300, rank=4, lora_lr=3e-4, embedding_lr=3e-3, batch_size=10))
+        steps=300, rank=4, lora_lr=1e-3, embedding_lr=5e-3, batch_size=10))
     images_per_concept: int = 5
     backgrounds: tuple[str, ...] = tuple(world.BACKGROUNDS)  # K prompts per concept
     samples_per_prompt: int = 3  # M
@@ -134,7 +135,7 @@ class Composer:
         with adapted:
             for timestep in scheduler.timesteps:
                 cond, uncond = self.denoiser.predict(torch.cat([latents, latents]), timestep.expand(len(both)),
-                                                     both, cond_or_uncond=[0, 1]).chunk(2)
+                                                     both, cond_or_uncond=[0, 1] if self.router else None).chunk(2)
                 latents = scheduler.step(uncond + self.config.guidance * (cond - uncond), timestep,
                                          latents).prev_sample
         return models.to_images(latents)
@@ -334,6 +335,17 @@ def kept_run(folder: Path | None, method: str, compute: Callable[[], MethodRun],
     return run
 
 
+def run_methods(setup: Setup, config: ProtocolConfig, runs: list[str], log: Callable[[str], None],
+                finished: Path | None) -> dict[str, MethodRun]:
+    """The named runs (methods of `config.methods`, or UPPER_BOUND), each kept in `finished` once done."""
+    computed = {}
+    for name in runs:
+        compute = (functools.partial(run_upper_bound, setup, config, log) if name == UPPER_BOUND
+                   else functools.partial(run_method, setup, name, config, log))
+        computed[name] = kept_run(finished, name, compute, log)
+    return computed
+
+
 def run_protocol(setup: Setup, config: ProtocolConfig, log: Callable[[str], None] = print,
                  finished: Path | None = None) -> tuple[dict, dict[str, MethodRun]]:
     """All methods plus the upper bound; returns the JSON-ready results and each method's run (see `kept_run` for
@@ -343,12 +355,8 @@ def run_protocol(setup: Setup, config: ProtocolConfig, log: Callable[[str], None
     results = {"config": dataclasses.asdict(config), "concepts": names,
                "same_shape_pairs": [p for p in world.same_shape_pairs() if set(p) <= set(names)],
                "base": {"control": control_rates(base, list(world.CONCEPTS[:config.tasks]), config, setup.oracle),
-                        "generic": generic_accuracy(base, config, setup.oracle)},
-               "methods": {}}
-    runs = {}
-    for method in config.methods:
-        runs[method] = kept_run(finished, method, lambda: run_method(setup, method, config, log), log)
-        results["methods"][method] = runs[method].scores
-    runs[UPPER_BOUND] = kept_run(finished, UPPER_BOUND, lambda: run_upper_bound(setup, config, log), log)
+                        "generic": generic_accuracy(base, config, setup.oracle)}}
+    runs = run_methods(setup, config, [*config.methods, UPPER_BOUND], log, finished)
+    results["methods"] = {method: runs[method].scores for method in config.methods}
     results[UPPER_BOUND] = runs[UPPER_BOUND].scores
     return results, runs

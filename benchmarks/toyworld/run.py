@@ -42,25 +42,41 @@ ORACLE_CHECK_SEED = 12345  # held-out renders: a world seed the oracle never tra
 def protocol_key(base_config, oracle_config, protocol_config) -> str:
     """Names the folder of finished methods: every configuration, and the code of the method and of the harness."""
     digest = hashlib.sha256(f"{base_config.key()} {oracle_config.key()}".encode())
-    digest.update(json.dumps(dataclasses.asdict(protocol_config), sort_keys=True, default=str).encode())
+    # not which methods run: a method's scores do not depend on the others, so runs split by --only share a folder
+    settings = {k: v for k, v in dataclasses.asdict(protocol_config).items() if k != "methods"}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for source in sorted((REPO / "cidm").rglob("*.py")) + sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def run(smoke: bool, out: Path, cache: Path = models.CACHE, threads: int | None = None,
-        log=print) -> tuple[dict, dict[str, protocol.MethodRun]]:
+def setup(smoke: bool, cache: Path, threads: int | None, log) -> tuple[protocol.Setup, protocol.ProtocolConfig, Path]:
+    """The base model, the oracle, the protocol configuration and the folder where finished methods are kept."""
     base_config, oracle_config, protocol_config = SMOKE if smoke else FULL
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(protocol_config.seed)
-    started = time.monotonic()
     base = models.load_or_train_base(base_config, cache, log)
     judge = oracle.load_or_train_oracle(oracle_config, cache, log)
-    setup = protocol.Setup(base, judge, world_seed=base_config.seed)
     finished = cache / f"protocol-{protocol_key(base_config, oracle_config, protocol_config)}"
-    results, runs = protocol.run_protocol(setup, protocol_config, log, finished)
-    results["oracle"] = oracle.held_out_accuracy(judge, 60 if smoke else 600, ORACLE_CHECK_SEED)
+    return protocol.Setup(base, judge, world_seed=base_config.seed), protocol_config, finished
+
+
+def run_only(names: list[str], smoke: bool, cache: Path = models.CACHE, threads: int | None = None,
+             log=print) -> Path:
+    """Some of the runs, kept in the cache for the full command to pick up: lets several processes share the work."""
+    context, protocol_config, finished = setup(smoke, cache, threads, log)
+    protocol.run_methods(context, protocol_config, names, log, finished)
+    return finished
+
+
+def run(smoke: bool, out: Path, cache: Path = models.CACHE, threads: int | None = None,
+        log=print) -> tuple[dict, dict[str, protocol.MethodRun]]:
+    started = time.monotonic()
+    context, protocol_config, finished = setup(smoke, cache, threads, log)
+    base_config = SMOKE[0] if smoke else FULL[0]
+    results, runs = protocol.run_protocol(context, protocol_config, log, finished)
+    results["oracle"] = oracle.held_out_accuracy(context.oracle, 60 if smoke else 600, ORACLE_CHECK_SEED)
     results["base_model"] = {"key": base_config.key(), "steps": base_config.steps}
     results["smoke"] = smoke
     results["seconds"] = time.monotonic() - started
@@ -76,9 +92,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --smoke, else torch's own). "
                         "On a shared machine use fewer threads than free cores: the tiny ops here slow down many "
                         "times over when a thread waits for a busy core")
+    parser.add_argument("--only", nargs="+", metavar="RUN", choices=[*protocol.METHODS, "upper-bound"],
+                        help="run only these (methods, or upper-bound) and keep them in the cache without writing "
+                        "results; on a machine with free cores, split the runs over processes this way, then run "
+                        "the plain command to collect them")
     args = parser.parse_args()
+    threads = args.threads or (1 if args.smoke else None)
+    if args.only:
+        names = [protocol.UPPER_BOUND if name == "upper-bound" else name for name in args.only]
+        print(f"kept in {run_only(names, args.smoke, args.cache, threads)}")
+        return
     out = args.out or (args.cache / "smoke-results" if args.smoke else RESULTS)
-    results, _ = run(args.smoke, out, args.cache, args.threads or (1 if args.smoke else None))
+    results, _ = run(args.smoke, out, args.cache, threads)
     print(f"results in {out} (results.md, results.json, PNGs) after {results['seconds'] / 60:.1f} min")
 
 

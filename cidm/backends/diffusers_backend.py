@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..adapters import ConceptCrossAttention, LayerLoRABank
@@ -29,6 +30,18 @@ class CIDMAttnProcessor:
         out = self.concept_attention.forward_layer(hidden_states, encoder_hidden_states,
                                                    cond_or_uncond=cond_or_uncond)
         return out / attn.rescale_output_factor
+
+
+class LabelIgnoringProcessor:
+    """Every other attention module while concepts are adapted: it names cond_or_uncond (meant for the concept
+    layers) so that diffusers does not warn on every call, and runs the module's own processor without it."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, cond_or_uncond=None,
+                 **kwargs):
+        return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
 
 class DiffusersDenoiser:
@@ -73,13 +86,17 @@ class DiffusersDenoiser:
 
     @contextlib.contextmanager
     def adapted(self, banks, router):
+        concept_layers = {layer.path: layer for layer in self.layers}
         originals = {}
         try:
-            for layer in self.layers:
-                attention = get_submodule(self.unet, layer.path)
-                originals[layer.path] = attention.processor
-                attention.set_processor(CIDMAttnProcessor(attention, layer, banks[layer.index], router,
-                                                          len(self.layers), self.tokens_per_layer))
+            for path, attention in self.unet.named_modules():
+                if not isinstance(attention, Attention):
+                    continue
+                originals[path] = attention.processor
+                layer = concept_layers.get(path)
+                attention.set_processor(
+                    CIDMAttnProcessor(attention, layer, banks[layer.index], router, len(self.layers),
+                                      self.tokens_per_layer) if layer else LabelIgnoringProcessor(attention.processor))
             yield
         finally:
             for path, processor in originals.items():
