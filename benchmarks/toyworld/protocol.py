@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from cidm.adapters import LayerLoRABank, select_layer_context
 from cidm.aggregation import ElasticRouter, make_router
-from cidm.consolidation import METHODS
+from cidm.consolidation import CONSOLIDATORS, METHODS
 from cidm.data import TrainingSet
 from cidm.layers import PROJECTIONS
 from cidm.tokens import ConceptVocabulary, vocabulary_from_tasks
@@ -249,7 +249,7 @@ def generic_accuracy(composer: Composer, config: ProtocolConfig, oracle: Oracle)
 
 def matrix(stages: list[dict[str, dict]], names: list[str], key: str) -> list[list[float | None]]:
     """[task][concept]: the score after each task, None for concepts not learned yet."""
-    return [[stage[name][key] if name in stage else None for name in names] for stage in stages]
+    return [[stage[name].get(key) if name in stage else None for name in names] for stage in stages]
 
 
 def forgetting(stages: list[dict[str, dict]], names: list[str]) -> float | None:
@@ -273,6 +273,12 @@ def summary(stages: list[dict[str, dict]], names: list[str]) -> dict:
                                                          "partner_rate")}}
 
 
+def composition_mode(method: str) -> str:
+    """How a method's tasks are composed at sampling time: as each was trained. Methods that train a task on top of
+    the earlier ones (c-lora, finetune) sum all tasks at weight 1, as in the C-LoRA paper; cidm routes with EWA."""
+    return "fixed" if CONSOLIDATORS[method].uses_old_in_forward else "elastic"
+
+
 def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[[str], None]) -> MethodRun:
     names = [c.name for c in world.CONCEPTS[:config.tasks]]
     trainers, learned, stages = [], [], []
@@ -281,7 +287,7 @@ def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[
         trainer, item = learn(setup, index, learned, method, config)
         trainers.append(trainer)
         learned.append(item)
-        composer = Composer(setup, learned, config)
+        composer = Composer(setup, learned, config, mode=composition_mode(method))
         stage, images = judge_stage(composer, learned, config, setup.oracle)
         stages.append(stage)
         log(f"{method}: task {index + 1}/{config.tasks} ({names[index]}), acc "
@@ -289,6 +295,7 @@ def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[
     scores = summary(stages, names)
     scores["control"] = control_rates(composer, [c.concept for c in learned], config, setup.oracle)
     scores["generic"] = generic_accuracy(composer, config, setup.oracle)
+    scores["composition"] = composition_mode(method)
     scores["seconds"] = time.monotonic() - started
     scores["trainer"] = f"{type(trainers[0]).__module__}.{type(trainers[0]).__qualname__}"
     scores["consolidator"] = type(trainers[-1].consolidator).__name__

@@ -2,10 +2,12 @@
 path): two tasks in sequence, eps and v-prediction, and elastic aggregation through the attention processors."""
 
 import random
+from unittest import mock
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.models import attention_processor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from cidm.adapters import LayerLoRABank
@@ -109,8 +111,9 @@ def test_zero_embedding_rate_freezes_tokens_and_caches_contexts(tiny_world):
     assert trainer.context_cache and not any(c.requires_grad for c in trainer.context_cache.values())
 
 
-def test_cond_uncond_layout_reaches_the_router(tiny_world):
+def test_cond_uncond_layout_reaches_the_router_and_the_other_processors_quietly(tiny_world):
     _, _, unet = tiny_world
+    originals = {name: type(processor) for name, processor in unet.attn_processors.items()}
     denoiser = DiffusersDenoiser(unet, DDPMScheduler(num_train_timesteps=1000), tokens_per_layer=TOKENS)
     seen = []
 
@@ -123,7 +126,12 @@ def test_cond_uncond_layout_reaches_the_router(tiny_world):
                               for p, (o, i) in layer.projection_shapes().items())}
     banks = {layer.index: LayerLoRABank([{p: lora[(layer.index, p)] for p in PROJECTIONS}], 1.0)
              for layer in denoiser.layers}
-    with torch.no_grad(), denoiser.adapted(banks, router):
+    warnings = []
+    # diffusers warns, once per attention call, about keyword arguments a processor does not name
+    with torch.no_grad(), denoiser.adapted(banks, router), \
+            mock.patch.object(attention_processor.logger, "warning", side_effect=warnings.append):
         denoiser.predict(torch.zeros(2, 3, 16, 16), torch.tensor([10, 10]), torch.zeros(2, 4 * TOKENS, WIDTH),
                          cond_or_uncond=[0, 1])
     assert seen and all(layout == [0, 1] for layout in seen)
+    assert not warnings
+    assert {name: type(processor) for name, processor in unet.attn_processors.items()} == originals

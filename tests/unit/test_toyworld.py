@@ -2,12 +2,13 @@
 through the same cidm training, consolidation and aggregation code as the nodes (the shared tiny case)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.toyworld import run, world
+from benchmarks.toyworld import protocol, run, world
 from cidm.backends.diffusers_backend import DiffusersDenoiser
 from cidm.consolidation import CONSOLIDATORS
 from cidm.train import ConceptTrainer
@@ -51,11 +52,14 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
     tasks = written["config"]["tasks"]
     assert written["concepts"] == [c.name for c in world.CONCEPTS[:tasks]]
     assert set(written["methods"]) == set(CONSOLIDATORS)
-    for scores in written["methods"].values():
+    for method, scores in written["methods"].items():
         assert len(scores["acc"]) == tasks and all(len(row) == tasks for row in scores["acc"])
         assert all(scores["acc"][t][c] is None for t in range(tasks) for c in range(t + 1, tasks))
         assert all(0 <= scores["acc"][t][c] <= 1 for t in range(tasks) for c in range(t + 1))
-        assert 0 <= scores["ewa_right"][-1][0] <= 1
+        # composed as trained: EWA for cidm, the sum of all tasks for the methods that train on top of the old ones
+        assert scores["composition"] == ("elastic" if method.startswith("cidm") else "fixed")
+        if scores["composition"] == "elastic":
+            assert 0 <= scores["ewa_right"][-1][0] <= 1
     assert len(written["upper bound"]["acc"]) == tasks
     assert written["same_shape_pairs"], "the smoke tasks are a same-shape pair, so EWA is tested on one"
     assert (out / "results.md").exists() and (out / "acc-cidm.png").exists() and (out / "samples-cidm.png").exists()
@@ -84,3 +88,23 @@ def test_rerun_takes_finished_methods_from_the_cache(smoke, tmp_path):
     assert all(not method_run.trainers for method_run in runs.values()), "nothing is trained again"
     assert again["methods"] == json.loads(json.dumps(results["methods"]))
     assert (tmp_path / "again" / "results.md").exists()
+
+
+def test_only_keeps_some_runs_for_the_full_command_to_collect(smoke, tmp_path):
+    out, results, _ = smoke
+    cache = tmp_path / "cache"
+    shutil.copytree(out.parent / "cache", cache)
+    finished = next(cache.glob("protocol-*"))
+    for removed in ("finetune", "upper-bound"):
+        (finished / f"{removed}.json").unlink()
+    threads = torch.get_num_threads()
+    try:
+        assert run.run_only(["finetune", protocol.UPPER_BOUND], smoke=True, cache=cache, threads=1,
+                            log=lambda _: None) == finished, "the runs chosen do not change the folder"
+        again, runs = run.run(smoke=True, out=tmp_path / "out", cache=cache, threads=1, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert (finished / "finetune.json").exists() and (finished / "upper-bound.json").exists()
+    assert all(not method_run.trainers for method_run in runs.values()), "the full command trains nothing again"
+    recomputed, first = (json.loads(json.dumps(scores["methods"]["finetune"])) for scores in (again, results))
+    assert {k: v for k, v in recomputed.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
