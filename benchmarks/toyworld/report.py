@@ -54,10 +54,95 @@ def sample_grid(samples: dict[str, torch.Tensor], columns: int) -> Image.Image:
     return image
 
 
+CURVE_COLOURS = ((200, 40, 40), (230, 140, 20), (40, 120, 200), (60, 160, 60), (140, 60, 180))
+COMMAND = "HF_HUB_OFFLINE=1 python -m benchmarks.toyworld.run --threads 1"
+
+
+def retention(acc: list[list[float | None]]) -> float | None:
+    """Q1: over the concepts learned before the last task, final accuracy / accuracy right after its own task,
+    averaged; a concept that was never learned (0 just after its task) has nothing to retain and is left out."""
+    ratios = [acc[-1][c] / acc[c][c] for c in range(len(acc) - 1) if acc[c][c]]
+    return float(np.mean(ratios)) if ratios else None
+
+
+def just_trained(acc: list[list[float | None]]) -> float:
+    """The mean accuracy of each concept right after its own task (how well a method learns at all)."""
+    return float(np.mean([acc[t][t] for t in range(len(acc))]))
+
+
+def mean_over(values: list[float | None], indices: list[int]) -> float | None:
+    picked = [values[i] for i in indices if values[i] is not None]
+    return float(np.mean(picked)) if picked else None
+
+
+def mean_curve(acc: list[list[float | None]]) -> list[float]:
+    """Mean accuracy over the concepts learned so far, after each task."""
+    return [float(np.mean([v for v in row if v is not None])) for row in acc]
+
+
+def curves(results: dict, width: int = 520, height: int = 300) -> Image.Image:
+    """Mean accuracy over the learned concepts after each task, one line per method; the upper bound as a level."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 40, 24, width - 150, height - 30
+    draw.text((4, 4), "mean acc over learned concepts, after each task", fill="black")
+    draw.rectangle([left, top, right, bottom], outline=(200, 200, 200))
+    tasks = len(results["concepts"])
+    for value in (0.0, 0.5, 1.0):
+        y = bottom - (bottom - top) * value
+        draw.line([(left, y), (right, y)], fill=(230, 230, 230))
+        draw.text((8, y - 5), f"{value:.1f}", fill="black")
+    for t in range(tasks):
+        draw.text((left + (right - left) * t / max(1, tasks - 1) - 3, bottom + 6), str(t + 1), fill="black")
+
+    def point(t: int, value: float) -> tuple[float, float]:
+        return left + (right - left) * t / max(1, tasks - 1), bottom - (bottom - top) * value
+
+    series = [(name, mean_curve(scores["acc"])) for name, scores in results["methods"].items()]
+    series.append((UPPER_BOUND, [results[UPPER_BOUND]["final_acc"]] * tasks))
+    for index, (name, values) in enumerate(series):
+        colour = CURVE_COLOURS[index % len(CURVE_COLOURS)]
+        points = [point(t, v) for t, v in enumerate(values)]
+        draw.line(points if len(points) > 1 else points * 2, fill=colour, width=2)
+        draw.text((right + 10, top + 14 * index), name, fill=colour)
+    return image
+
+
+def questions(results: dict) -> list[str]:
+    """The issue's questions, each with its goal and the number measured."""
+    methods, names = results["methods"], results["concepts"]
+    paired = [names.index(n) for pair in results["same_shape_pairs"] for n in pair]
+    lines = ["## Questions", "", "| | goal | measured |", "|---|---|---|"]
+    cidm = methods.get("cidm")
+    if cidm:
+        lines.append(f"| Q1 CIDM retention (final / just-trained acc, old concepts) | ≥ 0.95 | "
+                     f"{_number(retention(cidm['acc']))} |")
+    ordering = sorted(methods, key=lambda m: -methods[m]["final_acc"])
+    lines.append("| Q2 final acc ordering (context acc) | cidm > c-lora > finetune | " + " > ".join(
+        f"{m} {_number(methods[m]['final_acc'])} ({_number(methods[m]['final_context'])})" for m in ordering) + " |")
+    if cidm:
+        lines.append(f"| Q4 CIDM EWA weight on the right concept, all / same-shape pairs | ≥ 0.9 / ≥ 0.8 | "
+                     f"{_number(cidm['final_ewa_right'])} / {_number(mean_over(cidm['ewa_right'][-1], paired))} |")
+    base = results["base"]["generic"]["all"]
+    lines += [f"| Q5 {m}: ordinary prompts, all concepts composed, all-4 / base | ≥ 0.90 | "
+              f"{_number(methods[m]['generic']['all'])} / {_number(base)} = "
+              f"{_number(methods[m]['generic']['all'] / base if base else None)} |" for m in methods]
+    lines += ["", "Per method: " + "; ".join(
+        f"{m}: just-trained acc {_number(just_trained(s['acc']))}, retention {_number(retention(s['acc']))}"
+        for m, s in methods.items()) + ".", ""]
+    return lines
+
+
 def markdown(results: dict) -> str:
     methods, upper = results["methods"], results[UPPER_BOUND]
     base = results["base"]
+    config = results["config"]
     lines = ["# Toy-world continual concept benchmark", "",
+             f"Command: `{COMMAND}` (seeds: base model and world {results['base_model']['seed']}, protocol "
+             f"{config['seed']}); {results['seconds'] / 60:.0f} min for this report, the runs kept in the cache "
+             "not counted. Composition at sampling time: "
+             + ", ".join(f"{m} {s['composition']}" for m, s in methods.items()) + ".", "",
+             *questions(results),
              f"Concepts, in task order: {', '.join(results['concepts'])}. Same-shape pairs: "
              + (", ".join(f"{a}/{b}" for a, b in results["same_shape_pairs"]) or "none") + ".",
              "Oracle on held-out renders: " + ", ".join(f"{k} {_number(v)}" for k, v in results["oracle"].items())
@@ -102,3 +187,4 @@ def write(results: dict, runs: dict[str, MethodRun], out: Path) -> None:
             rows = [f"task {t + 1}" for t in range(len(run.scores["acc"]))]
             heatmap(run.scores["acc"], rows, names, f"{method}: acc[task][concept]").save(out / f"acc-{slug}.png")
         sample_grid(run.samples, per_grid).save(out / f"samples-{slug}.png")
+    curves(results).save(out / "curves.png")

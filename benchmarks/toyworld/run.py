@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from cidm.train import TrainingConfig  # noqa: E402
 
-from benchmarks.toyworld import models, oracle, protocol, report  # noqa: E402
+from benchmarks.toyworld import models, oracle, protocol, report, world  # noqa: E402
 
 FULL = (models.BaseConfig(), oracle.OracleConfig(), protocol.ProtocolConfig())
 SMOKE = (models.BaseConfig(channels=(16, 32, 32), norm_groups=8, text_width=32, steps=4, batch_size=4, images=64),
@@ -40,12 +40,14 @@ ORACLE_CHECK_SEED = 12345  # held-out renders: a world seed the oracle never tra
 
 
 def protocol_key(base_config, oracle_config, protocol_config) -> str:
-    """Names the folder of finished methods: every configuration, and the code of the method and of the harness."""
+    """Names the folder of finished methods: every configuration, and the code that decides the scores (the method,
+    the world, the models, the oracle and the protocol; not the report or this command line)."""
     digest = hashlib.sha256(f"{base_config.key()} {oracle_config.key()}".encode())
     # not which methods run: a method's scores do not depend on the others, so runs split by --only share a folder
     settings = {k: v for k, v in dataclasses.asdict(protocol_config).items() if k != "methods"}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for source in sorted((REPO / "cidm").rglob("*.py")) + sorted(Path(__file__).parent.glob("*.py")):
+    harness = [protocol.__file__, world.__file__, models.__file__, oracle.__file__]
+    for source in sorted((REPO / "cidm").rglob("*.py")) + sorted(Path(p) for p in harness):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -77,7 +79,7 @@ def run(smoke: bool, out: Path, cache: Path = models.CACHE, threads: int | None 
     base_config = SMOKE[0] if smoke else FULL[0]
     results, runs = protocol.run_protocol(context, protocol_config, log, finished)
     results["oracle"] = oracle.held_out_accuracy(context.oracle, 60 if smoke else 600, ORACLE_CHECK_SEED)
-    results["base_model"] = {"key": base_config.key(), "steps": base_config.steps}
+    results["base_model"] = {"key": base_config.key(), "steps": base_config.steps, "seed": base_config.seed}
     results["smoke"] = smoke
     results["seconds"] = time.monotonic() - started
     report.write(results, runs, out)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.toyworld import protocol, run, world
+from benchmarks.toyworld import protocol, report, run, world
 from cidm.backends.diffusers_backend import DiffusersDenoiser
 from cidm.consolidation import CONSOLIDATORS
 from cidm.train import ConceptTrainer
@@ -62,7 +62,16 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
             assert 0 <= scores["ewa_right"][-1][0] <= 1
     assert len(written["upper bound"]["acc"]) == tasks
     assert written["same_shape_pairs"], "the smoke tasks are a same-shape pair, so EWA is tested on one"
-    assert (out / "results.md").exists() and (out / "acc-cidm.png").exists() and (out / "samples-cidm.png").exists()
+    assert (out / "acc-cidm.png").exists() and (out / "samples-cidm.png").exists() and (out / "curves.png").exists()
+    assert all(f"| Q{q} " in (out / "results.md").read_text() for q in (1, 2, 4, 5))
+
+
+def test_retention_compares_each_old_concept_with_itself_just_after_its_task():
+    acc = [[0.8, None, None], [0.4, 0.5, None], [0.6, 0.0, 0.9]]
+    assert report.retention(acc) == pytest.approx((0.6 / 0.8 + 0.0 / 0.5) / 2)
+    assert report.retention([[0.0, None], [0.3, 1.0]]) is None, "a concept never learned has nothing to retain"
+    assert report.just_trained(acc) == pytest.approx((0.8 + 0.5 + 0.9) / 3)
+    assert report.mean_curve(acc) == pytest.approx([0.8, 0.45, 0.5])
 
 
 def test_smoke_protocol_trains_through_cidm_concept_trainer(smoke):
