@@ -34,6 +34,7 @@ from cidm.aggregation import ElasticRouter, make_router
 from cidm.consolidation import CONSOLIDATORS, METHODS
 from cidm.data import TrainingSet
 from cidm.layers import PROJECTIONS
+from cidm.regions import blend_region_predictions
 from cidm.tokens import ConceptVocabulary, vocabulary_from_tasks
 from cidm.train import ConceptSpec, ConceptTrainer, TrainedTask, TrainingCallbacks, TrainingConfig
 
@@ -45,6 +46,8 @@ UPPER_BOUND = "upper bound"
 # text encoder's embeddings have their own scale, so the threshold is set relative to it.
 FREEZE_AT_NORM_RATIO = 1.4
 SAMPLING_BATCH = 64
+REGION_ALPHA = 0.1  # the Context-Controlled KSampler's default, the paper's value
+REGION_PREFIX = "regions:"  # marks composition samples among a kept run's samples
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class MethodRun:
     learned: list[LearnedConcept]
     scores: dict
     samples: dict[str, torch.Tensor]  # concept -> its samples after the last task [K·M, 32, 32, 3]
+    region_samples: dict[str, torch.Tensor] = field(default_factory=dict)  # "a+b" -> [K·M, 32, 64, 3]
 
 
 def concept_tokens(concept: world.Concept) -> list[str]:
@@ -120,24 +124,46 @@ class Composer:
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """DDIM + classifier-free guidance; the same seed gives the same starting noise whatever the method."""
+        return self._sample([prompts], seeds, models.LATENT_SHAPE, lambda guided: guided[0])
+
+    @torch.no_grad()
+    def sample_regions(self, prompts: list[tuple[str, str, str]], seeds: list[int]) -> torch.Tensor:
+        """Two tiles side by side ([N, 32, 64, 3]): a global prompt, and one prompt per tile as its region. Guidance
+        per branch, then cidm's region blend with the Context-Controlled KSampler's default α."""
+        channels, height, width = models.LATENT_SHAPE
+        left = torch.zeros(height, 2 * width)
+        left[:, :width] = 1
+        return self._sample([list(branch) for branch in zip(*prompts)], seeds, (channels, height, 2 * width),
+                            lambda guided: blend_region_predictions(guided[0], guided[1:], [left, 1 - left],
+                                                                    REGION_ALPHA))
+
+    def _sample(self, branches: list[list[str]], seeds: list[int], shape: tuple[int, ...],
+                combine: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
         chunks = []
-        for start in range(0, len(prompts), SAMPLING_BATCH):
-            contexts = torch.stack([self.context(p) for p in prompts[start:start + SAMPLING_BATCH]])
-            noise = [torch.randn(models.LATENT_SHAPE, generator=torch.Generator().manual_seed(s))
+        for start in range(0, len(seeds), SAMPLING_BATCH):
+            contexts = [torch.stack([self.context(p) for p in prompts[start:start + SAMPLING_BATCH]])
+                        for prompts in branches]
+            noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s))
                      for s in seeds[start:start + SAMPLING_BATCH]]
-            chunks.append(self._denoise(torch.stack(noise), contexts))
+            chunks.append(self._denoise(torch.stack(noise), contexts, combine))
         return torch.cat(chunks)
 
-    def _denoise(self, latents: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+    def _denoise(self, latents: torch.Tensor, branches: list[torch.Tensor],
+                 combine: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+        """One batch per step: the first cond branch, the uncond, then the other branches, labelled 0, 1, 2… as
+        ComfyUI labels positive, negative and further conds (so the router gives the uncond the first's weights)."""
         scheduler = models.sampling_scheduler(self.denoiser.scheduler, self.config.sampling_steps)
-        both = torch.cat([contexts, self.uncond.expand_as(contexts)])
+        rows = [branches[0], self.uncond.expand_as(branches[0]), *branches[1:]]
+        labels = list(range(len(rows))) if self.router else None
         adapted = self.denoiser.adapted(self.banks, self.router) if self.router else contextlib.nullcontext()
         with adapted:
             for timestep in scheduler.timesteps:
-                cond, uncond = self.denoiser.predict(torch.cat([latents, latents]), timestep.expand(len(both)),
-                                                     both, cond_or_uncond=[0, 1] if self.router else None).chunk(2)
-                latents = scheduler.step(uncond + self.config.guidance * (cond - uncond), timestep,
-                                         latents).prev_sample
+                predictions = self.denoiser.predict(torch.cat([latents] * len(rows)),
+                                                    timestep.expand(len(latents) * len(rows)), torch.cat(rows),
+                                                    cond_or_uncond=labels).chunk(len(rows))
+                uncond = predictions[1]
+                guided = [uncond + self.config.guidance * (p - uncond) for p in (predictions[0], *predictions[2:])]
+                latents = scheduler.step(combine(guided), timestep, latents).prev_sample
         return models.to_images(latents)
 
     def task_weights(self, prompt: str) -> torch.Tensor:
@@ -172,6 +198,43 @@ def judge_concept(composer: Composer, concept: world.Concept, partner: str | Non
         scores["ewa_right"] = float(weights[learned.index(concept.name)])
         scores["ewa_partner"] = float(weights[learned.index(partner)]) if partner else None
     return scores, images
+
+
+def region_pairs(concepts: list[world.Concept]) -> list[tuple[world.Concept, world.Concept]]:
+    """Every same-shape pair, then concept i with concept i + n/2 (different shapes in this world's order)."""
+    by_name = {c.name: c for c in concepts}
+    pairs = [(by_name[a], by_name[b]) for a, b in world.same_shape_pairs() if a in by_name and b in by_name]
+    half = len(concepts) // 2
+    pairs += [(concepts[i], concepts[i + half]) for i in range(half) if concepts[i].look.shape !=
+              concepts[i + half].look.shape]
+    return pairs
+
+
+def composition_prompts(first: world.Concept, second: world.Concept, background: str) -> tuple[str, str, str]:
+    """The global prompt naming both, then each tile's region prompt."""
+    return (f"a <{first.name}> {first.look.shape} and a <{second.name}> {second.look.shape} on a {background} "
+            "background", first.caption(background), second.caption(background))
+
+
+def judge_regions(composer: Composer, concepts: list[world.Concept], config: ProtocolConfig,
+                  oracle: Oracle) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Two-concept compositions: is each concept drawn in its own tile (judged tile by tile)?"""
+    pairs = region_pairs(concepts)
+    prompts = [composition_prompts(a, b, bg) for a, b in pairs for bg in config.backgrounds
+               for _ in range(config.samples_per_prompt)]
+    images = composer.sample_regions(prompts, [config.seed * 1000 + i for i in range(len(prompts))])
+    tiles = images.shape[2] // 2
+    left, right = (judge(oracle, tile).predictions["concept"] for tile in (images[:, :, :tiles], images[:, :, tiles:]))
+    per_pair = len(config.backgrounds) * config.samples_per_prompt
+    scores, samples = {}, {}
+    for index, (a, b) in enumerate(pairs):
+        span = slice(index * per_pair, (index + 1) * per_pair)
+        scores[f"{a.name}+{b.name}"] = {
+            "both": _rate([x == a.name and y == b.name for x, y in zip(left[span], right[span])]),
+            "left": _rate([x == a.name for x in left[span]]), "right": _rate([y == b.name for y in right[span]]),
+            "same_shape": a.look.shape == b.look.shape}
+        samples[f"{a.name}+{b.name}"] = images[span]
+    return scores, samples
 
 
 def partner_of(concept: world.Concept, learned: list[str]) -> str | None:
@@ -295,11 +358,12 @@ def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[
     scores = summary(stages, names)
     scores["control"] = control_rates(composer, [c.concept for c in learned], config, setup.oracle)
     scores["generic"] = generic_accuracy(composer, config, setup.oracle)
+    scores["regions"], region_samples = judge_regions(composer, [c.concept for c in learned], config, setup.oracle)
     scores["composition"] = composition_mode(method)
     scores["seconds"] = time.monotonic() - started
     scores["trainer"] = f"{type(trainers[0]).__module__}.{type(trainers[0]).__qualname__}"
     scores["consolidator"] = type(trainers[-1].consolidator).__name__
-    return MethodRun(trainers, learned, scores, images)
+    return MethodRun(trainers, learned, scores, images, region_samples)
 
 
 def run_upper_bound(setup: Setup, config: ProtocolConfig, log: Callable[[str], None]) -> MethodRun:
@@ -334,10 +398,15 @@ def kept_run(folder: Path | None, method: str, compute: Callable[[], MethodRun],
     scores_path, samples_path = folder / f"{slug}.json", folder / f"{slug}.safetensors"
     if scores_path.exists() and samples_path.exists():
         log(f"{method}: finished in an earlier run, taken from {folder}")
-        return MethodRun([], [], json.loads(scores_path.read_text()), load_file(samples_path))
+        kept = load_file(samples_path)
+        return MethodRun([], [], json.loads(scores_path.read_text()),
+                         {k: v for k, v in kept.items() if not k.startswith(REGION_PREFIX)},
+                         {k[len(REGION_PREFIX):]: v for k, v in kept.items() if k.startswith(REGION_PREFIX)})
     run = compute()
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({name: images.contiguous() for name, images in run.samples.items()}, samples_path)
+    save_file({name: images.contiguous() for name, images in run.samples.items()}
+              | {REGION_PREFIX + name: images.contiguous() for name, images in run.region_samples.items()},
+              samples_path)
     scores_path.write_text(json.dumps(run.scores))  # last: its presence marks the method finished
     return run
 

@@ -42,15 +42,16 @@ def heatmap(values: list[list[float | None]], rows: list[str], columns: list[str
 
 def sample_grid(samples: dict[str, torch.Tensor], columns: int) -> Image.Image:
     """One row per concept (name on the left), its samples in order."""
-    side = samples[next(iter(samples))].shape[1] * ZOOM
-    image = Image.new("RGB", (MARGIN + columns * side, len(samples) * side), "white")
+    _, height, width, _ = samples[next(iter(samples))].shape
+    side, across, margin = height * ZOOM, width * ZOOM, MARGIN * 2 if width > height else MARGIN
+    image = Image.new("RGB", (margin + columns * across, len(samples) * side), "white")
     draw = ImageDraw.Draw(image)
     for row, (name, images) in enumerate(samples.items()):
         draw.text((2, row * side + side // 2 - 5), name, fill="black")
         pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         for column, tile in enumerate(pixels[:columns]):
-            image.paste(Image.fromarray(np.ascontiguousarray(tile)).resize((side, side), Image.Resampling.NEAREST),
-                        (MARGIN + column * side, row * side))
+            image.paste(Image.fromarray(np.ascontiguousarray(tile)).resize((across, side), Image.Resampling.NEAREST),
+                        (margin + column * across, row * side))
     return image
 
 
@@ -133,6 +134,25 @@ def questions(results: dict) -> list[str]:
     return lines
 
 
+def regions_table(methods: dict) -> list[str]:
+    """Two-concept compositions after the last task: both concepts named, each in its own tile."""
+    lines = ["", "## Two-concept compositions", "",
+             "Left and right tile each a region with its own concept prompt, the global prompt naming both; "
+             "both: the oracle names the right concept in each tile.", "",
+             "| method | both, all pairs | both, same-shape pairs | both, different shapes | left tile | right tile |",
+             "|---|---|---|---|---|---|"]
+    for name, scores in methods.items():
+        pairs = scores["regions"].values()
+
+        def mean(key: str, same: bool | None = None) -> float | None:
+            values = [p[key] for p in pairs if same is None or p["same_shape"] == same]
+            return float(np.mean(values)) if values else None
+
+        lines.append(f"| {name} | {_number(mean('both'))} | {_number(mean('both', True))} | "
+                     f"{_number(mean('both', False))} | {_number(mean('left'))} | {_number(mean('right'))} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     methods, upper = results["methods"], results[UPPER_BOUND]
     base = results["base"]
@@ -167,6 +187,7 @@ def markdown(results: dict) -> str:
                  f"| {_number(upper['final_context'])} | – | 1 | – | – | – | – | {upper['seconds'] / 60:.1f} |")
     lines.append(f"| base model | – | – | – | – | – | – | – | {_number(base['control']['false_positive'])} "
                  f"({_number(base['control']['false_positive_strict'])}) | {_number(base['generic']['all'])} | – |")
+    lines += regions_table(methods)
     for name, scores in methods.items():
         lines += ["", f"## {name}: acc[task][concept]", "",
                   "| after task | " + " | ".join(results["concepts"]) + " |",
@@ -187,4 +208,6 @@ def write(results: dict, runs: dict[str, MethodRun], out: Path) -> None:
             rows = [f"task {t + 1}" for t in range(len(run.scores["acc"]))]
             heatmap(run.scores["acc"], rows, names, f"{method}: acc[task][concept]").save(out / f"acc-{slug}.png")
         sample_grid(run.samples, per_grid).save(out / f"samples-{slug}.png")
+        if run.region_samples:
+            sample_grid(run.region_samples, per_grid).save(out / f"regions-{slug}.png")
     curves(results).save(out / "curves.png")

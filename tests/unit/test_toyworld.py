@@ -60,10 +60,13 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
         assert scores["composition"] == ("elastic" if method.startswith("cidm") else "fixed")
         if scores["composition"] == "elastic":
             assert 0 <= scores["ewa_right"][-1][0] <= 1
+        assert list(scores["regions"]) == ["zarp+quil"]
+        assert all(0 <= scores["regions"]["zarp+quil"][key] <= 1 for key in ("both", "left", "right"))
     assert len(written["upper bound"]["acc"]) == tasks
     assert written["same_shape_pairs"], "the smoke tasks are a same-shape pair, so EWA is tested on one"
     assert (out / "acc-cidm.png").exists() and (out / "samples-cidm.png").exists() and (out / "curves.png").exists()
     assert all(f"| Q{q} " in (out / "results.md").read_text() for q in (1, 2, 4, 5))
+    assert (out / "regions-cidm.png").exists() and "Two-concept compositions" in (out / "results.md").read_text()
 
 
 def test_retention_compares_each_old_concept_with_itself_just_after_its_task():
