@@ -336,34 +336,44 @@ def summary(stages: list[dict[str, dict]], names: list[str]) -> dict:
                                                          "partner_rate")}}
 
 
-def composition_mode(method: str) -> str:
-    """How a method's tasks are composed at sampling time: as each was trained. Methods that train a task on top of
-    the earlier ones (c-lora, finetune) sum all tasks at weight 1, as in the C-LoRA paper; cidm routes with EWA."""
-    return "fixed" if CONSOLIDATORS[method].uses_old_in_forward else "elastic"
+def composition_modes(method: str) -> tuple[str, ...]:
+    """How a method's tasks are composed at sampling time, the first as trained. Methods that train a task on top of
+    the earlier ones (c-lora, finetune) sum all tasks at weight 1, as in the C-LoRA paper; cidm routes with EWA, and
+    is also judged with one-hot routing (the argmax of the same scores, a mode of Elastic Aggregate), which tells a
+    routing failure from a consolidation failure."""
+    return ("fixed",) if CONSOLIDATORS[method].uses_old_in_forward else ("elastic", "one-hot")
 
 
 def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[[str], None]) -> MethodRun:
     names = [c.name for c in world.CONCEPTS[:config.tasks]]
-    trainers, learned, stages = [], [], []
+    modes = composition_modes(method)
+    trainers, learned, stages = [], [], {mode: [] for mode in modes}
     started = time.monotonic()
     for index in range(config.tasks):
         trainer, item = learn(setup, index, learned, method, config)
         trainers.append(trainer)
         learned.append(item)
-        composer = Composer(setup, learned, config, mode=composition_mode(method))
-        stage, images = judge_stage(composer, learned, config, setup.oracle)
-        stages.append(stage)
-        log(f"{method}: task {index + 1}/{config.tasks} ({names[index]}), acc "
-            + " ".join(f"{n} {stage[n]['acc']:.2f}" for n in stage) + f", {time.monotonic() - started:.0f} s")
-    scores = summary(stages, names)
+        composers = {mode: Composer(setup, learned, config, mode=mode) for mode in modes}
+        for mode, composer in composers.items():
+            stage, images = judge_stage(composer, learned, config, setup.oracle)
+            stages[mode].append(stage)
+            if mode == modes[0]:
+                kept_images = images
+            log(f"{method} ({mode}): task {index + 1}/{config.tasks} ({names[index]}), acc "
+                + " ".join(f"{n} {stage[n]['acc']:.2f}" for n in stage) + f", {time.monotonic() - started:.0f} s")
+    composer = composers[modes[0]]
+    scores = summary(stages[modes[0]], names)
     scores["control"] = control_rates(composer, [c.concept for c in learned], config, setup.oracle)
     scores["generic"] = generic_accuracy(composer, config, setup.oracle)
     scores["regions"], region_samples = judge_regions(composer, [c.concept for c in learned], config, setup.oracle)
-    scores["composition"] = composition_mode(method)
+    scores["composition"] = modes[0]
+    scores["other_compositions"] = {mode: {**summary(stages[mode], names),
+                                           "generic": generic_accuracy(composers[mode], config, setup.oracle)}
+                                    for mode in modes[1:]}
     scores["seconds"] = time.monotonic() - started
     scores["trainer"] = f"{type(trainers[0]).__module__}.{type(trainers[0]).__qualname__}"
     scores["consolidator"] = type(trainers[-1].consolidator).__name__
-    return MethodRun(trainers, learned, scores, images, region_samples)
+    return MethodRun(trainers, learned, scores, kept_images, region_samples)
 
 
 def run_upper_bound(setup: Setup, config: ProtocolConfig, log: Callable[[str], None]) -> MethodRun:

@@ -55,8 +55,18 @@ def sample_grid(samples: dict[str, torch.Tensor], columns: int) -> Image.Image:
     return image
 
 
-CURVE_COLOURS = ((200, 40, 40), (230, 140, 20), (40, 120, 200), (60, 160, 60), (140, 60, 180))
+CURVE_COLOURS = ((200, 40, 40), (240, 120, 120), (230, 140, 20), (240, 190, 110), (40, 120, 200),
+                 (60, 160, 60), (140, 60, 180))
 COMMAND = "HF_HUB_OFFLINE=1 python -m benchmarks.toyworld.run --threads 1"
+
+
+def compositions(methods: dict) -> dict[str, dict]:
+    """Every method's scores as composed when trained, then its other compositions ("cidm, one-hot")."""
+    rows = {}
+    for name, scores in methods.items():
+        rows[name] = scores
+        rows.update({f"{name}, {mode}": other for mode, other in scores.get("other_compositions", {}).items()})
+    return rows
 
 
 def retention(acc: list[list[float | None]]) -> float | None:
@@ -99,7 +109,7 @@ def curves(results: dict, width: int = 520, height: int = 300) -> Image.Image:
     def point(t: int, value: float) -> tuple[float, float]:
         return left + (right - left) * t / max(1, tasks - 1), bottom - (bottom - top) * value
 
-    series = [(name, mean_curve(scores["acc"])) for name, scores in results["methods"].items()]
+    series = [(name, mean_curve(scores["acc"])) for name, scores in compositions(results["methods"]).items()]
     series.append((UPPER_BOUND, [results[UPPER_BOUND]["final_acc"]] * tasks))
     for index, (name, values) in enumerate(series):
         colour = CURVE_COLOURS[index % len(CURVE_COLOURS)]
@@ -130,7 +140,7 @@ def questions(results: dict) -> list[str]:
               f"{_number(methods[m]['generic']['all'] / base if base else None)} |" for m in methods]
     lines += ["", "Per method: " + "; ".join(
         f"{m}: just-trained acc {_number(just_trained(s['acc']))}, retention {_number(retention(s['acc']))}"
-        for m, s in methods.items()) + ".", ""]
+        for m, s in compositions(methods).items()) + ".", ""]
     return lines
 
 
@@ -175,20 +185,22 @@ def markdown(results: dict) -> str:
              "| method | acc | strict | context | forgetting | EWA right | EWA partner | partner rate | control FP "
              "(strict) | Q5 all-4 | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, scores in methods.items():
-        control = scores["control"]
+    for name, scores in compositions(methods).items():
+        control = scores.get("control")
+        control_cell = (f"{_number(control['false_positive'])} ({_number(control['false_positive_strict'])})"
+                        if control else "–")
+        minutes = f"{scores['seconds'] / 60:.1f}" if "seconds" in scores else "–"
         lines.append(f"| {name} | {_number(scores['final_acc'])} | {_number(scores['final_strict'])} | "
                      f"{_number(scores['final_context'])} | {_number(scores['forgetting'])} | "
                      f"{_number(scores['final_ewa_right'])} | {_number(scores['final_ewa_partner'])} | "
-                     f"{_number(scores['final_partner_rate'])} | {_number(control['false_positive'])} "
-                     f"({_number(control['false_positive_strict'])}) | {_number(scores['generic']['all'])} | "
-                     f"{scores['seconds'] / 60:.1f} |")
+                     f"{_number(scores['final_partner_rate'])} | {control_cell} | "
+                     f"{_number(scores['generic']['all'])} | {minutes} |")
     lines.append(f"| {UPPER_BOUND} (own LoRA alone) | {_number(upper['final_acc'])} | {_number(upper['final_strict'])} "
                  f"| {_number(upper['final_context'])} | – | 1 | – | – | – | – | {upper['seconds'] / 60:.1f} |")
     lines.append(f"| base model | – | – | – | – | – | – | – | {_number(base['control']['false_positive'])} "
                  f"({_number(base['control']['false_positive_strict'])}) | {_number(base['generic']['all'])} | – |")
     lines += regions_table(methods)
-    for name, scores in methods.items():
+    for name, scores in compositions(methods).items():
         lines += ["", f"## {name}: acc[task][concept]", "",
                   "| after task | " + " | ".join(results["concepts"]) + " |",
                   "|---" * (len(results["concepts"]) + 1) + "|"]
@@ -206,7 +218,9 @@ def write(results: dict, runs: dict[str, MethodRun], out: Path) -> None:
         slug = method.replace(" ", "-")
         if method != UPPER_BOUND:
             rows = [f"task {t + 1}" for t in range(len(run.scores["acc"]))]
-            heatmap(run.scores["acc"], rows, names, f"{method}: acc[task][concept]").save(out / f"acc-{slug}.png")
+            for name, scores in compositions({method: run.scores}).items():
+                heatmap(scores["acc"], rows, names, f"{name}: acc[task][concept]").save(
+                    out / f"acc-{name.replace(', ', '-').replace(' ', '-')}.png")
         sample_grid(run.samples, per_grid).save(out / f"samples-{slug}.png")
         if run.region_samples:
             sample_grid(run.region_samples, per_grid).save(out / f"regions-{slug}.png")

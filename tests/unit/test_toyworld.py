@@ -58,6 +58,7 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
         assert all(0 <= scores["acc"][t][c] <= 1 for t in range(tasks) for c in range(t + 1))
         # composed as trained: EWA for cidm, the sum of all tasks for the methods that train on top of the old ones
         assert scores["composition"] == ("elastic" if method.startswith("cidm") else "fixed")
+        assert list(scores["other_compositions"]) == (["one-hot"] if method.startswith("cidm") else [])
         if scores["composition"] == "elastic":
             assert 0 <= scores["ewa_right"][-1][0] <= 1
         assert list(scores["regions"]) == ["zarp+quil"]
@@ -66,6 +67,7 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
     assert written["same_shape_pairs"], "the smoke tasks are a same-shape pair, so EWA is tested on one"
     assert (out / "acc-cidm.png").exists() and (out / "samples-cidm.png").exists() and (out / "curves.png").exists()
     assert all(f"| Q{q} " in (out / "results.md").read_text() for q in (1, 2, 4, 5))
+    assert (out / "acc-cidm-one-hot.png").exists() and "| cidm, one-hot |" in (out / "results.md").read_text()
     assert (out / "regions-cidm.png").exists() and "Two-concept compositions" in (out / "results.md").read_text()
 
 
