@@ -199,6 +199,9 @@ def markdown(results: dict) -> str:
                  f"| {_number(upper['final_context'])} | – | 1 | – | – | – | – | {upper['seconds'] / 60:.1f} |")
     lines.append(f"| base model | – | – | – | – | – | – | – | {_number(base['control']['false_positive'])} "
                  f"({_number(base['control']['false_positive_strict'])}) | {_number(base['generic']['all'])} | – |")
+    lines += ["", f"{UPPER_BOUND}, per concept (acc / strict): " + ", ".join(
+        f"{n} {_number(a)} / {_number(b)}" for n, a, b in zip(results["concepts"], upper["acc"], upper["strict"]))
+        + "."]
     lines += regions_table(methods)
     for name, scores in compositions(methods).items():
         lines += ["", f"## {name}: acc[task][concept]", "",
