@@ -224,7 +224,9 @@ def write(results: dict, runs: dict[str, MethodRun], out: Path) -> None:
             for name, scores in compositions({method: run.scores}).items():
                 heatmap(scores["acc"], rows, names, f"{name}: acc[task][concept]").save(
                     out / f"acc-{name.replace(', ', '-').replace(' ', '-')}.png")
-        sample_grid(run.samples, per_grid).save(out / f"samples-{slug}.png")
-        if run.region_samples:
-            sample_grid(run.region_samples, per_grid).save(out / f"regions-{slug}.png")
+        sample_grid(run.samples, per_grid).save(out / f"samples-{slug}.png", optimize=True)
+        if run.region_samples:  # the first seed per background: the wide tiles make a full grid megabytes
+            seeds = results["config"]["samples_per_prompt"]
+            sample_grid({pair: images[::seeds] for pair, images in run.region_samples.items()},
+                        per_grid // seeds).save(out / f"regions-{slug}.png", optimize=True)
     curves(results).save(out / "curves.png")
