@@ -110,6 +110,7 @@ class TrainedTask:
     features: torch.Tensor  # [n, L, D]
     losses: list[float]
     embeddings_frozen_at: int | None
+    consolidation_penalty: float  # the regularizer on the final factors: how hard the old tasks pulled at the end
 
 
 def _trainable_factors(factors: TaskFactors) -> dict[tuple[int, str], tuple[torch.nn.Parameter, torch.nn.Parameter]]:
@@ -278,6 +279,8 @@ class ConceptTrainer:
     def result(self) -> TrainedTask:
         lora = {key: (down.detach().clone(), up.detach().clone()) for key, (down, up) in self.lora.items()}
         embeddings = self.embeddings.detach().clone()
-        return TrainedTask(lora=lora, embeddings=embeddings,
+        with torch.no_grad():
+            penalty = float(self.consolidator.loss(lora, self.step))
+        return TrainedTask(lora=lora, embeddings=embeddings, consolidation_penalty=penalty,
                            features=concept_features(self.encoder, self.concept.tokens, embeddings),
                            losses=list(self.losses), embeddings_frozen_at=self.frozen_at)

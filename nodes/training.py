@@ -136,7 +136,8 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
                         alpha=config.alpha, steps=config.steps, seed=config.seed,
                         hyperparameters={**config.hyperparameters(), "resolution": resolution,
                                          "class_words": words, "images": len(training_set.images),
-                                         "embeddings_frozen_at": trained.embeddings_frozen_at},
+                                         "embeddings_frozen_at": trained.embeddings_frozen_at,
+                                         "consolidation_penalty": trained.consolidation_penalty},
                         data=TaskData(lora=trained.lora, embeddings=trained.embeddings, features=trained.features))
     if library_for_state is not None:
         library.clear_resume_state(resume_key)

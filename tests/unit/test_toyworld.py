@@ -1,5 +1,6 @@
 """The toy-world benchmark: a deterministic world with same-shape concept pairs, and the smoke protocol end to end
-through the same cidm training, consolidation and aggregation code as the nodes (the shared tiny case)."""
+through the same cidm training, consolidation and aggregation code as the nodes (the node path and this one on one
+shared case: tests/integration/test_shared_case.py)."""
 
 import json
 import shutil
