@@ -211,6 +211,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def file_slug(name: str) -> str:
+    """A method or composition name in file names: "upper bound" -> "upper-bound", "cidm, one-hot" -> "cidm-one-hot"."""
+    return name.replace(", ", "-").replace(" ", "-")
+
+
 def write(results: dict, runs: dict[str, MethodRun], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True) + "\n", encoding="utf-8")
@@ -218,15 +223,14 @@ def write(results: dict, runs: dict[str, MethodRun], out: Path) -> None:
     names = results["concepts"]
     per_grid = len(results["config"]["backgrounds"]) * results["config"]["samples_per_prompt"]
     for method, run in runs.items():
-        slug = method.replace(" ", "-")
         if method != UPPER_BOUND:
             rows = [f"task {t + 1}" for t in range(len(run.scores["acc"]))]
             for name, scores in compositions({method: run.scores}).items():
                 heatmap(scores["acc"], rows, names, f"{name}: acc[task][concept]").save(
-                    out / f"acc-{name.replace(', ', '-').replace(' ', '-')}.png")
-        sample_grid(run.samples, per_grid).save(out / f"samples-{slug}.png", optimize=True)
+                    out / f"acc-{file_slug(name)}.png")
+        sample_grid(run.samples, per_grid).save(out / f"samples-{file_slug(method)}.png", optimize=True)
         if run.region_samples:  # the first seed per background: the wide tiles make a full grid megabytes
             seeds = results["config"]["samples_per_prompt"]
             sample_grid({pair: images[::seeds] for pair, images in run.region_samples.items()},
-                        per_grid // seeds).save(out / f"regions-{slug}.png", optimize=True)
+                        per_grid // seeds).save(out / f"regions-{file_slug(method)}.png", optimize=True)
     curves(results).save(out / "curves.png")

@@ -52,22 +52,23 @@ def protocol_key(base_config, oracle_config, protocol_config) -> str:
     return digest.hexdigest()[:16]
 
 
-def setup(smoke: bool, cache: Path, threads: int | None, log) -> tuple[protocol.Setup, protocol.ProtocolConfig, Path]:
-    """The base model, the oracle, the protocol configuration and the folder where finished methods are kept."""
-    base_config, oracle_config, protocol_config = SMOKE if smoke else FULL
+def setup(smoke: bool, cache: Path, threads: int | None, log) -> tuple[protocol.Setup, tuple, Path]:
+    """The base model and oracle, the three configurations (base, oracle, protocol) and the folder where finished
+    methods are kept."""
+    configs = base_config, oracle_config, protocol_config = SMOKE if smoke else FULL
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(protocol_config.seed)
     base = models.load_or_train_base(base_config, cache, log)
     judge = oracle.load_or_train_oracle(oracle_config, cache, log)
     finished = cache / f"protocol-{protocol_key(base_config, oracle_config, protocol_config)}"
-    return protocol.Setup(base, judge, world_seed=base_config.seed), protocol_config, finished
+    return protocol.Setup(base, judge, world_seed=base_config.seed), configs, finished
 
 
 def run_only(names: list[str], smoke: bool, cache: Path = models.CACHE, threads: int | None = None,
              log=print) -> Path:
     """Some of the runs, kept in the cache for the full command to pick up: lets several processes share the work."""
-    context, protocol_config, finished = setup(smoke, cache, threads, log)
+    context, (_, _, protocol_config), finished = setup(smoke, cache, threads, log)
     protocol.run_methods(context, protocol_config, names, log, finished)
     return finished
 
@@ -75,8 +76,7 @@ def run_only(names: list[str], smoke: bool, cache: Path = models.CACHE, threads:
 def run(smoke: bool, out: Path, cache: Path = models.CACHE, threads: int | None = None,
         log=print) -> tuple[dict, dict[str, protocol.MethodRun]]:
     started = time.monotonic()
-    context, protocol_config, finished = setup(smoke, cache, threads, log)
-    base_config = SMOKE[0] if smoke else FULL[0]
+    context, (base_config, _, protocol_config), finished = setup(smoke, cache, threads, log)
     results, runs = protocol.run_protocol(context, protocol_config, log, finished)
     results["oracle"] = oracle.held_out_accuracy(context.oracle, 60 if smoke else 600, ORACLE_CHECK_SEED)
     results["base_model"] = {"key": base_config.key(), "steps": base_config.steps, "seed": base_config.seed}
