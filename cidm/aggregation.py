@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import CIDMInputError
+from .errors import CIDMInputError, require_finite
 
 MODES = ("elastic", "one-hot", "fixed")
 UNCOND_POLICIES = ("match cond", "own")
@@ -95,5 +95,6 @@ def make_router(mode: str, features: list[torch.Tensor], power: float = 4.0, unc
         if fixed_weights is None or len(fixed_weights) != len(features):
             raise CIDMInputError("weights", f"fixed mode needs one weight per task ({len(features)}), "
                                             f"got {0 if fixed_weights is None else len(fixed_weights)}")
+        require_finite(weights=fixed_weights)
         return ConstantRouter(fixed_weights)
     return ElasticRouter(features, one_hot=mode == "one-hot", power=power, uncond=uncond)

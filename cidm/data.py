@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import CIDMInputError
+from .errors import CIDMInputError, require_finite
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 64
@@ -105,6 +105,7 @@ def examples_from_image_batch(images: torch.Tensor, input_name: str) -> list[Con
     if images.ndim != 4 or images.shape[-1] < 3:
         raise CIDMInputError(input_name, f"expected an IMAGE batch [N, H, W, 3], got shape {tuple(images.shape)}")
     check_image_size(images.shape[2], images.shape[1], "the IMAGE batch", input_name)
+    require_finite(**{input_name: images})
     return [ConceptExample(image[..., :3].float().clamp(0, 1), None, f"{input_name}[{i}]")
             for i, image in enumerate(images)]
 

@@ -20,7 +20,7 @@ from .adapters import LayerLoRABank, TaskFactors, init_task_factors
 from .aggregation import ConstantRouter
 from .consolidation import ConsolidationWeights, make_consolidator
 from .data import TEMPLATES, TrainingSet, make_prompt
-from .errors import CIDMInputError
+from .errors import CIDMInputError, require_finite
 from .layers import PROJECTIONS, CrossAttentionLayer
 from .tokens import LayerwiseTextEncoder, concept_features, initial_embeddings, mean_embedding_norm
 
@@ -50,6 +50,12 @@ class TrainingConfig:
             raise CIDMInputError("rank", f"must be at least 1, got {self.rank}")
         if self.batch_size <= 0:
             raise CIDMInputError("batch_size", f"must be at least 1, got {self.batch_size}")
+        weights = self.consolidation
+        require_finite(lora_lr=self.lora_lr, embedding_lr=self.embedding_lr, alpha=self.alpha,
+                       weight_decay=self.weight_decay, noise_offset=self.noise_offset,
+                       embedding_norm_threshold=self.embedding_norm_threshold,
+                       orthogonal_weight=weights.orthogonal, shared_weight=weights.shared,
+                       official_weight=weights.official, clora_lambda=weights.clora)
         for name in ("lora_lr", "embedding_lr"):
             if not getattr(self, name) >= 0:
                 raise CIDMInputError(name, f"must be ≥ 0, got {getattr(self, name)}")

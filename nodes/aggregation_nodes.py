@@ -7,7 +7,7 @@ from comfy_api.latest import io, ui
 
 from ..cidm.adapters import LayerLoRABank
 from ..cidm.aggregation import MODES, UNCOND_POLICIES, ElasticRouter, make_router
-from ..cidm.errors import CIDMInputError
+from ..cidm.errors import CIDMInputError, require_finite
 from ..cidm.layers import PROJECTIONS
 from ..cidm.plots import heatmap
 from ..cidm.tokens import vocabulary_from_tasks
@@ -89,6 +89,7 @@ class ElasticAggregateLoRAs(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, library, tasks, scale, mode, weights, uncond_weights):
+        require_finite(scale=scale)
         lib = library.open()
         lib.check_base_model(model_fingerprint(model), lib.num_layers)
         chosen = select_tasks(lib, tasks)
