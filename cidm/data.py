@@ -7,6 +7,7 @@ resized so its short side matches the training resolution and centre-cropped (or
 
 from __future__ import annotations
 
+import codecs
 import random
 import re
 from dataclasses import dataclass
@@ -29,6 +30,16 @@ OBJECT_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo o
 STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of {}", "an artwork in the style of {}",
                    "a picture in the style of {}", "a cropped painting in the style of {}")
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+# Words that occur in captions as grammar: a concept with one of these names binds only through its <marker>.
+FUNCTION_WORDS = frozenset("""
+a an the this that these those my your his her its our their some any each every no another other such
+i me you he him she it we us they them myself itself themselves who whom whose which what
+of in on at to from by with without into onto over under above below near behind beside between among
+around through across along against toward towards up down out off about before after during for as
+and or but nor so yet if then than because while when where whether
+is are was were be been being am has have had do does did will would can could shall should may might must
+not very just also there here
+""".split())
 
 
 @dataclass
@@ -69,23 +80,80 @@ def check_image_size(width: int, height: int, source: str, input_name: str) -> N
                                          "downscale it first")
 
 
-def _read_image(path: Path, input_name: str) -> torch.Tensor:
+def _read_image(path: Path, input_name: str, name: str) -> torch.Tensor:
     try:
         with Image.open(path) as opened:
-            check_image_size(*opened.size, path.name, input_name)
+            check_image_size(*opened.size, name, input_name)
             rgb = to_rgb(opened)
     except Image.DecompressionBombError as error:  # Pillow refuses to open it at all, before our own size check
-        raise CIDMInputError(input_name, f"{path.name} is too large to load ({error}); downscale it first") from error
+        raise CIDMInputError(input_name, f"{name} is too large to load ({error}); downscale it first") from error
     except (UnidentifiedImageError, OSError) as error:
-        raise CIDMInputError(input_name, f"{path.name} is not a readable image ({error})") from error
+        raise CIDMInputError(input_name, f"{name} is not a readable image ({error})") from error
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)
 
 
-def load_concept_folder(folder: Path, input_name: str) -> list[ConceptExample]:
-    """Images in `folder` (sorted), each with the caption in a same-stem .txt file if there is one."""
+def read_caption(path: Path, input_name: str) -> str | None:
+    """A caption file's text as the tools people use write it; None when it holds only whitespace.
+
+    A byte-order mark picks the encoding (UTF-8, UTF-16 LE/BE as Windows Notepad writes them) and is dropped.
+    Without one the text is UTF-8, or Windows-1252 when it is not valid UTF-8 (older Windows editors write
+    e.g. a curly apostrophe as the single byte 0x92). Runs of whitespace, line breaks included, become one space.
+
+    Raises:
+        CIDMInputError: `input_name`, naming the file, when it cannot be read or decoded.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise CIDMInputError(input_name, f"caption {path.name} cannot be read ({error})") from error
+    for bom, encoding in ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
+                          (codecs.BOM_UTF16_BE, "utf-16-be")):
+        if raw.startswith(bom):
+            candidates, raw = (encoding,), raw[len(bom):]
+            break
+    else:
+        candidates = ("utf-8", "cp1252")
+    for encoding in candidates:
+        try:
+            text = raw.decode(encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        raise CIDMInputError(input_name, f"caption {path.name} is neither UTF-8 nor Windows-1252 text; save it "
+                                         "as UTF-8")
+    if "\0" in text:
+        raise CIDMInputError(input_name, f"caption {path.name} is not a text file (it holds NUL characters)")
+    return " ".join(text.split()) or None
+
+
+def contained_file(path: Path, root: Path, input_name: str) -> Path:
+    """`path` with every symlink resolved; refuses a file that resolves outside `root` (itself resolved).
+
+    Raises:
+        CIDMInputError: `input_name`, naming the file and where it leads, when it lands outside `root`.
+    """
+    resolved = path.resolve()
+    if root not in resolved.parents:
+        raise CIDMInputError(input_name, f"{path.name} links to {resolved}, outside {root}; copy the file into "
+                                         "the folder instead")
+    return resolved
+
+
+def load_concept_folder(folder: Path, input_name: str, root: Path | None = None) -> list[ConceptExample]:
+    """Images in `folder` (sorted by name), each with the caption of a same-stem .txt file if there is one.
+
+    Every image and caption must resolve (symlinks followed) inside `root`, by default `folder` itself; the
+    nodes pass ComfyUI's input directory. Hidden files and subfolders are skipped.
+
+    Raises:
+        CIDMInputError: `input_name` when the folder does not exist or holds no images, a file is not an image
+            of a supported type and size, a file links outside `root`, or a caption cannot be read.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CIDMInputError(input_name, f"folder {folder} does not exist")
+    root = Path(root or folder).resolve()
     examples = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir() or path.suffix.lower() == ".txt":
@@ -93,9 +161,11 @@ def load_concept_folder(folder: Path, input_name: str) -> list[ConceptExample]:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise CIDMInputError(input_name, f"{path.name} is not an image (supported: "
                                              f"{', '.join(IMAGE_SUFFIXES)}); remove it from {folder.name}")
+        image = _read_image(contained_file(path, root, input_name), input_name, path.name)
         caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.exists() else None
-        examples.append(ConceptExample(_read_image(path, input_name), caption or None, path.name))
+        caption = (read_caption(contained_file(caption_file, root, input_name), input_name)
+                   if caption_file.exists() or caption_file.is_symlink() else None)
+        examples.append(ConceptExample(image, caption, path.name))
     if not examples:
         raise CIDMInputError(input_name, f"folder {folder} holds no images")
     return examples
@@ -123,9 +193,24 @@ def resize_and_crop(image: torch.Tensor, resolution: int, rng: random.Random | N
 
 
 def bind_concept_tokens(caption: str, concept_word: str, tokens: list[str]) -> str:
-    """Replaces the concept word (or <word>) in a caption with the concept's tokens; whole words only."""
-    pattern = re.compile(rf"<{re.escape(concept_word)}>|\b{re.escape(concept_word)}\b", re.IGNORECASE)
-    return pattern.sub(" ".join(tokens), caption)
+    """The caption with the concept's own mentions replaced by its tokens (joined by spaces).
+
+    The concept's own mention is:
+    - the marker `<concept_word>` (case-insensitive). A caption that holds a marker binds only its markers;
+      the bare word elsewhere in it stays an ordinary word ("<the> on the table" binds the first one only);
+    - without a marker, the bare concept word as a whole word (case-insensitive), as CIFC-style captions name the
+      subject ("dog sticking its tongue out"), unless the word is an English function word (`FUNCTION_WORDS`:
+      articles, pronouns, prepositions, conjunctions, auxiliaries). Those occur in captions as grammar, not as
+      the concept, so a concept named `the` or `with` binds only through its marker.
+    A caption with no own mention comes back unchanged (`make_prompt` then uses a template).
+    """
+    marker = re.compile(rf"<{re.escape(concept_word)}>", re.IGNORECASE)
+    joined = " ".join(tokens)
+    if marker.search(caption):
+        return marker.sub(joined, caption)
+    if concept_word.lower() in FUNCTION_WORDS:
+        return caption
+    return re.sub(rf"(?<![\w<]){re.escape(concept_word)}(?![\w>])", joined, caption, flags=re.IGNORECASE)
 
 
 def make_prompt(caption: str | None, concept_word: str, tokens: list[str], template_kind: str,

@@ -54,12 +54,17 @@ def library_ref(name: str) -> LibraryRef:
     return LibraryRef(name=name, root=str(root), revision=revision)
 
 
+def input_root() -> Path:
+    """ComfyUI's input directory, resolved: every file a node reads from a folder must resolve inside it."""
+    return Path(folder_paths.get_input_directory()).resolve()
+
+
 def input_subfolder(folder: str) -> Path | None:
     """A folder named relative to ComfyUI's input directory; refuses paths that escape it."""
     folder = folder.strip()
     if not folder:
         return None
-    base = Path(folder_paths.get_input_directory()).resolve()
+    base = input_root()
     path = (base / folder).resolve()
     if base != path and base not in path.parents:
         raise CIDMInputError("folder", f"'{folder}' is outside ComfyUI's input directory")

@@ -20,7 +20,7 @@ from ..cidm.plots import line_plot
 from ..cidm.tokens import TOKEN_PATTERN
 from ..cidm.train import ConceptSpec, ConceptTrainer, TrainingCallbacks, TrainingConfig
 from .comfy_backend import ComfyDenoiser, ComfyLayerwiseEncoder, base_model_info
-from .common import LibraryRef, input_subfolder, library_ref
+from .common import LibraryRef, input_root, input_subfolder, library_ref
 
 LOG_EVERY = 10
 PREVIEW_STEPS = 12
@@ -46,7 +46,7 @@ def gather_examples(images, folder: str):
         examples += examples_from_image_batch(images, "images")
     path = input_subfolder(folder)
     if path is not None:
-        examples += load_concept_folder(path, "folder")
+        examples += load_concept_folder(path, "folder", root=input_root())
     if not examples:
         raise CIDMInputError("images", "connect an IMAGE batch or name a folder under ComfyUI's input directory")
     return examples

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from comfy_host import Graph
-from pack_workflows import CKPT, TRAIN_DEFAULTS
+from comfy_host import Graph, draw_concept
+from pack_workflows import CKPT, TRAIN_DEFAULTS, library_root, train_graph
 
 pytestmark = pytest.mark.integration
 
@@ -46,3 +46,24 @@ def test_aggregate_refuses_nan_scale(comfy):
     graph.add("PreviewAny", source=model[0])
     error = comfy.run_expecting_error(graph.prompt())
     assert "scale: must be a finite number" in error
+
+
+def test_file_symlink_out_of_the_input_folder_is_refused(comfy, tmp_path):
+    draw_concept(tmp_path, "secret", count=1)
+    folder = comfy.workspace / "input" / "linked"
+    folder.mkdir()
+    draw_concept(folder, "dog", count=1)
+    (folder / "01.png").symlink_to(tmp_path / "00.png")
+    error = comfy.run_expecting_error(train_graph("linked_lib", "dog", "linked").prompt())
+    assert "folder: 01.png links to" in error and "outside" in error
+    assert not library_root(comfy, "linked_lib").exists()
+
+
+def test_captions_written_by_windows_tools_train(comfy):
+    folder = comfy.workspace / "input" / "windows_captions"
+    folder.mkdir()
+    draw_concept(folder, "dog", count=2)
+    (folder / "00.txt").write_bytes(b"my dog\x92s favourite spot")  # Windows-1252 curly apostrophe
+    (folder / "01.txt").write_bytes(b"\xef\xbb\xbfa dog on a plain background\r\n")  # UTF-8 with a BOM
+    comfy.run(train_graph("windows_lib", "dog", "windows_captions", steps=1).prompt())
+    assert (library_root(comfy, "windows_lib") / "manifest.json").is_file()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cidm.data import (build_training_set, examples_from_image_batch, load_concept_folder, make_prompt,
+from cidm.data import (bind_concept_tokens, build_training_set, examples_from_image_batch, load_concept_folder, make_prompt,
                        resize_and_crop, to_rgb)
 from cidm.errors import CIDMInputError
 
@@ -120,3 +120,68 @@ def test_prompts_bind_tokens():
     assert "in the style of <dog1> <dog2>" in styled
     with pytest.raises(CIDMInputError, match="template"):
         make_prompt(None, "dog", tokens, "poem", rng)
+
+
+def test_concept_binds_only_its_own_mention():
+    tokens = ["<t1>", "<t2>"]
+    rng = random.Random(0)
+    # A concept named like a function word never rewrites the caption's grammar; without a marker: a template.
+    assert bind_concept_tokens("the dog on the grass", "the", tokens) == "the dog on the grass"
+    prompt = make_prompt("the dog on the grass", "the", tokens, "object", rng)
+    assert prompt.endswith("<t1> <t2>") and prompt.count("<t1>") == 1 and "grass" not in prompt
+    # The marker is the concept's own mention; the bare word elsewhere stays an ordinary word.
+    assert bind_concept_tokens("<The> on the table", "the", tokens) == "<t1> <t2> on the table"
+    assert bind_concept_tokens("a <dog> looking at a dog toy", "dog", tokens) == "a <t1> <t2> looking at a dog toy"
+    # A content word binds as a whole word in any case, every time the caption names it.
+    assert bind_concept_tokens("Dog and another dog, not a hotdog", "dog", tokens) == \
+        "<t1> <t2> and another <t1> <t2>, not a hotdog"
+    assert bind_concept_tokens("teddy bear on a bench", "teddy bear", tokens) == "<t1> <t2> on a bench"
+
+
+def _one_image_folder(folder, caption_bytes):
+    folder.mkdir(parents=True, exist_ok=True)
+    _save(folder / "a.png")
+    (folder / "a.txt").write_bytes(caption_bytes)
+    return folder
+
+
+@pytest.mark.parametrize("raw,expected", [
+    (b"the dog\x92s ball", "the dog’s ball"),  # Windows-1252 curly apostrophe
+    (b"\xef\xbb\xbfa dog on grass\r\n", "a dog on grass"),  # UTF-8 with a byte-order mark (Notepad)
+    ("a dog’s ball\n".encode("utf-16"), "a dog’s ball"),  # UTF-16 with its BOM (Notepad "Unicode")
+    ("caf\u00e9 dog\n\n second line".encode(), "café dog second line"),
+    (b"  \n", None),
+])
+def test_captions_as_tools_write_them(tmp_path, raw, expected):
+    (example,) = load_concept_folder(_one_image_folder(tmp_path, raw), "folder")
+    assert example.caption == expected
+
+
+@pytest.mark.parametrize("raw", [b"a \x81 byte that no Windows code page maps", b"text\x00with NUL"])
+def test_undecodable_caption_names_the_file(tmp_path, raw):
+    with pytest.raises(CIDMInputError, match=r"folder: caption a\.txt"):
+        load_concept_folder(_one_image_folder(tmp_path, raw), "folder")
+
+
+def test_file_symlinks_must_stay_inside_the_root(tmp_path):
+    outside = tmp_path / "outside"
+    _one_image_folder(outside, b"secret caption")
+    root = tmp_path / "input"
+    concept = root / "dog"
+    concept.mkdir(parents=True)
+    _save(concept / "b.png")
+    (concept / "c.png").symlink_to(outside / "a.png")
+    with pytest.raises(CIDMInputError, match=r"folder: c\.png links to .*outside"):
+        load_concept_folder(concept, "folder", root=root)
+    (concept / "c.png").unlink()
+    (concept / "b.txt").symlink_to(outside / "a.txt")
+    with pytest.raises(CIDMInputError, match=r"folder: b\.txt links to .*outside"):
+        load_concept_folder(concept, "folder", root=root)
+    (concept / "b.txt").unlink()
+    # A link to another folder inside the root is fine; the default root is the folder itself.
+    _one_image_folder(root / "shared", b"a dog")
+    (concept / "c.png").symlink_to(root / "shared" / "a.png")
+    (concept / "c.txt").symlink_to(root / "shared" / "a.txt")
+    assert [e.caption for e in load_concept_folder(concept, "folder", root=root)] == [None, "a dog"]
+    with pytest.raises(CIDMInputError, match=r"c\.png links to"):
+        load_concept_folder(concept, "folder")
