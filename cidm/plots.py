@@ -52,3 +52,35 @@ def heatmap(matrix: torch.Tensor, row_labels: list[str], column_labels: list[str
             draw.text((box[0] + 2, box[1] + 8), f"{value:.2f}"[1:] if value < 1 else "1.0",
                       fill=INK if shade > 120 else BACKGROUND)
     return _to_image_tensor(image)
+
+
+REGION_COLOURS = ((230, 80, 60), (60, 140, 230), (70, 180, 90), (230, 170, 40), (170, 90, 210), (40, 190, 190))
+
+
+def region_layout(masks: list[torch.Tensor], labels: list[str], width: int, height: int,
+                  longest_side: int = 512) -> torch.Tensor:
+    """The regions over a blank canvas of the image's aspect ratio: each [H, W] mask as a translucent colour (its
+    opacity follows the mask's value), its box outlined and labelled. IMAGE [1, h, w, 3] with the longer side
+    `longest_side` pixels."""
+    scale = longest_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    canvas = np.full((size[1], size[0], 3), 245.0, dtype=np.float32)
+    boxes = []
+    for index, mask in enumerate(masks):
+        colour = np.asarray(REGION_COLOURS[index % len(REGION_COLOURS)], dtype=np.float32)
+        resized = Image.fromarray((mask.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
+        opacity = np.asarray(resized, dtype=np.float32)[..., None] / 255.0 * 0.55
+        canvas = canvas * (1 - opacity) + colour * opacity
+        rows, columns = np.nonzero(np.asarray(resized) > 0)
+        if rows.size:
+            boxes.append((index, colour, (columns.min(), rows.min(), columns.max(), rows.max())))
+    image = Image.fromarray(canvas.round().astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, 0, size[0] - 1, size[1] - 1], outline=GRID)
+    for index, colour, box in boxes:
+        rgb = tuple(int(c * 0.7) for c in colour)
+        draw.rectangle(box, outline=rgb, width=2)
+        text = f"{index + 1}: {labels[index]}" if labels[index] else f"region {index + 1}"
+        draw.rectangle([box[0] + 2, box[1] + 2, box[0] + 8 + 6 * len(text), box[1] + 16], fill=BACKGROUND)
+        draw.text((box[0] + 5, box[1] + 4), text, fill=rgb)
+    return _to_image_tensor(image)

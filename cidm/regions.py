@@ -1,13 +1,22 @@
 """Context-controllable synthesis: region specs, masks at any resolution, and region noise estimation.
 
-The paper's region noise estimation combines a global prediction E with per-region predictions E_u
-(E* = α·E + Σ_u (1−α)·E_u ⊙ m_u). Taken literally that scales the background by α; here the background keeps E:
+A region is a soft mask over the whole canvas (values in [0, 1]) with its own prompt. Masks reach every resolution
+(latent, each attention layer) by exact area averaging, and overlapping regions are normalised:
 
-    M  = clamp(Σ_u m_u, 0, 1)
-    E* = (1 − M) ⊙ E  +  M ⊙ ( α·E + (1 − α) · Σ_u m_u E_u / Σ_u m_u )
+    w_u = m_u / max(1, Σ_v m_v)        (each region's share of a position; Σ_u w_u ≤ 1)
+    w_0 = 1 − Σ_u w_u                  (the global prompt's share)
 
-so overlapping regions are averaged and α = 1 gives the plain global prediction. Predictions may be eps or x0:
-the blend is affine with weights summing to 1, so it commutes with the eps↔x0 conversion at a fixed x and sigma.
+so two regions covering the same position share it, and a position no region covers belongs to the global prompt.
+
+Region noise estimation (Dong et al., NeurIPS 2024, Sec. 3.3, Eq. 5) combines a global prediction E with per-region
+predictions E_u. Taken literally (E* = α·E + Σ_u (1−α)·E_u ⊙ m_u) it scales the background by α; here the
+background keeps E:
+
+    E* = w_0 ⊙ E  +  Σ_u w_u ⊙ ( α·E + (1 − α)·E_u )
+
+so α = 1 gives the plain global prediction. Predictions may be eps or x0, cond or guided: the blend is affine with
+weights summing to 1, so it commutes with the eps↔x0 conversion at a fixed x and sigma and with classifier-free
+guidance against one shared uncond.
 """
 
 from __future__ import annotations
@@ -16,47 +25,131 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .errors import CIDMInputError
+
+BOX_UNITS = ("fraction", "pixels")
 
 
 @dataclass(frozen=True)
 class RegionSpec:
-    conditioning: Any  # the host's conditioning for the region prompt
-    mask: torch.Tensor  # [H, W] in [0, 1], any resolution
+    """One region: the host's conditioning for its prompt, a [H, W] mask over the whole canvas in [0, 1] (already
+    multiplied by `strength`), and a label naming its concepts (for the layout preview)."""
+
+    conditioning: Any
+    mask: torch.Tensor
     strength: float = 1.0
+    label: str = ""
 
 
-def box_mask(x: float, y: float, width: float, height: float, size: int = 64) -> torch.Tensor:
-    """A [size, size] mask of the box given as fractions of the image (left, top, width, height)."""
-    for name, value in (("x", x), ("y", y), ("width", width), ("height", height)):
-        if not 0.0 <= value <= 1.0:
-            raise CIDMInputError(name, f"must be a fraction of the image in [0, 1], got {value}")
-    for name, value in (("width", width), ("height", height)):
-        if value <= 0:
-            raise CIDMInputError(name, "the box is empty: give it a size above 0")
-    mask = torch.zeros(size, size)
-    top, left = round(y * size), round(x * size)
-    bottom, right = max(top + 1, round(min(1.0, y + height) * size)), max(left + 1, round(min(1.0, x + width) * size))
-    mask[top:bottom, left:right] = 1.0
-    return mask
+def _coverage(source: int, target: int) -> torch.Tensor:
+    """[target, source]: the share of target cell i that source cell j covers (rows sum to 1), with both axes
+    spanning the same unit interval. Exact area averaging for any ratio, up or down."""
+    edges_s = torch.arange(source + 1, dtype=torch.float64) / source
+    edges_t = torch.arange(target + 1, dtype=torch.float64) / target
+    overlap = (torch.minimum(edges_t[1:, None], edges_s[None, 1:]) - torch.maximum(edges_t[:-1, None],
+                                                                                   edges_s[None, :-1])).clamp_min(0)
+    return (overlap * target).float()
 
 
 def mask_at(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[height, width] version of a [H, W] (or [1, H, W]) mask, area-averaged so soft edges survive."""
-    mask = mask.reshape(-1, *mask.shape[-2:])[:1].float()
-    return F.interpolate(mask[None], size=(height, width), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
+    """A [H, W] (or [1, H, W]) canvas mask at [height, width], by exact area averaging: each output cell is the mean
+    of the mask over the part of the canvas it covers, so soft edges and thin regions keep their mass at every
+    attention resolution (SD1.5 at 512²: 64², 32², 16², 8²)."""
+    mask = mask.reshape(mask.shape[-2:]).float()
+    rows = _coverage(mask.shape[0], height).to(mask.device)
+    columns = _coverage(mask.shape[1], width).to(mask.device)
+    return (rows @ mask @ columns.T).clamp(0, 1)
+
+
+def box_fractions(x: float, y: float, width: float, height: float, units: str = "fraction",
+                  canvas_width: int = 512, canvas_height: int = 512) -> tuple[float, float, float, float]:
+    """(left, top, width, height) as fractions of the canvas, from a box in `units` ("fraction" of the image, or
+    "pixels" of a canvas_width × canvas_height image).
+
+    Raises CIDMInputError naming the input for a non-finite value, a 0-sized box, or a box not inside the image."""
+    if units not in BOX_UNITS:
+        raise CIDMInputError("units", f"unknown units {units!r}; supported: {', '.join(BOX_UNITS)}")
+    values = {"x": x, "y": y, "width": width, "height": height}
+    for name, value in values.items():
+        if not torch.isfinite(torch.tensor(float(value))):
+            raise CIDMInputError(name, f"must be a finite number, got {value}")
+    if units == "pixels":
+        for name, size in (("canvas_width", canvas_width), ("canvas_height", canvas_height)):
+            if size <= 0:
+                raise CIDMInputError(name, f"must be a positive number of pixels, got {size}")
+        x, width, y, height = x / canvas_width, width / canvas_width, y / canvas_height, height / canvas_height
+    unit = "of the image" if units == "fraction" else f"pixels of the {canvas_width}×{canvas_height} canvas"
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0:
+            raise CIDMInputError(name, f"the box is empty ({name} {values[name]}): give it a size above 0")
+    for name, start, size, extent in (("x", x, width, "width"), ("y", y, height, "height")):
+        if not 0.0 <= start < 1.0:
+            raise CIDMInputError(name, f"the box starts outside the image ({name} = {values[name]} {unit})")
+        if start + size > 1.0 + 1e-6:
+            raise CIDMInputError(extent, f"the box ends outside the image ({name} + {extent} = "
+                                         f"{values[name] + values[extent]:g} {unit}); shrink it or move it")
+    return x, y, width, height
+
+
+def box_mask(left: float, top: float, width: float, height: float, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
+    """A [rows, columns] mask of a box given as canvas fractions: each cell holds the share of it the box covers."""
+    rows, columns = size
+
+    def axis(start: float, extent: float, cells: int) -> torch.Tensor:
+        edges = torch.arange(cells + 1, dtype=torch.float64) / cells
+        inside = torch.minimum(edges[1:], torch.tensor(start + extent)) - torch.maximum(edges[:-1], torch.tensor(start))
+        return (inside.clamp_min(0) * cells).float()
+
+    return axis(top, height, rows)[:, None] * axis(left, width, columns)[None, :]
+
+
+def split_masks(mask: torch.Tensor, input_name: str = "mask") -> list[torch.Tensor]:
+    """The regions of a MASK input ([H, W], or a batch [N, H, W]: one region per mask), each [H, W] in [0, 1].
+
+    Raises CIDMInputError naming the input (and the item of a batch) for non-finite values or an empty mask."""
+    if mask.ndim not in (2, 3) or mask.shape[-1] == 0 or mask.shape[-2] == 0:
+        raise CIDMInputError(input_name, f"expected a MASK [H, W] or a batch [N, H, W], got shape {tuple(mask.shape)}")
+    masks = list(mask.reshape(-1, *mask.shape[-2:]).float())
+    for index, item in enumerate(masks):
+        where = f" (mask {index + 1} of the batch of {len(masks)})" if len(masks) > 1 else ""
+        if not bool(torch.isfinite(item).all()):
+            raise CIDMInputError(input_name, f"holds NaN or infinite values{where}")
+        if float(item.clamp(0, 1).max()) <= 0:
+            raise CIDMInputError(input_name, f"is empty (all zero){where}: paint the region, or disconnect it "
+                                             "to use the box")
+    return [item.clamp(0, 1) for item in masks]
+
+
+def region_weights(masks: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """[U, height, width]: each region's share w_u of every position (area-averaged masks, overlaps normalised so
+    that Σ_u w_u ≤ 1; see the module docstring). The global prompt keeps 1 − Σ_u w_u."""
+    stacked = torch.stack([mask_at(mask, height, width) for mask in masks])
+    return stacked / stacked.sum(dim=0, keepdim=True).clamp_min(1.0)
 
 
 def blend_region_predictions(global_prediction: torch.Tensor, region_predictions: list[torch.Tensor],
                              masks: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """E* for predictions [B, C, h, w] and masks [h, w] (see module docstring)."""
+    """E* (module docstring) for predictions [B, C, h, w] and canvas masks [H, W] (any resolution)."""
     if not region_predictions:
         return global_prediction
-    stacked_masks = torch.stack([m.to(global_prediction) for m in masks])[:, None, None]  # [U, 1, 1, h, w]
-    total = stacked_masks.sum(dim=0)
-    regional = (stacked_masks * torch.stack(region_predictions)).sum(dim=0) / total.clamp_min(1e-8)
-    coverage = total.clamp(0, 1)
-    inside = alpha * global_prediction + (1 - alpha) * regional
-    return (1 - coverage) * global_prediction + coverage * inside
+    weights = region_weights(masks, *global_prediction.shape[-2:]).to(global_prediction)[:, None, None]
+    regional = (weights * (alpha * global_prediction + (1 - alpha) * torch.stack(region_predictions))).sum(dim=0)
+    return (1 - weights.sum(dim=0)) * global_prediction + regional
+
+
+def crop_box(mask: torch.Tensor, height: int, width: int, multiple: int = 8) -> tuple[int, int, int, int]:
+    """(rows, columns, top, left) of the smallest window of a [height, width] grid holding the mask's support,
+    grown to multiples of `multiple` cells (what the UNet needs) and kept inside the grid. Region noise estimation
+    runs the UNet on this window only, so its cost follows the region's area."""
+    support = mask_at(mask, height, width) > 0
+    rows, columns = support.any(dim=1).nonzero().flatten(), support.any(dim=0).nonzero().flatten()
+
+    def span(hits: torch.Tensor, cells: int) -> tuple[int, int]:
+        start, stop = int(hits[0]), int(hits[-1]) + 1
+        size = min(cells, -(-(stop - start) // multiple) * multiple)
+        start = max(0, min(start - (size - (stop - start)) // 2, cells - size))
+        return size, start
+
+    (row_size, top), (column_size, left) = span(rows, height), span(columns, width)
+    return row_size, column_size, top, left

@@ -1,18 +1,40 @@
-"""Region nodes: Region Condition and Context-Controlled KSampler (region noise estimation)."""
+"""Region nodes: Region Condition, Context-Controlled KSampler and Context-Controlled Guider."""
 
 from __future__ import annotations
+
+import math
 
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
-from ..cidm.regions import RegionSpec, blend_region_predictions, box_mask, mask_at
+from ..cidm.plots import region_layout
+from ..cidm.regions import BOX_UNITS, RegionSpec, blend_region_predictions, box_fractions, box_mask, crop_box, \
+    split_masks
 
 CATEGORY = "CIDM/regions"
 RegionsType = io.Custom("CIDM_REGIONS")
+
+
+def region_label(conditioning) -> str:
+    """The concepts a region's prompt names, as CIDM Text Encode records them ('' for other conditionings)."""
+    names = [name for _, extra in conditioning for name in extra.get("cidm_concepts", ())]
+    return ", ".join(dict.fromkeys(f"<{name}>" for name in names))
+
+
+def make_regions(conditioning, x, y, width, height, strength, units, canvas_width, canvas_height,
+                 mask=None) -> list[RegionSpec]:
+    """One RegionSpec per mask of a MASK batch, or one for the box; masks span the whole canvas."""
+    if mask is not None:
+        masks = split_masks(mask)
+    else:
+        box = box_fractions(x, y, width, height, units, canvas_width, canvas_height)
+        masks = [box_mask(*box, size=(canvas_height, canvas_width))]
+    label = region_label(conditioning)
+    return [RegionSpec(conditioning, item * strength, strength, label) for item in masks]
 
 
 class RegionCondition(io.ComfyNode):
@@ -21,42 +43,114 @@ class RegionCondition(io.ComfyNode):
         return io.Schema(
             node_id="CIDM_RegionCondition", display_name="Region Condition", category=CATEGORY,
             description="One region of the image with its own prompt (encode it with CIDM Text Encode, e.g. "
-                        "'a photo of a <dog>'). Draw the region as a MASK, or give a box as fractions of the "
-                        "image. Chain nodes to add regions.",
+                        "'a photo of a <dog>'): inside the region the image follows this prompt and its concepts, "
+                        "outside it the global prompt. Draw the region as a MASK (a batch of masks gives one region "
+                        "per mask), or give a box. Chain nodes through `regions` to add regions; the layout output "
+                        "shows them all.",
             inputs=[io.Conditioning.Input("conditioning", tooltip="The region's prompt."),
-                    io.Float.Input("x", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Box left (fraction)."),
-                    io.Float.Input("y", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Box top (fraction)."),
-                    io.Float.Input("width", default=0.5, min=0.0, max=1.0, step=0.01),
-                    io.Float.Input("height", default=1.0, min=0.0, max=1.0, step=0.01),
+                    io.Float.Input("x", default=0.0, min=0.0, max=16384.0, step=0.01,
+                                   tooltip="Box left edge, in `units`."),
+                    io.Float.Input("y", default=0.0, min=0.0, max=16384.0, step=0.01,
+                                   tooltip="Box top edge, in `units`."),
+                    io.Float.Input("width", default=0.5, min=0.0, max=16384.0, step=0.01,
+                                   tooltip="Box width, in `units`; the box must lie inside the image."),
+                    io.Float.Input("height", default=1.0, min=0.0, max=16384.0, step=0.01,
+                                   tooltip="Box height, in `units`; the box must lie inside the image."),
                     io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
-                                   tooltip="How strongly the region prompt replaces the global one inside it."),
-                    io.Mask.Input("mask", optional=True, tooltip="Overrides the box when connected."),
-                    RegionsType.Input("regions", optional=True, tooltip="Earlier regions to add this one to.")],
-            outputs=[RegionsType.Output(display_name="regions")])
+                                   tooltip="How strongly the region prompt replaces the global one inside it "
+                                           "(multiplies the mask)."),
+                    io.Mask.Input("mask", optional=True,
+                                  tooltip="Overrides the box when connected; stretched over the whole image. A batch "
+                                          "of N masks gives N regions with this prompt."),
+                    RegionsType.Input("regions", optional=True, tooltip="Earlier regions to add this one to."),
+                    io.Combo.Input("units", options=list(BOX_UNITS), default="fraction", optional=True,
+                                   tooltip="fraction: x, y, width, height as fractions of the image (0–1). "
+                                           "pixels: in pixels of a canvas_width × canvas_height image."),
+                    io.Int.Input("canvas_width", default=512, min=8, max=16384, step=8, optional=True,
+                                 tooltip="Image width in pixels: pixel boxes are read against it, and the layout "
+                                         "preview takes its shape. Regions scale with the latent you sample."),
+                    io.Int.Input("canvas_height", default=512, min=8, max=16384, step=8, optional=True,
+                                 tooltip="Image height in pixels (see canvas_width).")],
+            outputs=[RegionsType.Output(display_name="regions", tooltip="All regions so far, for the "
+                                        "Context-Controlled KSampler or Guider."),
+                     io.Image.Output(display_name="layout", tooltip="The regions over the canvas, each labelled "
+                                     "with the concepts its prompt names.")])
 
     @classmethod
-    def execute(cls, conditioning, x, y, width, height, strength, mask=None, regions=None):
-        region_mask = mask_at(mask, 64, 64) if mask is not None else box_mask(x, y, width, height)
-        return io.NodeOutput(list(regions or []) + [RegionSpec(conditioning, region_mask * strength, strength)])
+    def execute(cls, conditioning, x, y, width, height, strength, mask=None, regions=None, units="fraction",
+                canvas_width=512, canvas_height=512):
+        regions = list(regions or []) + make_regions(conditioning, x, y, width, height, strength, units,
+                                                     canvas_width, canvas_height, mask)
+        layout = region_layout([r.mask for r in regions], [r.label for r in regions], canvas_width, canvas_height)
+        return io.NodeOutput(regions, layout, ui=ui.PreviewImage(layout, cls=cls))
 
 
 class RegionGuider(comfy.samplers.CFGGuider):
-    """Classifier-free guidance per branch (global and each region), then the region blend of cidm.regions."""
+    """ComfyUI's CFGGuider with regions. Without region noise estimation it is the stock guider (sampling_function,
+    hence every CFG hook). With it (α < 1) one calc_cond_batch evaluates the global cond, the uncond and every
+    region cond on the area crop around its mask; the region predictions are blended into the cond prediction
+    (cidm.regions.blend_region_predictions), and the result goes through ComfyUI's pre-CFG hooks and cfg_function
+    (sampler_cfg_function and post-CFG hooks), as comfy_extras/nodes_perpneg.py does (ComfyUI v0.3.75)."""
 
     def set_regions(self, positive, negative, regions: list[RegionSpec], alpha: float):
         conds = {"positive": positive, "negative": negative}
         conds.update({f"region_{i}": region.conditioning for i, region in enumerate(regions)})
         self.inner_set_conds(conds)
-        self.regions, self.alpha = regions, alpha
+        self.regions, self.alpha = list(regions), alpha
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        names = ["positive", "negative"] + [f"region_{i}" for i in range(len(self.regions))]
-        outputs = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds.get(n) for n in names], x, timestep,
-                                                 model_options)
-        uncond = outputs[1]
-        guided = [uncond + self.cfg * (out - uncond) for out in [outputs[0]] + outputs[2:]]
-        masks = [mask_at(region.mask, x.shape[-2], x.shape[-1]) for region in self.regions]
-        return blend_region_predictions(guided[0], guided[1:], masks, self.alpha)
+        if not self.regions or self.alpha >= 1.0:
+            return super().predict_noise(x, timestep, model_options=model_options, seed=seed)
+        positive, negative = self.conds.get("positive"), self.conds.get("negative")
+        if math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False):
+            negative = None
+        crops = [[dict(c, area=crop_box(region.mask, *x.shape[-2:])) for c in self.conds.get(f"region_{i}", [])]
+                 for i, region in enumerate(self.regions)]
+        conds = [positive, negative] + crops
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            out = fn({"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep, "input": x,
+                      "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        cond = blend_region_predictions(out[0], out[2:], [region.mask for region in self.regions], self.alpha)
+        return comfy.samplers.cfg_function(self.inner_model, cond, out[1], self.cfg, x, timestep,
+                                           model_options=model_options, cond=positive, uncond=negative)
+
+
+def region_guider(model, positive, negative, regions, cfg: float, alpha: float) -> RegionGuider:
+    guider = RegionGuider(model)
+    guider.set_regions(positive, negative, list(regions or []), alpha)
+    guider.set_cfg(cfg)
+    return guider
+
+
+def sample(guider: RegionGuider, latent_image: dict, seed: int, steps: int, sampler_name: str, scheduler: str,
+           denoise: float) -> dict:
+    """What the stock KSampler does (nodes.common_ksampler, comfy.sample.sample), with `guider` in place of the
+    plain CFGGuider: the same noise, the same sigmas (comfy.samplers.KSampler: denoise and the dpm_2/uni_pc rule)."""
+    model = guider.model_patcher
+    latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+    noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                     scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
+    samples = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler_name), sigmas,
+                            denoise_mask=latent_image.get("noise_mask"),
+                            callback=latent_preview.prepare_callback(model, steps),
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = dict(latent_image)
+    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return out
+
+
+def guider_inputs():
+    return [io.Model.Input("model"), io.Conditioning.Input("positive", tooltip="The global prompt."),
+            io.Conditioning.Input("negative"),
+            RegionsType.Input("regions", optional=True, tooltip="From Region Condition; none gives plain sampling.")]
+
+
+ALPHA = io.Float.Input("alpha", default=0.1, min=0.0, max=1.0, step=0.01,
+                       tooltip="Region noise estimation (CIDM Eq. 5): the share of the global prediction inside "
+                               "regions (the paper uses 0.1); 1 turns it off.")
+CFG = io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01)
 
 
 class ContextControlledKSampler(io.ComfyNode):
@@ -65,39 +159,38 @@ class ContextControlledKSampler(io.ComfyNode):
         return io.Schema(
             node_id="CIDM_ContextControlledKSampler", display_name="Context-Controlled KSampler",
             category=CATEGORY,
-            description="Samples with a global prompt and region prompts: every region's noise prediction is "
-                        "blended into the global one inside its mask (CIDM's region noise estimation).",
-            inputs=[io.Model.Input("model"), io.Conditioning.Input("positive", tooltip="The global prompt."),
-                    io.Conditioning.Input("negative"), RegionsType.Input("regions", optional=True),
-                    io.Latent.Input("latent_image"),
-                    io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
-                    io.Int.Input("steps", default=30, min=1, max=10000),
-                    io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01),
-                    io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="dpmpp_2m"),
-                    io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="karras"),
-                    io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
-                    io.Float.Input("alpha", default=0.1, min=0.0, max=1.0, step=0.01,
-                                   tooltip="Share of the global prediction inside regions (the paper uses 0.1).")],
+            description="The KSampler with regions: every region's noise prediction is blended into the global "
+                        "one inside its mask (CIDM's region noise estimation). Without regions it is the stock "
+                        "KSampler, bit for bit, CFG model patches (RescaleCFG, ...) included.",
+            inputs=guider_inputs() + [
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
+                io.Int.Input("steps", default=30, min=1, max=10000), CFG,
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="dpmpp_2m"),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="karras"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01), ALPHA],
             outputs=[io.Latent.Output(display_name="latent")])
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
                 alpha, regions=None):
-        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        guider = RegionGuider(model)
-        guider.set_regions(positive, negative, list(regions or []), alpha)
-        guider.set_cfg(cfg)
-        total_steps = steps if denoise >= 1.0 else int(steps / max(denoise, 1e-4))
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler,
-                                                 total_steps)[-(steps + 1):]
-        callback = latent_preview.prepare_callback(model, steps)
-        samples = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler_name), sigmas,
-                                denoise_mask=latent_image.get("noise_mask"), callback=callback,
-                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        out = dict(latent_image)
-        out["samples"] = samples.to(comfy.model_management.intermediate_device())
-        return io.NodeOutput(out)
+        guider = region_guider(model, positive, negative, regions, cfg, alpha)
+        return io.NodeOutput(sample(guider, latent_image, seed, steps, sampler_name, scheduler, denoise))
 
 
-NODES = [RegionCondition, ContextControlledKSampler]
+class ContextControlledGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CIDM_ContextControlledGuider", display_name="Context-Controlled Guider", category=CATEGORY,
+            description="The Context-Controlled KSampler's guidance as a GUIDER, for SamplerCustomAdvanced "
+                        "(bring your own noise, sampler and sigmas).",
+            inputs=guider_inputs() + [CFG, ALPHA],
+            outputs=[io.Guider.Output(display_name="guider")])
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, alpha, regions=None):
+        return io.NodeOutput(region_guider(model, positive, negative, regions, cfg, alpha))
+
+
+NODES = [RegionCondition, ContextControlledKSampler, ContextControlledGuider]

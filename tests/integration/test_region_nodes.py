@@ -1,15 +1,18 @@
-"""Region Condition and Context-Controlled KSampler in the real server."""
+"""Region Condition, Context-Controlled KSampler and Guider in the real server."""
 
 import numpy as np
 import pytest
+from PIL import Image
+from safetensors.numpy import load_file
 
 from comfy_host import Graph
-from pack_workflows import CKPT, pixels
+from pack_workflows import CKPT
 from synthetic import synthesize_library
 
 pytestmark = pytest.mark.integration
 
 LIBRARY = "regions"
+SAMPLING = dict(seed=5, steps=3, cfg=6.0, sampler_name="euler", scheduler="normal", denoise=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +22,137 @@ def library(comfy):
     return LIBRARY
 
 
-def compose(comfy, alpha: float, with_regions: bool = True, sampler: str = "context") -> np.ndarray:
+def latents(comfy, entry) -> dict[str, np.ndarray]:
+    """Every latent a prompt saved with SaveLatent, by filename prefix."""
+    found = {}
+    for node_output in entry["outputs"].values():
+        for item in node_output.get("latents", []):
+            path = comfy.workspace / "output" / item["subfolder"] / item["filename"]
+            found[item["filename"].rsplit("_", 2)[0]] = load_file(str(path))["latent_tensor"]
+    return found
+
+
+def images(comfy, entry) -> dict[str, list[np.ndarray]]:
+    """Every image a prompt saved with SaveImage (not the node previews), by filename prefix."""
+    found = {}
+    for path in comfy.output_files(entry):
+        if comfy.workspace / "output" in path.parents:
+            found.setdefault(path.name.rsplit("_", 2)[0], []).append(np.asarray(Image.open(path), dtype=np.int16))
+    return found
+
+
+class Scene:
+    """A graph with a checkpoint, plain CLIPTextEncode prompts and helpers for regions and samplers."""
+
+    def __init__(self, width=64, height=64, batch_size=1, rescale=False):
+        self.graph = Graph()
+        checkpoint = self.graph.add("CheckpointLoaderSimple", ckpt_name=CKPT)
+        self.model, self.clip, self.vae = checkpoint[0], checkpoint[1], checkpoint[2]
+        if rescale:
+            self.model = self.graph.add("RescaleCFG", model=self.model, multiplier=0.7)[0]
+        self.positive, self.negative = self.encode("a dog and a duck on a beach"), self.encode("blurry")
+        self.latent = self.graph.add("EmptyLatentImage", width=width, height=height, batch_size=batch_size)[0]
+
+    def encode(self, text):
+        return self.graph.add("CLIPTextEncode", clip=self.clip, text=text)[0]
+
+    def region(self, text, previous=None, **box):
+        inputs = {**dict(conditioning=self.encode(text), x=0.0, y=0.0, width=0.5, height=1.0, strength=1.0), **box}
+        if previous is not None:
+            inputs["regions"] = previous
+        return self.graph.add("CIDM_RegionCondition", **inputs)
+
+    def two_regions(self):
+        left = self.region("a dog")
+        return self.region("a duck", previous=left[0], x=0.5)
+
+    def half_mask(self, left: float, size=64):
+        empty = self.graph.add("SolidMask", value=0.0, width=size, height=size)
+        half = self.graph.add("SolidMask", value=1.0, width=size // 2, height=size)
+        return self.graph.add("MaskComposite", destination=empty[0], source=half[0], x=int(left * size), y=0,
+                              operation="add")[0]
+
+    def stock(self, prefix, **sampling):
+        sampled = self.graph.add("KSampler", model=self.model, positive=self.positive, negative=self.negative,
+                                 latent_image=self.latent, **{**SAMPLING, **sampling})
+        self.graph.add("SaveLatent", samples=sampled[0], filename_prefix=prefix)
+
+    def ours(self, prefix, regions=None, alpha=0.1, decode=False, **sampling):
+        extra = {"regions": regions} if regions is not None else {}
+        sampled = self.graph.add("CIDM_ContextControlledKSampler", model=self.model, positive=self.positive,
+                                 negative=self.negative, latent_image=self.latent, alpha=alpha,
+                                 **{**SAMPLING, **sampling}, **extra)
+        self.graph.add("SaveLatent", samples=sampled[0], filename_prefix=prefix)
+        if decode:
+            self.graph.add("SaveImage", images=self.graph.add("VAEDecode", samples=sampled[0], vae=self.vae)[0],
+                           filename_prefix=prefix + "_image")
+        return sampled
+
+
+@pytest.mark.parametrize("rescale", [False, True], ids=["plain", "rescale_cfg"])
+def test_without_regions_the_latent_is_the_stock_ksamplers_bit_for_bit(comfy, rescale):
+    scene = Scene(rescale=rescale)
+    settings = {"euler": {}, "dpm2_denoise": dict(sampler_name="dpm_2", denoise=0.7),
+                "uni_pc_karras": dict(sampler_name="uni_pc", scheduler="karras", steps=4)}
+    for name, sampling in settings.items():
+        scene.stock(f"stock_{name}", **sampling)
+        scene.ours(f"ours_{name}", **sampling)
+    scene.ours("ours_alpha_one", regions=scene.two_regions()[0], alpha=1.0)
+    found = latents(comfy, comfy.run(scene.graph.prompt()))
+    for name in settings:
+        np.testing.assert_array_equal(found[f"ours_{name}"], found[f"stock_{name}"], err_msg=name)
+    np.testing.assert_array_equal(found["ours_alpha_one"], found["stock_euler"])
+
+
+def test_cfg_patches_reach_region_noise_estimation_and_the_guider_matches_the_sampler(comfy):
+    plain, rescaled = Scene(), Scene(rescale=True)
+    for scene in (plain, rescaled):
+        scene.ours("regions", regions=scene.two_regions()[0])
+    found_plain = latents(comfy, comfy.run(plain.graph.prompt()))["regions"]
+    found_rescaled = latents(comfy, comfy.run(rescaled.graph.prompt()))["regions"]
+    assert np.abs(found_plain - found_rescaled).mean() > 1e-3, "RescaleCFG had no effect with regions"
+
+    scene = Scene(rescale=True)
+    regions = scene.two_regions()[0]
+    scene.ours("sampler", regions=regions)
+    guider = scene.graph.add("CIDM_ContextControlledGuider", model=scene.model, positive=scene.positive,
+                             negative=scene.negative, regions=regions, cfg=SAMPLING["cfg"], alpha=0.1)
+    noise = scene.graph.add("RandomNoise", noise_seed=SAMPLING["seed"])
+    sigmas = scene.graph.add("BasicScheduler", model=scene.model, scheduler="normal", steps=3, denoise=1.0)
+    sampled = scene.graph.add("SamplerCustomAdvanced", noise=noise[0], guider=guider[0],
+                              sampler=scene.graph.add("KSamplerSelect", sampler_name="euler")[0], sigmas=sigmas[0],
+                              latent_image=scene.latent)
+    scene.graph.add("SaveLatent", samples=sampled[0], filename_prefix="guider")
+    found = latents(comfy, comfy.run(scene.graph.prompt()))
+    np.testing.assert_array_equal(found["guider"], found["sampler"])
+    np.testing.assert_array_equal(found["sampler"], found_rescaled)
+
+
+def test_a_mask_batch_gives_one_region_per_mask(comfy):
+    scene = Scene()
+    left, right = scene.half_mask(0.0), scene.half_mask(0.5)
+    batch = scene.graph.add("ImageToMask", channel="red", image=scene.graph.add(
+        "ImageBatch", image1=scene.graph.add("MaskToImage", mask=left)[0],
+        image2=scene.graph.add("MaskToImage", mask=right)[0])[0])[0]
+    from_batch = scene.graph.add("CIDM_RegionCondition", conditioning=scene.encode("a dog"), x=0.0, y=0.0,
+                                 width=0.5, height=1.0, strength=1.0, mask=batch)
+    first = scene.graph.add("CIDM_RegionCondition", conditioning=scene.encode("a dog"), x=0.0, y=0.0, width=0.5,
+                            height=1.0, strength=1.0, mask=left)
+    chained = scene.graph.add("CIDM_RegionCondition", conditioning=scene.encode("a dog"), x=0.0, y=0.0, width=0.5,
+                              height=1.0, strength=1.0, mask=right, regions=first[0])
+    only_left = scene.graph.add("CIDM_RegionCondition", conditioning=scene.encode("a dog"), x=0.0, y=0.0,
+                                width=0.5, height=1.0, strength=1.0, mask=left)
+    for name, regions in (("batch", from_batch), ("chained", chained), ("left", only_left)):
+        scene.ours(name, regions=regions[0])
+        scene.graph.add("SaveImage", images=regions[1], filename_prefix=f"layout_{name}")
+    entry = comfy.run(scene.graph.prompt())
+    found, layouts = latents(comfy, entry), images(comfy, entry)
+    np.testing.assert_array_equal(found["batch"], found["chained"])
+    assert np.abs(found["batch"] - found["left"]).mean() > 1e-3, "the second mask of the batch was dropped"
+    np.testing.assert_array_equal(layouts["layout_batch"][0], layouts["layout_chained"][0])
+
+
+def test_two_regions_with_two_concepts_write_the_image_and_the_layout(comfy, library):
     graph = Graph()
     checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=CKPT)
     lib = graph.add("CIDM_LoadConceptLibrary", library=LIBRARY)
@@ -29,47 +162,68 @@ def compose(comfy, alpha: float, with_regions: bool = True, sampler: str = "cont
     def encode(text):
         return graph.add("CIDM_TextEncode", clip=checkpoint[1], library=lib[0], text=text)[0]
 
-    positive, negative = encode("a <dog> and a <duck> on a beach"), encode("blurry")
+    left = graph.add("CIDM_RegionCondition", conditioning=encode("a photo of a <dog>"), x=0.0, y=0.0, width=0.5,
+                     height=1.0, strength=1.0)
+    right = graph.add("CIDM_RegionCondition", conditioning=encode("a photo of a <duck>"), x=64.0, y=0.0,
+                      width=64.0, height=64.0, strength=1.0, regions=left[0], units="pixels", canvas_width=128,
+                      canvas_height=64)
     latent = graph.add("EmptyLatentImage", width=128, height=64, batch_size=1)[0]
-    common = dict(model=model, positive=positive, negative=negative, latent_image=latent, seed=5, steps=3, cfg=6.0,
-                  sampler_name="euler", scheduler="normal", denoise=1.0)
-    if sampler == "stock":
-        sampled = graph.add("KSampler", **common)
-    else:
-        regions = {}
-        if with_regions:
-            left = graph.add("CIDM_RegionCondition", conditioning=encode("a photo of a <dog>"), x=0.0, y=0.0,
-                             width=0.5, height=1.0, strength=1.0)
-            right = graph.add("CIDM_RegionCondition", conditioning=encode("a photo of a <duck>"), x=0.5, y=0.0,
-                              width=0.5, height=1.0, strength=1.0, regions=left[0])
-            regions = {"regions": right[0]}
-        sampled = graph.add("CIDM_ContextControlledKSampler", alpha=alpha, **common, **regions)
-    decoded = graph.add("VAEDecode", samples=sampled[0], vae=checkpoint[2])
-    graph.add("SaveImage", images=decoded[0], filename_prefix=f"regions_{sampler}_{alpha}_{with_regions}")
-    return pixels(comfy, comfy.run(graph.prompt()))
+    common = dict(model=model, positive=encode("a <dog> and a <duck> on a beach"), negative=encode("blurry"),
+                  latent_image=latent, **SAMPLING)
+    for name, extra in (("stock", None), ("composed", {"regions": right[0], "alpha": 0.1})):
+        sampled = graph.add("KSampler", **common) if extra is None else \
+            graph.add("CIDM_ContextControlledKSampler", **common, **extra)
+        graph.add("SaveImage", images=graph.add("VAEDecode", samples=sampled[0], vae=checkpoint[2])[0],
+                  filename_prefix=name)
+    graph.add("SaveImage", images=right[1], filename_prefix="layout")
+    written = {name: found[0] for name, found in images(comfy, comfy.run(graph.prompt())).items()}
+    assert written["composed"].shape == written["stock"].shape == (64, 128, 3)
+    assert np.abs(written["composed"] - written["stock"]).mean() > 0.5, "region prompts had no effect"
+    layout = written["layout"]
+    assert layout.shape == (256, 512, 3)
+    left_colour, right_colour = layout[128, 128], layout[128, 384]
+    assert (left_colour != right_colour).any() and (left_colour != 245).any() and (right_colour != 245).any()
 
 
-def test_regions_change_the_composition_and_alpha_one_is_the_global_prompt(comfy, library):
-    stock = compose(comfy, 1.0, sampler="stock")
-    assert stock.shape == (64, 128, 3)
-    no_regions = compose(comfy, 0.1, with_regions=False)
-    assert np.abs(no_regions - stock).mean() < 1.0, "without regions the sampler must match the stock KSampler"
-    global_only = compose(comfy, 1.0)
-    assert np.abs(global_only - stock).mean() < 1.0, "alpha = 1 keeps the global prediction everywhere"
-    composed = compose(comfy, 0.1)
-    assert np.abs(composed - stock).mean() > 0.5, "region prompts had no effect"
+@pytest.mark.parametrize("box, mask_value, input_name, words", [
+    (dict(width=0.0, height=0.0), None, "width", "empty"),
+    (dict(x=0.8, width=0.5), None, "width", "outside"),
+    (dict(x=300.0, width=300.0, units="pixels"), None, "width", "outside"),
+    (dict(y=1.2), None, "y", "outside"),
+    ({}, 0.0, "mask", "empty"),
+    ({}, float("nan"), "mask", "NaN"),
+], ids=["zero_box", "box_outside", "pixel_box_outside", "starts_below", "empty_mask", "nan_mask"])
+def test_bad_boxes_and_masks_name_the_input(comfy, box, mask_value, input_name, words):
+    scene = Scene()
+    inputs = {**dict(conditioning=scene.positive, x=0.0, y=0.0, width=0.5, height=1.0, strength=1.0), **box}
+    if mask_value is not None:
+        inputs["mask"] = scene.graph.add("SolidMask", value=mask_value, width=64, height=64)[0]
+    region = scene.graph.add("CIDM_RegionCondition", **inputs)
+    scene.ours("never_written", regions=region[0])
+    error = comfy.run_expecting_error(scene.graph.prompt())
+    assert f"{input_name}:" in error and words in error, error
 
 
-def test_empty_region_box_names_the_input(comfy, library):
-    graph = Graph()
-    checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=CKPT)
-    cond = graph.add("CLIPTextEncode", clip=checkpoint[1], text="a dog")
-    region = graph.add("CIDM_RegionCondition", conditioning=cond[0], x=0.2, y=0.0, width=0.0, height=1.0,
-                       strength=1.0)
-    latent = graph.add("EmptyLatentImage", width=64, height=64, batch_size=1)
-    sampled = graph.add("CIDM_ContextControlledKSampler", model=checkpoint[0], positive=cond[0], negative=cond[0],
-                        regions=region[0], latent_image=latent[0], seed=0, steps=1, cfg=1.0, sampler_name="euler",
-                        scheduler="normal", denoise=1.0, alpha=0.1)
-    graph.add("SaveLatent", samples=sampled[0], filename_prefix="never_written")
-    error = comfy.run_expecting_error(graph.prompt())
-    assert "width" in error and "empty" in error
+def test_a_latent_batch_of_four_with_three_regions(comfy):
+    scene = Scene(width=96, height=64, batch_size=4)
+    first = scene.region("a dog", width=0.4)
+    second = scene.region("a duck", previous=first[0], x=0.3, width=0.4, height=0.5)
+    third = scene.region("a cat", previous=second[0], x=0.6, y=0.5, width=0.4, height=0.5)
+    scene.ours("batch", regions=third[0], decode=True)
+    scene.stock("stock")
+    entry = comfy.run(scene.graph.prompt())
+    found = latents(comfy, entry)
+    assert found["batch"].shape == (4, 4, 8, 12)
+    assert len({found["batch"][i].tobytes() for i in range(4)}) == 4
+    assert np.isfinite(found["batch"]).all()
+    assert np.abs(found["batch"] - found["stock"]).mean() > 1e-3
+    assert len(images(comfy, entry)["batch_image"]) == 4
+
+
+def test_a_latent_not_a_multiple_of_64_pixels(comfy):
+    scene = Scene(width=104, height=72)
+    scene.ours("odd", regions=scene.two_regions()[0], decode=True)
+    entry = comfy.run(scene.graph.prompt())
+    assert latents(comfy, entry)["odd"].shape == (1, 4, 9, 13)
+    (image,) = images(comfy, entry)["odd_image"]
+    assert image.shape == (72, 104, 3)
