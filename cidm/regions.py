@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .errors import CIDMInputError
+from .errors import CIDMInputError, require_finite
 
 BOX_UNITS = ("fraction", "pixels")
 
@@ -71,9 +71,7 @@ def box_fractions(x: float, y: float, width: float, height: float, units: str = 
     if units not in BOX_UNITS:
         raise CIDMInputError("units", f"unknown units {units!r}; supported: {', '.join(BOX_UNITS)}")
     values = {"x": x, "y": y, "width": width, "height": height}
-    for name, value in values.items():
-        if not torch.isfinite(torch.tensor(float(value))):
-            raise CIDMInputError(name, f"must be a finite number, got {value}")
+    require_finite(**values)
     if units == "pixels":
         for name, size in (("canvas_width", canvas_width), ("canvas_height", canvas_height)):
             if size <= 0:
@@ -110,15 +108,32 @@ def split_masks(mask: torch.Tensor, input_name: str = "mask") -> list[torch.Tens
     Raises CIDMInputError naming the input (and the item of a batch) for non-finite values or an empty mask."""
     if mask.ndim not in (2, 3) or mask.shape[-1] == 0 or mask.shape[-2] == 0:
         raise CIDMInputError(input_name, f"expected a MASK [H, W] or a batch [N, H, W], got shape {tuple(mask.shape)}")
+    require_finite(**{input_name: mask})
     masks = list(mask.reshape(-1, *mask.shape[-2:]).float())
     for index, item in enumerate(masks):
         where = f" (mask {index + 1} of the batch of {len(masks)})" if len(masks) > 1 else ""
-        if not bool(torch.isfinite(item).all()):
-            raise CIDMInputError(input_name, f"holds NaN or infinite values{where}")
         if float(item.clamp(0, 1).max()) <= 0:
             raise CIDMInputError(input_name, f"is empty (all zero){where}: paint the region, or disconnect it "
                                              "to use the box")
     return [item.clamp(0, 1) for item in masks]
+
+
+def make_regions(conditioning: Any, label: str, x: float, y: float, width: float, height: float, strength: float,
+                 units: str = "fraction", canvas_width: int = 512, canvas_height: int = 512,
+                 mask: torch.Tensor | None = None) -> list[RegionSpec]:
+    """The regions of one Region Condition: one per mask of a MASK batch, or one for the box (box_fractions);
+    each mask spans the whole canvas and is multiplied by `strength` (in [0, 1]).
+
+    Raises CIDMInputError naming the input for a non-finite or out-of-range value, a bad mask or a bad box."""
+    require_finite(strength=strength)
+    if not 0.0 <= strength <= 1.0:
+        raise CIDMInputError("strength", f"must be in [0, 1], got {strength}")
+    if mask is not None:
+        masks = split_masks(mask)
+    else:
+        masks = [box_mask(*box_fractions(x, y, width, height, units, canvas_width, canvas_height),
+                          size=(canvas_height, canvas_width))]
+    return [RegionSpec(conditioning, item * strength, strength, label) for item in masks]
 
 
 def region_weights(masks: list[torch.Tensor], height: int, width: int) -> torch.Tensor:

@@ -11,9 +11,9 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io, ui
 
+from ..cidm.errors import require_finite
 from ..cidm.plots import region_layout
-from ..cidm.regions import BOX_UNITS, RegionSpec, blend_region_predictions, box_fractions, box_mask, crop_box, \
-    split_masks
+from ..cidm.regions import BOX_UNITS, RegionSpec, blend_region_predictions, crop_box, make_regions
 
 CATEGORY = "CIDM/regions"
 RegionsType = io.Custom("CIDM_REGIONS")
@@ -23,18 +23,6 @@ def region_label(conditioning) -> str:
     """The concepts a region's prompt names, as CIDM Text Encode records them ('' for other conditionings)."""
     names = [name for _, extra in conditioning for name in extra.get("cidm_concepts", ())]
     return ", ".join(dict.fromkeys(f"<{name}>" for name in names))
-
-
-def make_regions(conditioning, x, y, width, height, strength, units, canvas_width, canvas_height,
-                 mask=None) -> list[RegionSpec]:
-    """One RegionSpec per mask of a MASK batch, or one for the box; masks span the whole canvas."""
-    if mask is not None:
-        masks = split_masks(mask)
-    else:
-        box = box_fractions(x, y, width, height, units, canvas_width, canvas_height)
-        masks = [box_mask(*box, size=(canvas_height, canvas_width))]
-    label = region_label(conditioning)
-    return [RegionSpec(conditioning, item * strength, strength, label) for item in masks]
 
 
 class RegionCondition(io.ComfyNode):
@@ -79,8 +67,8 @@ class RegionCondition(io.ComfyNode):
     @classmethod
     def execute(cls, conditioning, x, y, width, height, strength, mask=None, regions=None, units="fraction",
                 canvas_width=512, canvas_height=512):
-        regions = list(regions or []) + make_regions(conditioning, x, y, width, height, strength, units,
-                                                     canvas_width, canvas_height, mask)
+        regions = list(regions or []) + make_regions(conditioning, region_label(conditioning), x, y, width, height,
+                                                     strength, units, canvas_width, canvas_height, mask)
         layout = region_layout([r.mask for r in regions], [r.label for r in regions], canvas_width, canvas_height)
         return io.NodeOutput(regions, layout, ui=ui.PreviewImage(layout, cls=cls))
 
@@ -117,6 +105,7 @@ class RegionGuider(comfy.samplers.CFGGuider):
 
 
 def region_guider(model, positive, negative, regions, cfg: float, alpha: float) -> RegionGuider:
+    require_finite(cfg=cfg, alpha=alpha)
     guider = RegionGuider(model)
     guider.set_regions(positive, negative, list(regions or []), alpha)
     guider.set_cfg(cfg)
@@ -127,6 +116,7 @@ def sample(guider: RegionGuider, latent_image: dict, seed: int, steps: int, samp
            denoise: float) -> dict:
     """What the stock KSampler does (nodes.common_ksampler, comfy.sample.sample), with `guider` in place of the
     plain CFGGuider: the same noise, the same sigmas (comfy.samplers.KSampler: denoise and the dpm_2/uni_pc rule)."""
+    require_finite(denoise=denoise)
     model = guider.model_patcher
     latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
     noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))

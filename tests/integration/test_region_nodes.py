@@ -187,19 +187,24 @@ def test_two_regions_with_two_concepts_write_the_image_and_the_layout(comfy, lib
 
 @pytest.mark.parametrize("box, mask_value, input_name, words", [
     (dict(width=0.0, height=0.0), None, "width", "empty"),
+    (dict(strength=float("nan")), None, "strength", "finite"),
+    (dict(alpha=float("nan")), None, "alpha", "finite"),
+    (dict(cfg=float("nan")), None, "cfg", "finite"),
     (dict(x=0.8, width=0.5), None, "width", "outside"),
     (dict(x=300.0, width=300.0, units="pixels"), None, "width", "outside"),
     (dict(y=1.2), None, "y", "outside"),
     ({}, 0.0, "mask", "empty"),
     ({}, float("nan"), "mask", "NaN"),
-], ids=["zero_box", "box_outside", "pixel_box_outside", "starts_below", "empty_mask", "nan_mask"])
+], ids=["zero_box", "nan_strength", "nan_alpha", "nan_cfg", "box_outside", "pixel_box_outside", "starts_below", "empty_mask", "nan_mask"])
 def test_bad_boxes_and_masks_name_the_input(comfy, box, mask_value, input_name, words):
     scene = Scene()
+    box = dict(box)
+    sampling = {name: box.pop(name) for name in ("alpha", "cfg") if name in box}
     inputs = {**dict(conditioning=scene.positive, x=0.0, y=0.0, width=0.5, height=1.0, strength=1.0), **box}
     if mask_value is not None:
         inputs["mask"] = scene.graph.add("SolidMask", value=mask_value, width=64, height=64)[0]
     region = scene.graph.add("CIDM_RegionCondition", **inputs)
-    scene.ours("never_written", regions=region[0])
+    scene.ours("never_written", regions=region[0], **sampling)
     error = comfy.run_expecting_error(scene.graph.prompt())
     assert f"{input_name}:" in error and words in error, error
 

@@ -5,8 +5,8 @@ import torch
 
 from cidm.errors import CIDMInputError
 from cidm.plots import region_layout
-from cidm.regions import blend_region_predictions, box_fractions, box_mask, crop_box, mask_at, region_weights, \
-    split_masks
+from cidm.regions import blend_region_predictions, box_fractions, box_mask, crop_box, make_regions, mask_at, \
+    region_weights, split_masks
 
 
 def test_box_mask_covers_the_box():
@@ -63,6 +63,8 @@ def test_mask_batches_split_into_regions_and_bad_masks_name_the_input():
     batch = torch.zeros(3, 8, 8)
     batch[0, :4], batch[1, 4:], batch[2, :, :2] = 1, 1, 1
     assert [m.sum().item() for m in split_masks(batch)] == [32, 32, 16]
+    with pytest.raises(CIDMInputError, match=r"mask 3 of the batch of 3"):
+        split_masks(batch * torch.tensor([1.0, 1.0, 0.0])[:, None, None])
     assert len(split_masks(torch.ones(8, 8))) == 1
     nan = batch.clone()
     nan[1, 0, 0] = float("nan")
@@ -71,9 +73,19 @@ def test_mask_batches_split_into_regions_and_bad_masks_name_the_input():
     for bad, words in ((nan, "NaN"), (empty, "empty")):
         with pytest.raises(CIDMInputError) as error:
             split_masks(bad)
-        assert error.value.input_name == "mask" and words in str(error.value) and "mask " in str(error.value)
+        assert error.value.input_name == "mask" and words in str(error.value)
     with pytest.raises(CIDMInputError, match="empty"):
         split_masks(torch.zeros(8, 8))
+
+
+@pytest.mark.parametrize("inputs, input_name", [(dict(strength=float("nan")), "strength"),
+                                                 (dict(strength=1.5), "strength"),
+                                                 (dict(y=float("-inf")), "y")])
+def test_non_finite_region_inputs_name_the_input(inputs, input_name):
+    arguments = {**dict(x=0.0, y=0.0, width=0.5, height=1.0, strength=1.0), **inputs}
+    with pytest.raises(CIDMInputError) as error:
+        make_regions(None, "", **arguments)
+    assert error.value.input_name == input_name
 
 
 def test_blend_matches_hand_computation():
