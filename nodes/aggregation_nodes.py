@@ -11,7 +11,9 @@ from ..cidm.errors import CIDMInputError, require_finite
 from ..cidm.layers import PROJECTIONS
 from ..cidm.plots import heatmap
 from ..cidm.tokens import vocabulary_from_tasks
-from .comfy_backend import TOKENS_PER_LAYER, ComfyLayerwiseEncoder, model_fingerprint, object_patch_attn2
+from .host.attention import object_patch_attn2
+from .host.model import model_fingerprint
+from .host.text_encoder import TOKENS_PER_LAYER, ComfyLayerwiseEncoder
 from .library_nodes import ConceptLibraryType
 
 CATEGORY = "CIDM/aggregation"

@@ -19,8 +19,10 @@ from ..cidm.library import ConceptLibrary, TaskData, validate_name, validate_tok
 from ..cidm.plots import line_plot
 from ..cidm.tokens import TOKEN_PATTERN
 from ..cidm.train import ConceptSpec, ConceptTrainer, TrainingCallbacks, TrainingConfig
-from .comfy_backend import ComfyDenoiser, ComfyLayerwiseEncoder, base_model_info
 from .common import LibraryRef, input_root, input_subfolder, library_ref
+from .host.denoiser import ComfyDenoiser
+from .host.model import base_model_info
+from .host.text_encoder import ComfyLayerwiseEncoder
 
 LOG_EVERY = 10
 PREVIEW_STEPS = 12

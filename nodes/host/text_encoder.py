@@ -1,0 +1,108 @@
+"""cidm's LayerwiseTextEncoder over a ComfyUI CLIP (SD1.5's CLIP-L)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from ...cidm.errors import CIDMInputError
+from ...cidm.tokens import TOKEN_PATTERN
+
+TOKENS_PER_LAYER = 77
+# Single-BPE words used as placeholders for concept tokens while tokenizing; the first one absent from the prompt
+# is used, so a user's own words are never mistaken for a concept token.
+SENTINEL_WORDS = ("sks", "xqz", "zwx", "qxv")
+
+
+class ComfyLayerwiseEncoder:
+    """cidm's LayerwiseTextEncoder over a ComfyUI CLIP: one encode per layer with the layer's token embeddings
+    inserted as embedding tensors (ComfyUI's tokenizer accepts tensors in place of token ids)."""
+
+    def __init__(self, clip, num_layers: int):
+        self.clip = clip
+        self.num_layers = num_layers
+        self.tokens_per_layer = TOKENS_PER_LAYER
+        self.text_model = self._text_model()
+
+    def _text_model(self):
+        encoder = self.clip.cond_stage_model
+        for attribute in ("clip_l", "clip_g", "transformer"):
+            candidate = getattr(encoder, attribute, None)
+            if candidate is not None and hasattr(candidate, "transformer"):
+                return candidate.transformer
+        raise CIDMInputError("clip", "unsupported text encoder; supported: SD1.5's CLIP-L")
+
+    def _token_ids(self, text: str) -> list[tuple]:
+        tokenized = self.clip.tokenize(text)
+        if len(tokenized) != 1:
+            raise CIDMInputError("clip", "unsupported text encoder (more than one tokenizer); supported: SD1.5")
+        chunks = next(iter(tokenized.values()))
+        if len(chunks) > 1:
+            logging.warning("CIDM: prompt longer than 75 tokens, truncated to the first 77-token chunk: %r", text)
+        return chunks[0]
+
+    def _sentinel(self, text: str) -> tuple[str, int]:
+        for word in SENTINEL_WORDS:
+            ids = [entry[0] for entry in self._token_ids(word)]
+            if word not in text.lower() and isinstance(ids[1], int) and ids[2] == ids[-1]:
+                return word, ids[1]
+        raise CIDMInputError("text", f"the prompt uses every placeholder word {SENTINEL_WORDS}; rephrase it")
+
+    def word_embedding(self, word: str) -> torch.Tensor | None:
+        ids = [entry[0] for entry in self._token_ids(word)]
+        body = [i for i in ids[1:] if i != ids[-1]]  # drop BOS and the EOS/padding run
+        if len(body) != 1:
+            return None
+        table = self.text_model.get_input_embeddings().weight
+        return table[body[0]].detach().float().clone()
+
+    def encode_with_pooled(self, text: str, embeddings: dict[str, torch.Tensor]):
+        """([L, 77, D], pooled) for a prompt whose concept tokens are keys of `embeddings` (token -> [L, D])."""
+        occurrences = [t for t in TOKEN_PATTERN.findall(text) if t in embeddings]
+        word, sentinel = self._sentinel(text)
+        substituted = TOKEN_PATTERN.sub(lambda m: word if m.group(0) in embeddings else m.group(0), text)
+        base = self._token_ids(substituted)
+        positions = [i for i, entry in enumerate(base) if entry[0] == sentinel]
+        if len(positions) != len(occurrences):
+            raise CIDMInputError("text", "the concept tokens did not fit in the first 75 tokens; shorten the prompt")
+        tokenizer_key = next(iter(self.clip.tokenize("")))
+        chunks = []
+        for layer in range(self.num_layers):
+            tokens = list(base)
+            for position, token in zip(positions, occurrences):
+                tokens[position] = (embeddings[token][layer],) + tuple(base[position][1:])
+            chunks.append(tokens)
+        # ComfyUI encodes a prompt's 77-token chunks as one batch and joins them along the token axis, so one call
+        # with a chunk per layer runs the text encoder once and returns the packed [1, L·77, D] layout.
+        cond, pooled = self.clip.encode_from_tokens({tokenizer_key: chunks}, return_pooled=True)
+        return cond[0].reshape(self.num_layers, TOKENS_PER_LAYER, -1), pooled
+
+    def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.encode_with_pooled(text, embeddings)[0]
+        with _out_of_place_residuals(self.text_model):
+            return self.encode_with_pooled(text, embeddings)[0]
+
+
+def _residual_forward(layer):
+    def forward(x, mask=None, optimized_attention=None):
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+    return forward
+
+
+@contextlib.contextmanager
+def _out_of_place_residuals(text_model: torch.nn.Module):
+    """ComfyUI's CLIPLayer adds its residuals in place (x += ...), which autograd rejects once the token embeddings
+    require grad. While training, each layer runs the same arithmetic out of place."""
+    layers = [m for m in text_model.modules() if all(hasattr(m, a) for a in
+                                                     ("self_attn", "layer_norm1", "mlp", "layer_norm2"))]
+    for layer in layers:
+        layer.forward = _residual_forward(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
