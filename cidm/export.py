@@ -1,26 +1,82 @@
-"""Export of one task as a standard LoRA file that ComfyUI's stock LoraLoader reads.
+"""Export of one task as a standard LoRA file that ComfyUI's LoraLoader and diffusers' `load_lora_weights` read.
 
-Keys are kohya-style `lora_unet_<LDM module path with underscores>` with `.lora_down.weight`, `.lora_up.weight`
-and `.alpha`. Loaders scale by alpha/rank, so alpha is written as rank·multiplier to reproduce h = Wx + m·BAx.
+Keys use kohya-ss sd-scripts' SD1.x names: `lora_unet_<diffusers module path with "." as "_">` with
+`.lora_down.weight`, `.lora_up.weight` and `.alpha`, e.g.
+`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight` (sd-scripts trains SD1.x
+on the diffusers UNet). Both hosts read these names:
+- ComfyUI (v0.3.75, `comfy/lora.py` `model_lora_keys_unet`) maps them through `comfy.utils.unet_to_diffusers`;
+- diffusers (v0.42.1, `src/diffusers/loaders/lora_conversion_utils.py` `_convert_unet_lora_key`) turns `_` back
+  into module paths.
+The LDM names a ComfyUI library stores (`input_blocks.1.1.…`) load in ComfyUI only: diffusers turns
+`lora_unet_input_blocks_1_1_…` into `down_blocks.1.1.…`, a module that does not exist.
+
+Loaders scale by alpha/rank, so alpha is written as rank·multiplier to reproduce h = Wx + m·BAx.
 What the format cannot carry: the layer-wise concept token embeddings (one per cross-attention layer). A stock
 LoRA applies to every prompt, so the concept is invoked by the class word, not by its tokens.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .adapters import TaskFactors
+from .errors import CIDMInputError
 
 EXPORT_NOTE = ("layer-wise concept tokens are not part of the standard LoRA format; this file holds only the "
                "cross-attention LoRA and applies to every prompt")
 
+# SD1.x UNet: each level holds 2 attention blocks, then a downsample (input side) or 3 (output side).
+_INPUT_BLOCKS_PER_LEVEL, _INPUT_ATTENTIONS, _OUTPUT_BLOCKS_PER_LEVEL = 3, 2, 3
+_LDM_ATTENTION = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.1\.(.+)|middle_block\.1\.(.+)")
+_DIFFUSERS_ATTENTION = re.compile(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\..+")
+
+
+def diffusers_unet_path(path: str) -> str:
+    """The diffusers module path of an SD1.x UNet attention submodule named by its LDM path (ComfyUI's names).
+
+    input_blocks.{3i+j+1}.1.X → down_blocks.i.attentions.j.X (j < 2), middle_block.1.X → mid_block.attentions.0.X,
+    output_blocks.{3i+j}.1.X → up_blocks.i.attentions.j.X (the block layout of ComfyUI v0.3.75
+    `comfy.utils.unet_to_diffusers` for SD1.x's two residual blocks per level; a one-level UNet, like the mini
+    test checkpoint, maps the same way). A path already in diffusers form (libraries trained with the diffusers
+    backend) comes back unchanged.
+
+    Raises:
+        CIDMInputError: ("library") when `path` is not an attention submodule of an SD1.x UNet in either form.
+    """
+    if _DIFFUSERS_ATTENTION.fullmatch(path):
+        return path
+    match = _LDM_ATTENTION.fullmatch(path)
+    if match is None:
+        raise CIDMInputError("library", f"layer {path!r} is not an SD1.x UNet attention module")
+    stage, block, rest, middle_rest = match.groups()
+    if middle_rest is not None:
+        return f"mid_block.attentions.0.{middle_rest}"
+    block = int(block)
+    if stage == "output_blocks":
+        level, position = divmod(block, _OUTPUT_BLOCKS_PER_LEVEL)
+        return f"up_blocks.{level}.attentions.{position}.{rest}"
+    level, position = divmod(block - 1, _INPUT_BLOCKS_PER_LEVEL)
+    if block < 1 or position >= _INPUT_ATTENTIONS:
+        raise CIDMInputError("library", f"layer {path!r} is a downsample block in SD1.x, not an attention module")
+    return f"down_blocks.{level}.attentions.{position}.{rest}"
+
 
 def standard_lora_state_dict(lora: TaskFactors, layer_paths: list[str], multiplier: float,
                              dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """One task's factors as a kohya-named SD1.x LoRA state dict (see the module docstring).
+
+    `lora` maps (layer index, projection) to (down [r, in], up [out, r]); `layer_paths[layer]` is that layer's
+    attn2 path from the UNet root, in LDM or diffusers form. Factors are stored as `dtype` (fp16, as most LoRA
+    files are); `.alpha` is the fp32 scalar rank·multiplier.
+
+    Raises:
+        CIDMInputError: ("library") when a layer path is not an SD1.x UNet attention module.
+    """
     state = {}
     for (layer, proj), (down, up) in sorted(lora.items()):
-        name = "lora_unet_" + f"{layer_paths[layer]}.{proj}".replace(".", "_")
+        name = "lora_unet_" + f"{diffusers_unet_path(layer_paths[layer])}.{proj}".replace(".", "_")
         state[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
         state[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         state[f"{name}.alpha"] = torch.tensor(float(down.shape[0]) * multiplier)

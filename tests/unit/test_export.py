@@ -1,0 +1,88 @@
+"""The exported LoRA file loads into a diffusers UNet and gives the pack's own result (issue 16, kind 9).
+
+The real-server half (ComfyUI's LoraLoader on the same kind of file) is tests/integration/test_export_loads.py.
+"""
+
+import logging
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from safetensors.torch import save_file
+
+from cidm.adapters import LayerLoRABank
+from cidm.aggregation import ConstantRouter
+from cidm.backends.diffusers_backend import DiffusersDenoiser
+from cidm.errors import CIDMInputError
+from cidm.export import diffusers_unet_path, standard_lora_state_dict
+from cidm.layers import PROJECTIONS, cross_attention_layers
+
+# SD1.5's 16 attn2 modules under their LDM names, as ComfyUI's UNet (comfy/ldm/.../openaimodel.py) names them:
+# attention in input blocks 1, 2, 4, 5, 7, 8, the middle block, and output blocks 3..11.
+SD15_LDM_ATTN2 = ([f"input_blocks.{b}.1.transformer_blocks.0.attn2" for b in (1, 2, 4, 5, 7, 8)]
+                  + ["middle_block.1.transformer_blocks.0.attn2"]
+                  + [f"output_blocks.{b}.1.transformer_blocks.0.attn2" for b in range(3, 12)])
+CONTEXT = 24
+
+
+def sd15_structured_unet() -> UNet2DConditionModel:
+    """SD1.5's block structure (4 levels, 2 residual blocks each, attention on the first 3) at tiny widths."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(16, 16, 16, 16),
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                                cross_attention_dim=CONTEXT, attention_head_dim=4, norm_num_groups=8
+                                ).eval().requires_grad_(False)
+
+
+def random_task(unet, rank=4, std=0.5):
+    generator = torch.Generator().manual_seed(1)
+    lora = {}
+    for layer in cross_attention_layers(unet):
+        for proj, (out_features, in_features) in layer.projection_shapes().items():
+            lora[(layer.index, proj)] = (torch.randn(rank, in_features, generator=generator) * std,
+                                         torch.randn(out_features, rank, generator=generator) * std)
+    return lora
+
+
+def test_ldm_paths_map_to_the_diffusers_modules():
+    unet = sd15_structured_unet()
+    diffusers_paths = [layer.path for layer in cross_attention_layers(unet)]
+    assert [diffusers_unet_path(p) for p in SD15_LDM_ATTN2] == diffusers_paths
+    assert [diffusers_unet_path(p) for p in diffusers_paths] == diffusers_paths
+    for path in ("input_blocks.3.1.transformer_blocks.0.attn2", "input_blocks.0.1.attn2", "out.2", "attn2"):
+        with pytest.raises(CIDMInputError, match="library: layer"):
+            diffusers_unet_path(path)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+@torch.no_grad()
+def test_export_loads_into_diffusers_and_matches_the_pack(tmp_path, caplog, dtype, tolerance):
+    unet = sd15_structured_unet()
+    lora, multiplier = random_task(unet), 0.7
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 16, 16, generator=generator)
+    context = torch.randn(2, 77, CONTEXT, generator=generator)
+    timestep = torch.tensor([10, 500])
+    base = unet(x, timestep, encoder_hidden_states=context).sample
+
+    denoiser = DiffusersDenoiser(unet, scheduler=type("Scheduler", (), {"config": type(
+        "Config", (), {"prediction_type": "epsilon"})})())
+    banks = {layer.index: LayerLoRABank([{p: lora[(layer.index, p)] for p in PROJECTIONS}], multiplier)
+             for layer in denoiser.layers}
+    with denoiser.adapted(banks, ConstantRouter([1.0])):
+        in_pack = unet(x, timestep, encoder_hidden_states=context).sample
+
+    path = tmp_path / "concept.safetensors"
+    save_file(standard_lora_state_dict(lora, SD15_LDM_ATTN2, multiplier, dtype=dtype), str(path))
+    with caplog.at_level(logging.WARNING):
+        state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path))
+        StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, unet=unet, adapter_name="concept")
+    assert not [r for r in caplog.records if r.name.startswith(("diffusers", "peft"))], caplog.text
+    loaded = unet(x, timestep, encoder_hidden_states=context).sample
+
+    effect = (in_pack - base).abs()
+    assert effect.mean() > 0.05  # the LoRA changes the output, so a LoRA that is dropped cannot pass
+    assert (loaded - in_pack).abs().max() < tolerance * effect.max()
