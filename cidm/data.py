@@ -8,6 +8,8 @@ resized so its short side matches the training resolution and centre-cropped (or
 from __future__ import annotations
 
 import codecs
+import hashlib
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -54,6 +56,12 @@ class TrainingSet:
     images: torch.Tensor  # [N, R, R, 3]
     captions: list[str | None]
     sources: list[str]
+
+    def digest(self) -> str:
+        """sha256 of the pixels and captions (not the file names): the same data gives the same digest."""
+        digest = hashlib.sha256(self.images.detach().cpu().float().contiguous().numpy().tobytes())
+        digest.update(json.dumps(self.captions).encode("utf-8"))
+        return digest.hexdigest()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

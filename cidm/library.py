@@ -1,7 +1,13 @@
 """The concept library: a folder holding one safetensors file per learned task plus a versioned manifest.
 
 Every write is atomic (temp file, fsync, os.replace, fsync of the folder) and the manifest is written last,
-so a crash at any moment leaves the previous manifest and every file it references readable.
+so a crash at any moment leaves the previous manifest and every file it references readable. What a killed writer
+leaves behind (temp files, a task file the manifest never listed, the resume state of a concept it had already
+appended) is swept under the writer lock by the next write or open.
+
+The library's rules for a new task live here and are checked again under the writer lock: concept names and
+tokens are unique case-insensitively, and no token spells another concept's `<name>`. Every number read from
+disk is checked: manifests hold no NaN or infinity, task tensors are finite floating point of the recorded shapes.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
+import math
 import os
 import re
 import secrets
@@ -54,6 +62,8 @@ PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 MAX_NAME_LENGTH = 64
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_\-. ]+")
+_TEMP_PATTERN = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+_TASK_FILE_PATTERN = re.compile(r"task_\d{3,}_.+\.safetensors")
 _LORA_KEY_PATTERN = re.compile(r"lora\.(\d{2,})\.(to_q|to_k|to_v|to_out\.0)\.(down|up)")
 _BASE_MODEL_REQUIRED = {"fingerprint": str, "num_layers": int, "context_dim": int}
 
@@ -86,9 +96,9 @@ def validate_tokens(tokens: list[str], input_name: str = "tokens") -> list[str]:
             raise CIDMInputError(input_name, f"{token!r} must look like <name1>: '<', at least one character, '>'")
         if any(char.isspace() for char in token):
             raise CIDMInputError(input_name, f"{token!r} must not contain spaces")
-        if token in seen:
-            raise CIDMInputError(input_name, f"{token!r} is listed twice")
-        seen.add(token)
+        if token.casefold() in seen:
+            raise CIDMInputError(input_name, f"{token!r} is listed twice (tokens are compared ignoring case)")
+        seen.add(token.casefold())
     return tokens
 
 
@@ -165,25 +175,27 @@ def _writer_lock(root: Path):
             _unlock(handle)
 
 
-def _read_safetensors(path: Path, expected_format: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(path: Path, expected_format: str, what: str, input_name: str = "library",
+                      advice: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as reader:
             metadata = reader.metadata() or {}
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}
     except Exception as error:
-        raise CIDMInputError("library", f"{what} {path} is corrupt or not a safetensors file ({error})") from None
+        raise CIDMInputError(input_name, f"{what} {path} is corrupt or not a safetensors file ({error}){advice}") \
+            from None
     if metadata.get("cidm.format") != expected_format:
-        raise CIDMInputError(
-            "library", f"{what} {path} is not a {expected_format} file (cidm.format is {metadata.get('cidm.format')!r})"
-        )
+        raise CIDMInputError(input_name, f"{what} {path} is not a {expected_format} file (cidm.format is "
+                                         f"{metadata.get('cidm.format')!r}){advice}")
     return tensors, metadata
 
 
-def _task_data_problem(data: TaskData, n_tokens: int, rank: int, num_layers: int) -> str | None:
+def _task_data_problem(data: TaskData, n_tokens: int, rank: int, base_model: dict) -> str | None:
     """Describe why `data` does not fit its task record and library, or None when it fits."""
-    expected = (n_tokens, num_layers)
-    if data.embeddings.dim() != 3 or tuple(data.embeddings.shape[:2]) != expected:
-        return f"embeddings have shape {tuple(data.embeddings.shape)}, expected ({n_tokens}, {num_layers}, dim)"
+    num_layers, context_dim = base_model["num_layers"], base_model["context_dim"]
+    expected = (n_tokens, num_layers, context_dim)
+    if tuple(data.embeddings.shape) != expected:
+        return f"embeddings have shape {tuple(data.embeddings.shape)}, expected {expected}"
     if data.features is not None and data.features.shape != data.embeddings.shape:
         return f"features have shape {tuple(data.features.shape)}, expected {tuple(data.embeddings.shape)}"
     for (layer, projection), (down, up) in data.lora.items():
@@ -194,6 +206,17 @@ def _task_data_problem(data: TaskData, n_tokens: int, rank: int, num_layers: int
                 f"LoRA ({layer}, {projection}) has down {tuple(down.shape)} and up {tuple(up.shape)}, "
                 f"expected [{rank}, in] and [out, {rank}]"
             )
+        if projection in ("to_k", "to_v") and down.shape[1] != context_dim:
+            return f"LoRA ({layer}, {projection}) reads {down.shape[1]} features, the text context has {context_dim}"
+    return None
+
+
+def _tensor_problem(key: str, tensor: torch.Tensor, floating: bool) -> str | None:
+    """Why a tensor read from disk cannot be used (`floating`: it must be floating point), or None."""
+    if floating and not tensor.is_floating_point():
+        return f"tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected floating point"
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        return f"tensor {key!r} holds NaN or infinite values"
     return None
 
 
@@ -214,6 +237,10 @@ def _task_data_from_tensors(tensors: dict[str, torch.Tensor]) -> TaskData | str:
     """Rebuild TaskData (float32) from a task file's tensors, or return what is wrong with them."""
     if "tokens.embeddings" not in tensors:
         return "tensor tokens.embeddings is missing"
+    for key, tensor in tensors.items():
+        problem = _tensor_problem(key, tensor, floating=True)
+        if problem is not None:
+            return problem
     factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if key in ("tokens.embeddings", "tokens.features"):
@@ -235,6 +262,10 @@ def _task_data_from_tensors(tensors: dict[str, torch.Tensor]) -> TaskData | str:
     )
 
 
+_RECORD_TYPES = {"index": int, "concept": str, "tokens": list, "method": str, "rank": int, "alpha": (int, float),
+                 "steps": int, "seed": int, "hyperparameters": dict, "file": str, "sha256": str, "created": str}
+
+
 def _record_from_json(entry: object) -> TaskRecord:
     """Build a TaskRecord from manifest JSON; raises ValueError saying what is wrong."""
     if not isinstance(entry, dict):
@@ -242,12 +273,15 @@ def _record_from_json(entry: object) -> TaskRecord:
     fields = {field.name for field in dataclasses.fields(TaskRecord)}
     if set(entry) != fields:
         raise ValueError(f"task entry has fields {sorted(entry)}, expected {sorted(fields)}")
+    for key, kind in _RECORD_TYPES.items():
+        if not isinstance(entry[key], kind) or isinstance(entry[key], bool):
+            raise ValueError(f"task entry field {key!r} is {entry[key]!r}, of the wrong type")
     record = TaskRecord(**entry)
     file_name = record.file
-    if not isinstance(file_name, str) or Path(file_name).name != file_name or file_name.startswith("."):
+    if Path(file_name).name != file_name or file_name.startswith("."):
         raise ValueError(f"task {record.index} names file {file_name!r}, which is not a plain file name")
-    if not isinstance(record.index, int) or not isinstance(record.tokens, list) or not isinstance(record.sha256, str):
-        raise ValueError(f"task entry {entry!r} has fields of the wrong type")
+    if not all(isinstance(token, str) for token in record.tokens):
+        raise ValueError(f"task {record.index} has tokens {record.tokens!r}, expected strings")
     return record
 
 
@@ -259,8 +293,32 @@ def _check_base_model_dict(base_model: dict) -> None:
             raise ValueError(f"base_model[{key!r}] must be a {kind.__name__}")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"it holds {text}, which is not a finite number")
+    return value
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"it holds {name}, which is not a finite number")
+
+
+def loads_finite_json(text: str):
+    """`json.loads` that refuses NaN, Infinity and numbers too large for a float (ValueError naming the value)."""
+    return json.loads(text, parse_float=_finite_float, parse_constant=_refuse_constant)
+
+
+def _comparable(value):
+    """A value as it reads back from the manifest (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value, allow_nan=False))
+
+
 class ConceptLibrary:
-    """A concept library folder. Reads need no lock; every write takes the folder's writer lock."""
+    """A concept library folder. Reads need no lock; every write takes the folder's writer lock.
+
+    `content_sha256` is the sha256 of the manifest as read: with the task files' hashes listed inside it, it
+    identifies everything the library holds (ComfyUI's cache keys use it)."""
 
     def __init__(self, root: Path, manifest: dict):
         self.root = Path(root)
@@ -268,6 +326,7 @@ class ConceptLibrary:
         self.revision: int = manifest["revision"]
         self.base_model: dict = manifest["base_model"]
         self.tasks: list[TaskRecord] = manifest["tasks"]
+        self.content_sha256: str = manifest["sha256"]
 
     @property
     def num_layers(self) -> int:
@@ -286,14 +345,30 @@ class ConceptLibrary:
         with _writer_lock(root):
             if (root / MANIFEST_NAME).exists():
                 raise CIDMInputError("library", f"a concept library already exists at {root}")
-            library = cls(root, {"name": name, "revision": 0, "base_model": dict(base_model), "tasks": []})
+            library = cls(root, {"name": name, "revision": 0, "base_model": dict(base_model), "tasks": [],
+                                 "sha256": ""})
             library._write_manifest(library.tasks)
         return library
 
     @classmethod
     def open(cls, root: Path) -> ConceptLibrary:
+        """Read the library at `root`; when no other process is writing it, first sweep what killed writers left.
+
+        Raises CIDMInputError("library") when the manifest is missing, corrupt or of a newer version."""
         root = Path(root)
-        return cls(root, cls._read_manifest(root / MANIFEST_NAME))
+        library = cls(root, cls._read_manifest(root / MANIFEST_NAME))
+        with contextlib.suppress(CIDMInputError, OSError):
+            with _writer_lock(root):
+                library._sweep()
+        return library
+
+    @staticmethod
+    def content_id(root: Path) -> str | None:
+        """sha256 of the manifest at `root` (what `content_sha256` will be), or None when there is no library."""
+        try:
+            return hashlib.sha256((Path(root) / MANIFEST_NAME).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
 
     @classmethod
     def open_or_create(cls, root: Path, base_model: dict) -> ConceptLibrary:
@@ -315,16 +390,19 @@ class ConceptLibrary:
             return CIDMInputError("library", f"manifest {path} is corrupt: {problem}")
 
         try:
-            text = path.read_text(encoding="utf-8")
+            content = path.read_bytes()
+            text = content.decode("utf-8")
         except FileNotFoundError:
             missing = f"no concept library at {path.parent} ({MANIFEST_NAME} is missing)"
             raise CIDMInputError("library", missing) from None
         except (OSError, UnicodeDecodeError) as error:
             raise corrupt(f"cannot be read ({error})") from None
         try:
-            manifest = json.loads(text)
+            manifest = loads_finite_json(text)
         except json.JSONDecodeError as error:
             raise corrupt(f"not valid JSON ({error})") from None
+        except ValueError as error:
+            raise corrupt(str(error)) from None
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
             raise CIDMInputError("library", f"{path} is not a CIDM concept library manifest (format is {found!r})")
@@ -348,16 +426,19 @@ class ConceptLibrary:
             raise corrupt(str(error)) from None
         if len({task.index for task in tasks}) != len(tasks):
             raise corrupt("two tasks share an index")
-        return {**manifest, "tasks": tasks}
+        return {**manifest, "tasks": tasks, "sha256": hashlib.sha256(content).hexdigest()}
 
     def _reload(self) -> None:
         manifest = self._read_manifest(self.manifest_path)
         self.revision = manifest["revision"]
         self.base_model = manifest["base_model"]
         self.tasks = manifest["tasks"]
+        self.content_sha256 = manifest["sha256"]
 
     def _write_manifest(self, tasks: list[TaskRecord]) -> None:
-        """Write the manifest with `tasks` as the next revision; the caller holds the writer lock."""
+        """Write the manifest with `tasks` as the next revision; the caller holds the writer lock.
+
+        Raises ValueError when a task holds a non-finite number (nothing is written then)."""
         manifest = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
@@ -366,10 +447,31 @@ class ConceptLibrary:
             "base_model": self.base_model,
             "tasks": [task.to_json() for task in tasks],
         }
-        text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-        _write_atomic(self.manifest_path, text.encode("utf-8"))
+        content = (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        _write_atomic(self.manifest_path, content)
         self.revision += 1
         self.tasks = list(tasks)
+        self.content_sha256 = hashlib.sha256(content).hexdigest()
+
+    def _sweep(self) -> None:
+        """Delete what killed writers left: temp files, task files the manifest does not list, and resume states
+        of concepts already appended. The caller holds the writer lock, so no write is in progress."""
+        self._reload()
+        listed = {task.file for task in self.tasks}
+        appended = {task.concept for task in self.tasks}
+        resume = self.root / RESUME_FOLDER
+        leftovers = [path for path in self.root.iterdir() if _TEMP_PATTERN.fullmatch(path.name)
+                     or (_TASK_FILE_PATTERN.fullmatch(path.name) and path.name not in listed)]
+        if resume.is_dir():
+            leftovers += [path for path in resume.iterdir() if _TEMP_PATTERN.fullmatch(path.name)
+                          or (path.suffix == ".safetensors" and path.stem in appended)]
+        for path in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if leftovers:
+            logging.info("CIDM: library %s: removed %d files left by an interrupted write: %s", self.name,
+                         len(leftovers), ", ".join(sorted(path.name for path in leftovers)))
+            _fsync_folder(self.root)
 
     def check_base_model(self, fingerprint: str, num_layers: int) -> None:
         if fingerprint != self.base_model["fingerprint"] or num_layers != self.num_layers:
@@ -382,16 +484,58 @@ class ConceptLibrary:
     def token_owner(self) -> dict[str, int]:
         return {token: task.index for task in self.tasks for token in task.tokens}
 
-    def check_new_tokens(self, tokens: list[str]) -> None:
-        owners = self.token_owner()
-        for token in validate_tokens(tokens):
-            if token in owners:
-                owner = self.task(owners[token])
-                raise CIDMInputError(
-                    "tokens",
-                    f"{token} is already used by task {owner.index} ({owner.concept}) of library {self.name}; "
-                    "choose another token",
-                )
+    def check_new_task(self, concept: str, tokens: list[str]) -> None:
+        """Refuse a new concept whose name or tokens another task already uses, ignoring case, where a concept
+        `dog` owns the prompt word `<dog>`: no token may spell another concept's `<name>` and no concept may be
+        named after another task's token. A token that spells the concept's own `<name>` is refused too, since
+        `<name>` in a prompt stands for all of the concept's tokens.
+
+        Raises CIDMInputError("concept") or CIDMInputError("tokens") naming the task that holds the word."""
+        validate_name(concept, "concept")
+        tokens = validate_tokens(tokens)
+        owners: dict[str, tuple[str, TaskRecord]] = {}
+        for task in self.tasks:
+            owners[f"<{task.concept}>".casefold()] = ("the concept name", task)
+            owners.update({token.casefold(): ("a token", task) for token in task.tokens})
+        word = f"<{concept}>"
+        if word.casefold() in owners:
+            kind, task = owners[word.casefold()]
+            held = (f"already has a concept named '{task.concept}'" if kind == "the concept name"
+                    else f"already uses {word} as a token of task {task.index} ({task.concept})")
+            raise CIDMInputError("concept", f"library '{self.name}' {held} (task {task.index}; names are "
+                                            f"compared ignoring case); choose another name (e.g. '{concept}_b')")
+        for token in tokens:
+            if token.casefold() == word.casefold():
+                raise CIDMInputError("tokens", f"{token} is the concept's own name ({word} in a prompt stands for "
+                                               f"all its tokens); choose another token (e.g. <{concept}1>)")
+            if token.casefold() in owners:
+                kind, task = owners[token.casefold()]
+                raise CIDMInputError("tokens", f"{token} is already used by task {task.index} ({task.concept}) of "
+                                               f"library {self.name} as {kind} (ignoring case); choose another token")
+
+    def trained_task(self, concept: str, inputs: dict) -> TaskRecord | None:
+        """The task that already holds `concept` when it was trained with the same `inputs`, so a re-run can reuse
+        it; None when the library has no such concept.
+
+        `inputs` maps record fields (tokens, method, rank, alpha, steps, seed) and hyperparameter keys to the
+        values a new run would store; keys an older task did not record are not compared. Raises
+        CIDMInputError("concept") naming every input that differs and how to proceed."""
+        task = next((task for task in self.tasks if task.concept == concept), None)
+        if task is None:
+            return None
+        recorded = {**task.hyperparameters, **{key: value for key, value in task.to_json().items()
+                                               if key not in ("hyperparameters", "index", "file", "sha256",
+                                                              "created", "concept")}}
+        changed = [f"{key} {recorded[key]!r} -> {value!r}" for key, value in _comparable(inputs).items()
+                   if key in recorded and recorded[key] != value]
+        if changed:
+            raise CIDMInputError(
+                "concept",
+                f"library '{self.name}' already holds '{concept}' as task {task.index}, trained with other inputs "
+                f"({'; '.join(changed)}). To reuse task {task.index}, set those inputs back; to train again, give "
+                f"the concept a new name (e.g. '{concept}_b') or use a new library",
+            )
+        return task
 
     def task(self, index: int) -> TaskRecord:
         for task in self.tasks:
@@ -400,7 +544,10 @@ class ConceptLibrary:
         raise CIDMInputError("library", f"library {self.name} has no task {index}")
 
     def load_task(self, index: int) -> TaskData:
-        """Load one task's tensors as float32 after checking the file against the manifest's sha256."""
+        """Load one task's tensors as float32 after checking the file against the manifest's sha256.
+
+        Raises CIDMInputError("library") naming the file (and the tensor) when the file is missing, altered, not a
+        cidm-task safetensors file, or holds tensors that are not finite floating point of the recorded shapes."""
         record = self.task(index)
         path = self.root / record.file
         try:
@@ -416,7 +563,7 @@ class ConceptLibrary:
         data = _task_data_from_tensors(tensors)
         if isinstance(data, str):
             raise CIDMInputError("library", f"task file {path} is corrupt: {data}")
-        problem = _task_data_problem(data, len(record.tokens), record.rank, self.num_layers)
+        problem = _task_data_problem(data, len(record.tokens), record.rank, self.base_model)
         if problem is not None:
             raise CIDMInputError("library", f"task file {path} is corrupt: {problem}")
         return data
@@ -438,16 +585,22 @@ class ConceptLibrary:
         data: TaskData,
         dtype: torch.dtype = torch.float16,
     ) -> TaskRecord:
-        """Store a new task after the existing ones; older task files are never touched."""
-        validate_name(concept, "concept")
+        """Store a new task after the existing ones; older task files are never touched.
+
+        Under the writer lock, re-reads the manifest and applies `check_new_task` (CIDMInputError). Raises
+        ValueError when `data` does not fit the library or holds non-finite values, or a number is not finite."""
         tokens = validate_tokens(tokens)
-        problem = _task_data_problem(data, len(tokens), rank, self.num_layers)
+        validate_name(concept, "concept")
+        problem = _task_data_problem(data, len(tokens), rank, self.base_model)
+        tensors = _task_tensors(data, dtype)
+        problem = problem or next(filter(None, (_tensor_problem(key, tensor, floating=True)
+                                                for key, tensor in tensors.items())), None)
         if problem is not None:
             raise ValueError(f"task data does not fit library {self.name}: {problem}")
         with _writer_lock(self.root):
             # Another process may have appended since this library was opened.
             self._reload()
-            self.check_new_tokens(tokens)
+            self.check_new_task(concept, tokens)
             index = max((task.index for task in self.tasks), default=0) + 1
             record = TaskRecord(
                 index=index,
@@ -466,12 +619,13 @@ class ConceptLibrary:
             # The header cannot hold the hash of the bytes it is part of, so it stores the record without it.
             header_record = {key: value for key, value in record.to_json().items() if key != "sha256"}
             content = safetensors_bytes(
-                _task_tensors(data, dtype),
-                metadata={"cidm.format": TASK_FILE_FORMAT, "cidm.task": json.dumps(header_record)},
+                tensors,
+                metadata={"cidm.format": TASK_FILE_FORMAT, "cidm.task": json.dumps(header_record, allow_nan=False)},
             )
             record.sha256 = hashlib.sha256(content).hexdigest()
             _write_atomic(self.root / record.file, content)
             self._write_manifest([*self.tasks, record])
+            self._sweep()
         return record
 
     def _resume_path(self, key: str) -> Path:
@@ -482,26 +636,29 @@ class ConceptLibrary:
         path = self._resume_path(key)
         content = safetensors_bytes(
             {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()},
-            metadata={"cidm.format": RESUME_FILE_FORMAT, "cidm.resume": json.dumps(meta)},
+            metadata={"cidm.format": RESUME_FILE_FORMAT, "cidm.resume": json.dumps(meta, allow_nan=False)},
         )
         with _writer_lock(self.root):
             path.parent.mkdir(exist_ok=True)
             _write_atomic(path, content)
 
     def load_resume_state(self, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The state saved under `key`, or None. Raises CIDMInputError("resume") naming the file (and the tensor)
+        when it is not a cidm resume file or holds NaN or infinite values; the message says to untick resume."""
         path = self._resume_path(key)
         if not path.exists():
             return None
-        tensors, metadata = _read_safetensors(path, RESUME_FILE_FORMAT, "resume state")
+        restart = "untick resume to train this concept from the start (its next save replaces the file)"
+        tensors, metadata = _read_safetensors(path, RESUME_FILE_FORMAT, "resume state", "resume", f"; {restart}")
         try:
-            meta = json.loads(metadata["cidm.resume"])
-        except (KeyError, json.JSONDecodeError):
-            raise CIDMInputError("library", f"resume state {path} is corrupt: its metadata is unreadable") from None
+            meta = loads_finite_json(metadata["cidm.resume"])
+        except (KeyError, ValueError) as error:
+            raise CIDMInputError("resume", f"resume state {path} is corrupt: its metadata is unreadable ({error}); "
+                                           f"{restart}") from None
+        problem = next(filter(None, (_tensor_problem(name, tensor, floating=False)
+                                     for name, tensor in tensors.items())), None)
+        if not isinstance(meta, dict):
+            problem = problem or "its metadata is not an object"
+        if problem is not None:
+            raise CIDMInputError("resume", f"resume state {path} is corrupt: {problem}; {restart}")
         return tensors, meta
-
-    def clear_resume_state(self, key: str) -> None:
-        path = self._resume_path(key)
-        with _writer_lock(self.root):
-            if path.exists():
-                path.unlink()
-                _fsync_folder(path.parent)

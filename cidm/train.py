@@ -189,9 +189,22 @@ class ConceptTrainer:
                 "images": len(self.training_set.images)}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Continue from a `state()` saved earlier. Raises CIDMInputError("resume") when the state belongs to
+        another run or lacks, or misshapes, what this run needs; the message says to untick resume."""
         if meta.get("identity") != self.identity():
             raise CIDMInputError("resume", f"the saved training state is for {meta.get('identity')}, "
                                            f"not for this run {self.identity()}; untick resume to start over")
+        for name, value in self.state()[0].items():
+            found = tensors.get(name)
+            if found is None or found.shape != value.shape or found.dtype != value.dtype:
+                problem = "is missing" if found is None else f"is {found.dtype} {tuple(found.shape)}"
+                raise CIDMInputError("resume", f"the saved training state is corrupt: tensor {name!r} {problem}, "
+                                               f"expected {value.dtype} {tuple(value.shape)}; untick resume to "
+                                               "start over")
+        if not isinstance(meta.get("step"), int) or not 0 <= meta["step"] < self.config.steps \
+                or not isinstance(meta.get("losses"), list):
+            raise CIDMInputError("resume", f"the saved training state is corrupt: its step {meta.get('step')!r} or "
+                                           "loss history is unusable; untick resume to start over")
         with torch.no_grad():
             self.embeddings.copy_(tensors["embeddings"])
             for (layer, proj), (down, up) in self.lora.items():

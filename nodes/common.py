@@ -34,24 +34,38 @@ def existing_library_names() -> list[str]:
 
 @dataclass(frozen=True)
 class LibraryRef:
-    """The CIDM_LIBRARY value passed between nodes: a library folder (which may not exist yet) and its revision,
-    so a downstream node re-runs when the library changes."""
+    """The CIDM_LIBRARY value passed between nodes: a library folder (which may not exist yet) and the sha256 of
+    the manifest it had when the ref was made (None: no library yet)."""
     name: str
     root: str
-    revision: int
+    content: str | None
 
     def open(self) -> ConceptLibrary:
-        if not (Path(self.root) / "manifest.json").exists():
+        """The library as this ref saw it. Raises CIDMInputError("library") when it does not exist, or when it
+        changed on disk after the ref was made (a node must not read other contents than its cache key names)."""
+        if ConceptLibrary.content_id(Path(self.root)) is None:
             raise CIDMInputError("library", f"library '{self.name}' has no concepts yet; train one first "
                                             f"(existing: {', '.join(existing_library_names()) or 'none'})")
-        return ConceptLibrary.open(Path(self.root))
+        library = ConceptLibrary.open(Path(self.root))
+        if library.content_sha256 != self.content:
+            raise CIDMInputError("library", f"library '{self.name}' changed on disk while this prompt ran (another "
+                                            "workflow or process wrote it); queue the prompt again")
+        return library
 
 
 def library_ref(name: str) -> LibraryRef:
     name = validate_name(name.strip(), "library")
     root = libraries_root() / name
-    revision = ConceptLibrary.open(root).revision if (root / "manifest.json").exists() else 0
-    return LibraryRef(name=name, root=str(root), revision=revision)
+    content = ConceptLibrary.open(root).content_sha256 if ConceptLibrary.content_id(root) else None
+    return LibraryRef(name=name, root=str(root), content=content)
+
+
+def library_fingerprint(name: str) -> str | float:
+    """ComfyUI's cache key for a library: its manifest's sha256, which lists every task file's sha256. While the
+    library does not exist it is NaN, which equals nothing, so the nodes that would create it always run (a
+    deleted library is trained again instead of being served from the cache)."""
+    content = ConceptLibrary.content_id(libraries_root() / validate_name(name.strip(), "library"))
+    return float("nan") if content is None else content
 
 
 def input_root() -> Path:

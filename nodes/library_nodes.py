@@ -14,7 +14,7 @@ from ..cidm.errors import CIDMInputError
 from ..cidm.export import EXPORT_NOTE, standard_lora_state_dict
 from ..cidm.library import validate_name
 from ..cidm.train import TrainingConfig
-from .common import existing_library_names, library_ref
+from .common import existing_library_names, library_fingerprint, library_ref
 from .training import train_concept_increment
 
 ConceptLibraryType = io.Custom("CIDM_LIBRARY")
@@ -32,11 +32,11 @@ class LoadConceptLibrary(io.ComfyNode):
                                     tooltip="Library name (folder under models/cidm/). A new name starts an empty "
                                             "library. Existing: " + (", ".join(existing_library_names()) or "none"))],
             outputs=[ConceptLibraryType.Output(display_name="library",
-                                               tooltip="The library and its current revision.")])
+                                               tooltip="The library as it is on disk now.")])
 
     @classmethod
     def fingerprint_inputs(cls, library):
-        return library_ref(library).revision  # re-run when another workflow added a task
+        return library_fingerprint(library)
 
     @classmethod
     def execute(cls, library):

@@ -15,11 +15,11 @@ from server import PromptServer
 from ..cidm.consolidation import METHODS
 from ..cidm.data import build_training_set, examples_from_image_batch, load_concept_folder
 from ..cidm.errors import CIDMInputError
-from ..cidm.library import ConceptLibrary, TaskData, validate_name, validate_tokens
+from ..cidm.library import ConceptLibrary, TaskData, TaskRecord, validate_name, validate_tokens
 from ..cidm.plots import line_plot
 from ..cidm.tokens import TOKEN_PATTERN
 from ..cidm.train import ConceptSpec, ConceptTrainer, TrainingCallbacks, TrainingConfig
-from .common import LibraryRef, input_root, input_subfolder, library_ref
+from .common import input_root, input_subfolder, library_ref
 from .host.denoiser import ComfyDenoiser
 from .host.model import base_model_info
 from .host.text_encoder import ComfyLayerwiseEncoder
@@ -54,39 +54,46 @@ def gather_examples(images, folder: str):
     return examples
 
 
-def check_library(ref: LibraryRef, info: dict, concept: str, tokens: list[str]) -> list[TaskData]:
-    """Validates the new task against an existing library and returns the old tasks (empty for a new library)."""
-    if ref.revision == 0:
-        return []
-    library = ref.open()
-    library.check_base_model(info["fingerprint"], info["num_layers"])
-    library.check_new_tokens(tokens)
-    names = {task.concept for task in library.tasks}
-    if concept in names:
-        raise CIDMInputError("concept", f"library '{ref.name}' already has a concept named '{concept}'; "
-                                        "choose another name (e.g. 'dog_b')")
-    owners = library.token_owner()
-    if f"<{concept}>" in owners:
-        raise CIDMInputError("concept", f"<{concept}> is already a token of task {owners[f'<{concept}>']}")
-    return library.load_all()
+# Settings that change how a training runs but not what it learns: a re-run may differ in them and still reuse.
+RUN_SETTINGS = ("save_every", "gradient_checkpointing")
+
+
+def task_settings(config: TrainingConfig, resolution: int, class_words: list[str], training_set) -> dict:
+    """Besides the tokens, what decides a task's result, keyed as its hyperparameters record it, so that a re-run
+    of the same inputs can be recognised."""
+    settings = {key: value for key, value in config.hyperparameters().items() if key not in RUN_SETTINGS}
+    return {**settings, "resolution": resolution, "class_words": class_words,
+            "training_data": training_set.digest()}
 
 
 def train_concept_increment(model, clip, vae, library_name: str, concept: str, tokens: str, class_words: str,
                             images, folder: str, config: TrainingConfig, resolution: int, resume: bool,
                             preview_every: int, node_id: str | None):
-    """Trains and appends the task; returns (library ref, loss plot, preview samples taken, possibly none)."""
+    """Trains and appends the task, or reuses the task that a run with the same inputs appended before; returns
+    (library ref, loss plot, preview samples taken, possibly none)."""
     concept = validate_name(concept.strip(), "concept")
     token_list = parse_tokens(concept, tokens)
     if config.method not in METHODS:
         raise CIDMInputError("method", f"unknown method {config.method!r}; supported: {', '.join(METHODS)}")
     config.validate()
     ref = library_ref(library_name)
+    root = Path(ref.root)
     info = base_model_info(model)
-    # ComfyUI runs nodes under inference_mode; tensors read there (old tasks' factors) could not join autograd.
-    with torch.inference_mode(False):
-        old_tasks = check_library(ref, info, concept, token_list)
     words = class_words.split()
     training_set = build_training_set(gather_examples(images, folder), resolution, config.seed)
+    settings = task_settings(config, resolution, words, training_set)
+    library = ConceptLibrary.open(root) if ref.content is not None else None
+    old_tasks, saved = [], None
+    if library is not None:
+        library.check_base_model(info["fingerprint"], info["num_layers"])
+        reused = library.trained_task(concept, {"tokens": token_list, **settings})
+        if reused is not None:
+            return reuse(library, reused, node_id)
+        library.check_new_task(concept, token_list)
+        # ComfyUI runs nodes under inference_mode; tensors read there (old tasks' factors) could not join autograd.
+        with torch.inference_mode(False):
+            old_tasks = library.load_all()
+            saved = library.load_resume_state(concept) if resume else None
 
     denoiser = ComfyDenoiser(model, vae, config.gradient_checkpointing)
     encoder = ComfyLayerwiseEncoder(clip, info["num_layers"])
@@ -95,22 +102,15 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
                                              for i in range(len(token_list) - 1)])
     with torch.inference_mode(False):
         trainer = ConceptTrainer(denoiser, encoder, training_set, spec, [t.lora for t in old_tasks], config)
-        resume_key = f"{concept}"
-        library_for_state = ConceptLibrary.open_or_create(
-            Path(ref.root), info) if config.save_every or resume else None
-        if resume and library_for_state is not None:
-            saved = library_for_state.load_resume_state(resume_key)
-            if saved is not None:
-                trainer.restore(*saved)
-                logging.info("CIDM: resuming '%s' at step %d", concept, trainer.step)
+        if saved is not None:
+            trainer.restore(*saved)
+            logging.info("CIDM: resuming '%s' at step %d", concept, trainer.step)
         progress = comfy.utils.ProgressBar(config.steps, node_id=node_id)
         progress.update_absolute(trainer.step)
 
         def on_step(step, total, loss):
             progress.update_absolute(step, total)
-            if node_id is not None:  # the bar shows only the step; the loss goes on the node as text
-                server = PromptServer.instance
-                server.send_progress_text(f"step {step}/{total}\nloss {loss:.4f}", node_id, server.client_id)
+            show_text(f"step {step}/{total}\nloss {loss:.4f}", node_id)  # the bar shows only the step
             if step % LOG_EVERY == 0 or step == total:
                 logging.info("CIDM train '%s': step %d/%d loss %.5f", concept, step, total, loss)
 
@@ -124,24 +124,40 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
             pixels = (image[0].clamp(0, 1) * 255).to(torch.uint8).numpy()
             progress.update_absolute(step, config.steps, ("JPEG", Image.fromarray(pixels), PREVIEW_MAX_SIDE))
 
+        def save_state(tensors, meta):
+            # The library is created at the first save, so an interrupted first training leaves no empty library.
+            ConceptLibrary.open_or_create(root, info).save_resume_state(concept, tensors, meta)
+
         callbacks = TrainingCallbacks(
-            preview=preview, preview_every=preview_every,
-            on_step=on_step,
+            preview=preview, preview_every=preview_every, on_step=on_step,
             check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-            save_state=(lambda tensors, meta: library_for_state.save_resume_state(resume_key, tensors, meta))
-            if library_for_state is not None else None)
+            save_state=save_state if config.save_every else None)
         trained = trainer.run(callbacks)
 
-    library = ConceptLibrary.open_or_create(Path(ref.root), info)
+    library = ConceptLibrary.open_or_create(root, info)
     library.check_base_model(info["fingerprint"], info["num_layers"])
+    # Appending also removes this concept's resume state, under the same lock.
     library.append_task(concept=concept, tokens=token_list, method=config.method, rank=config.rank,
                         alpha=config.alpha, steps=config.steps, seed=config.seed,
-                        hyperparameters={**config.hyperparameters(), "resolution": resolution,
-                                         "class_words": words, "images": len(training_set.images),
+                        hyperparameters={**config.hyperparameters(), **settings, "images": len(training_set.images),
                                          "embeddings_frozen_at": trained.embeddings_frozen_at,
                                          "consolidation_penalty": trained.consolidation_penalty},
                         data=TaskData(lora=trained.lora, embeddings=trained.embeddings, features=trained.features))
-    if library_for_state is not None:
-        library.clear_resume_state(resume_key)
     plot = line_plot(trained.losses, f"{concept}: diffusion loss ({config.method})")
     return library_ref(ref.name), plot, previews
+
+
+def reuse(library: ConceptLibrary, task: TaskRecord, node_id: str | None):
+    """The result of a re-run whose task already exists: nothing is trained, and the node says so."""
+    note = (f"'{task.concept}' is already task {task.index} of library '{library.name}' with these inputs: "
+            "reused it, nothing was trained")
+    logging.info("CIDM: %s", note)
+    show_text(note, node_id)
+    return library_ref(library.name), line_plot([], f"{task.concept}: reused task {task.index}"), []
+
+
+def show_text(text: str, node_id: str | None) -> None:
+    """Text on the node in the frontend (the progress-text channel)."""
+    if node_id is not None:
+        server = PromptServer.instance
+        server.send_progress_text(text, node_id, server.client_id)

@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,7 +259,7 @@ def test_validate_tokens_rejects_malformed(bad_tokens):
 
 def test_token_collision_names_owning_task(library_with_one_task):
     with pytest.raises(CIDMInputError, match=r"<dog2> is already used by task 1 \(dog\)") as error:
-        library_with_one_task.check_new_tokens(["<new1>", "<dog2>"])
+        library_with_one_task.check_new_task("puppy", ["<new1>", "<dog2>"])
     assert error.value.input_name == "tokens"
     with pytest.raises(CIDMInputError, match="task 1"):
         append(library_with_one_task, "puppy", ["<dog1>"], seed=2)
@@ -320,10 +321,6 @@ def test_resume_state_round_trip(library):
     assert loaded_tensors["step"].dtype == torch.int64
     assert json.loads((library.root / "manifest.json").read_text())["revision"] == library.revision
 
-    library.clear_resume_state("task_001")
-    assert library.load_resume_state("task_001") is None
-    library.clear_resume_state("task_001")
-
 
 def test_resume_key_is_validated(library):
     with pytest.raises(CIDMInputError) as error:
@@ -361,3 +358,203 @@ def test_append_syncs_task_file_before_manifest(library, monkeypatch):
         "fsync file", "replace task_001_dog.safetensors", "fsync folder",
         "fsync file", "replace manifest.json", "fsync folder",
     ]
+
+
+# Names are unambiguous (issue 16, kind 6) -------------------------------------------------------------------------
+@pytest.mark.parametrize("concept, tokens, input_name, message", [
+    ("cat", ["<dog>"], "tokens", r"<dog> is already used by task 1 \(dog\)"),  # a token spelling a concept
+    ("dog1", ["<pup1>"], "concept", r"already uses <dog1> as a token of task 1"),  # a concept spelling a token
+    ("Dog", ["<pup1>"], "concept", "already has a concept named 'dog'"),
+    ("puppy", ["<DOG2>"], "tokens", r"<DOG2> is already used by task 1 \(dog\)"),
+    ("cat", ["<Dog>"], "tokens", r"<Dog> is already used by task 1 \(dog\)"),
+    ("cat", ["<cat>", "<cat2>"], "tokens", "the concept's own name"),
+])
+def test_name_collisions_are_refused_ignoring_case(library_with_one_task, concept, tokens, input_name, message):
+    with pytest.raises(CIDMInputError, match=message) as error:
+        library_with_one_task.check_new_task(concept, tokens)
+    assert error.value.input_name == input_name
+    with pytest.raises(CIDMInputError, match=message):  # append applies the same rules under its lock
+        append(library_with_one_task, concept, tokens, seed=2)
+    assert [t.concept for t in ConceptLibrary.open(library_with_one_task.root).tasks] == ["dog"]
+
+
+def test_tokens_differing_only_in_case_are_refused():
+    with pytest.raises(CIDMInputError, match="listed twice"):
+        validate_tokens(["<a1>", "<A1>"])
+
+
+def test_append_rechecks_names_under_the_lock(library_with_one_task):
+    stale = ConceptLibrary.open(library_with_one_task.root)
+    append(library_with_one_task, "cat", ["<cat1>"], seed=2)
+    with pytest.raises(CIDMInputError, match="already has a concept named 'cat'"):
+        append(stale, "CAT", ["<kitty1>"], seed=3)
+
+
+# Training that can be run again (issue 15, item 2) ----------------------------------------------------------------
+SETTINGS = {"tokens": ["<dog1>", "<dog2>"], "method": "cidm", "rank": 2, "alpha": 2.0, "steps": 10, "seed": 1,
+            "lr": 1e-4}
+
+
+def test_trained_task_is_found_for_the_same_inputs(library_with_one_task):
+    assert library_with_one_task.trained_task("dog", SETTINGS) == library_with_one_task.tasks[0]
+    assert library_with_one_task.trained_task("cat", SETTINGS) is None
+    # An input an older task did not record is not compared.
+    assert library_with_one_task.trained_task("dog", {**SETTINGS, "training_data": "abc"}).index == 1
+
+
+def test_changed_input_of_an_existing_concept_names_what_changed(library_with_one_task):
+    with pytest.raises(CIDMInputError, match=r"steps 10 -> 20; lr 0.0001 -> 0.001.*new name \(e.g. 'dog_b'\)") \
+            as error:
+        library_with_one_task.trained_task("dog", {**SETTINGS, "steps": 20, "lr": 1e-3})
+    assert error.value.input_name == "concept"
+    with pytest.raises(CIDMInputError, match=r"tokens \['<dog1>', '<dog2>'\] -> \['<dog1>'\]"):
+        library_with_one_task.trained_task("dog", {**SETTINGS, "tokens": ("<dog1>",)})
+
+
+# What is on disk decides (issue 16, kind 1) -----------------------------------------------------------------------
+def test_content_id_identifies_what_the_library_holds(tmp_path):
+    first = ConceptLibrary.create(tmp_path / "a" / "pets", BASE_MODEL)
+    second = ConceptLibrary.create(tmp_path / "b" / "pets", BASE_MODEL)
+    append(first, "dog", ["<dog1>"], seed=1)
+    append(second, "cat", ["<cat1>"], seed=2)
+    assert first.revision == second.revision
+    assert first.content_sha256 != second.content_sha256
+    assert ConceptLibrary.content_id(first.root) == first.content_sha256 == ConceptLibrary.open(first.root).content_sha256
+    assert ConceptLibrary.content_id(tmp_path / "none") is None
+
+
+# Crashes leave nothing behind (issue 16, kind 3) ------------------------------------------------------------------
+LEFTOVERS = {
+    ".task_002_cat.safetensors.0123abcd.tmp": b"\x00" * 10,
+    ".manifest.json.89abcdef.tmp": b"{half a manifest",
+    "task_002_cat.safetensors": b"orphan from a crashed append",
+    ".resume/.cat.safetensors.00ff00ff.tmp": b"\x00",
+    ".resume/dog.safetensors": b"stale: dog is already task 1",
+}
+
+
+def plant_leftovers(root):
+    (root / ".resume").mkdir(exist_ok=True)
+    for name, content in LEFTOVERS.items():
+        (root / name).write_bytes(content)
+
+
+def test_open_sweeps_what_a_killed_writer_left(library_with_one_task):
+    root = library_with_one_task.root
+    plant_leftovers(root)
+    library_with_one_task.save_resume_state("cat", {"x": torch.zeros(1)}, {"step": 1})
+    kept = {p.relative_to(root) for p in root.rglob("*")} - {Path(name) for name in LEFTOVERS}
+    reopened = ConceptLibrary.open(root)
+    assert {p.relative_to(root) for p in root.rglob("*")} == kept
+    assert reopened.load_resume_state("cat") is not None  # a concept not yet appended keeps its state
+    assert [t.concept for t in reopened.tasks] == ["dog"]
+
+
+def test_sweep_waits_for_the_writer_lock(library_with_one_task):
+    root = library_with_one_task.root
+    plant_leftovers(root)
+    with open(root / ".lock", "a+b") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ConceptLibrary.open(root)
+        assert all((root / name).exists() for name in LEFTOVERS)  # a writer may still be using them
+        fcntl.flock(holder.fileno(), fcntl.LOCK_UN)
+    append(ConceptLibrary.open(root), "cat", ["<cat1>"], seed=2)
+    assert not list(root.rglob("*.tmp")) and not (root / ".resume" / "dog.safetensors").exists()
+
+
+def test_append_removes_the_appended_concepts_resume_state(library_with_one_task):
+    library_with_one_task.save_resume_state("cat", {"x": torch.zeros(1)}, {"step": 1})
+    append(library_with_one_task, "cat", ["<cat1>"], seed=2)
+    assert library_with_one_task.load_resume_state("cat") is None
+
+
+# Every file read is checked (issue 16, kinds 2 and 4) -------------------------------------------------------------
+def rewrite_task_file(library, change):
+    """Rewrites task 1's tensors with `change` applied and fixes the manifest's sha256 to match."""
+    root = library.root
+    record = library.tasks[0]
+    path = root / record.file
+    with library_module.safe_open(str(path), framework="pt") as reader:
+        metadata = reader.metadata()
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    change(tensors)
+    content = library_module.safetensors_bytes(tensors, metadata=metadata)
+    path.write_bytes(content)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["tasks"][0]["sha256"] = hashlib.sha256(content).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def to_int8(tensors):
+    for key in tensors:
+        tensors[key] = (tensors[key] * 100).to(torch.int8)
+
+
+def poison(tensors):
+    tensors["lora.01.to_v.up"][0, 0] = float("nan")
+
+
+def widen(tensors):
+    tensors["tokens.embeddings"] = torch.zeros(2, NUM_LAYERS, DIM + 1, dtype=torch.float16)
+    tensors["tokens.features"] = torch.zeros(2, NUM_LAYERS, DIM + 1, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("change, message", [
+    (to_int8, "tensor '.*' has dtype int8, expected floating point"),
+    (poison, "tensor 'lora.01.to_v.up' holds NaN or infinite values"),
+    (widen, r"embeddings have shape \(2, 2, 9\), expected \(2, 2, 8\)"),
+])
+def test_task_file_with_matching_hash_but_unusable_tensors_is_refused(library_with_one_task, change, message):
+    path = rewrite_task_file(library_with_one_task, change)
+    with pytest.raises(CIDMInputError, match=message) as error:
+        ConceptLibrary.open(library_with_one_task.root).load_task(1)
+    assert error.value.input_name == "library" and str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_manifest_with_a_non_finite_number_is_refused(library_with_one_task, number):
+    path = library_with_one_task.root / "manifest.json"
+    path.write_text(path.read_text().replace('"alpha": 2.0', f'"alpha": {number}'))
+    with pytest.raises(CIDMInputError, match="corrupt: it holds .*, which is not a finite number") as error:
+        ConceptLibrary.open(library_with_one_task.root)
+    assert error.value.input_name == "library"
+
+
+def test_manifest_field_of_the_wrong_type_is_refused(library_with_one_task):
+    path = library_with_one_task.root / "manifest.json"
+    path.write_text(path.read_text().replace('"rank": 2', '"rank": "2"'))
+    with pytest.raises(CIDMInputError, match="'rank' is '2', of the wrong type"):
+        ConceptLibrary.open(library_with_one_task.root)
+
+
+def test_non_finite_task_data_is_never_written(library):
+    data = make_task_data(1)
+    data.embeddings[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="tokens.embeddings' holds NaN or infinite"):
+        append(library, "dog", ["<dog1>", "<dog2>"], seed=1, data=data)
+    with pytest.raises(ValueError):
+        append(library, "dog", ["<dog1>", "<dog2>"], seed=1, alpha=float("nan"))
+    assert ConceptLibrary.open(library.root).tasks == [] and not list(library.root.glob("task_*"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("pickle", "not a safetensors file"),
+    ("nan tensor", "tensor 'lora.down' holds NaN"),
+    ("nan meta", "metadata is unreadable"),
+])
+def test_corrupt_resume_state_says_to_untick_resume(library, damage, message):
+    path = library.root / ".resume" / "dog.safetensors"
+    library.save_resume_state("dog", {"lora.down": torch.ones(2)}, {"step": 1, "losses": [0.5]})
+    if damage == "pickle":
+        path.write_bytes(pickle.dumps({"step": 3}))
+    elif damage == "nan tensor":
+        library.save_resume_state("dog", {"lora.down": torch.tensor([1.0, float("nan")])}, {"step": 1})
+    else:
+        content = library_module.safetensors_bytes({"x": torch.ones(1)}, metadata={
+            "cidm.format": library_module.RESUME_FILE_FORMAT, "cidm.resume": '{"losses": [NaN]}'})
+        path.write_bytes(content)
+    with pytest.raises(CIDMInputError, match=message) as error:
+        library.load_resume_state("dog")
+    assert error.value.input_name == "resume"
+    assert "untick resume" in str(error.value) and str(path) in str(error.value)
