@@ -48,8 +48,10 @@ class LibraryRef:
                                             f"(existing: {', '.join(existing_library_names()) or 'none'})")
         library = ConceptLibrary.open(Path(self.root))
         if library.content_sha256 != self.content:
-            raise CIDMInputError("library", f"library '{self.name}' changed on disk while this prompt ran (another "
-                                            "workflow or process wrote it); queue the prompt again")
+            raise CIDMInputError("library", f"library '{self.name}' changed on disk after Load Concept Library read "
+                                            "it (a Train Concept Increment in this prompt or another process wrote "
+                                            "it); take the library from the last Train Concept Increment's output, "
+                                            "or queue the prompt again")
         return library
 
 
