@@ -21,7 +21,7 @@ from ..cidm.tokens import TOKEN_PATTERN
 from ..cidm.train import ConceptSpec, ConceptTrainer, TrainingCallbacks, TrainingConfig
 from .common import input_root, input_subfolder, library_ref
 from .host.denoiser import ComfyDenoiser
-from .host.model import base_model_info
+from .host.model import base_model_info, check_trainable
 from .host.text_encoder import ComfyLayerwiseEncoder
 
 LOG_EVERY = 10
@@ -79,6 +79,7 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     ref = library_ref(library_name)
     root = Path(ref.root)
     info = base_model_info(model)
+    check_trainable(model)
     words = class_words.split()
     training_set = build_training_set(gather_examples(images, folder), resolution, config.seed)
     settings = task_settings(config, resolution, words, training_set)

@@ -3,8 +3,11 @@
 import math
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from comfy_host import Graph, draw_concept
+from comfy_host import Graph, draw_concept, ensure_checkpoint
 from pack_workflows import CKPT, TRAIN_DEFAULTS, library_root, train_graph
 
 pytestmark = pytest.mark.integration
@@ -67,3 +70,37 @@ def test_captions_written_by_windows_tools_train(comfy):
     (folder / "01.txt").write_bytes(b"\xef\xbb\xbfa dog on a plain background\r\n")  # UTF-8 with a BOM
     comfy.run(train_graph("windows_lib", "dog", "windows_captions", steps=1).prompt())
     assert (library_root(comfy, "windows_lib") / "manifest.json").is_file()
+
+
+def write_unet_variant(target, key: str, dim: int, channels: int) -> None:
+    """The mini checkpoint's UNet alone, with `key` (and its bias) widened to `channels` along `dim`."""
+    unet = {}
+    with safe_open(str(ensure_checkpoint("mini")), "pt") as f:
+        for name in f.keys():
+            if name.startswith("model.diffusion_model."):
+                unet[name[len("model.diffusion_model."):]] = f.get_tensor(name)
+    for name in (key, key.replace(".weight", ".bias")):
+        shape = list(unet[name].shape)
+        if len(shape) > dim:
+            shape[dim] = channels
+            unet[name] = torch.randn(shape) * 0.01
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(unet, str(target))
+
+
+@pytest.mark.parametrize("key,dim,channels,expected", [
+    ("input_blocks.0.0.weight", 1, 9, "this UNet takes 9 input channels (an inpainting UNet"),
+    ("out.2.weight", 0, 8, "this UNet predicts 8 channels, not the 4 of its latent"),
+])
+def test_train_refuses_unets_it_cannot_train(comfy, key, dim, channels, expected):
+    name = f"cidm_mini_{channels}ch.safetensors"
+    write_unet_variant(comfy.workspace / "models" / "diffusion_models" / name, key, dim, channels)
+    folder = comfy.workspace / "input" / f"unet_{channels}"
+    folder.mkdir()
+    draw_concept(folder, "dog", count=1)
+    graph = train_graph(f"unet_{channels}_lib", "dog", f"unet_{channels}")
+    trainer = next(spec for spec in graph.nodes.values() if spec["class_type"] == "CIDM_TrainConceptIncrement")
+    trainer["inputs"]["model"] = graph.add("UNETLoader", unet_name=name, weight_dtype="default")[0].link
+    error = comfy.run_expecting_error(graph.prompt())
+    assert f"model: {expected}" in error and "train on the plain SD1.5 checkpoint" in error, error
+    assert not library_root(comfy, f"unet_{channels}_lib").exists()
