@@ -63,13 +63,14 @@ class LayerLoRABank:
                 torch.cat([self.frozen_up[proj].to(up), up], dim=1))
 
     def delta(self, proj: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """scale · Σ_t w[b,t] B_t A_t x for x [B, N, in] and weights [B, K]."""
+        """scale · Σ_t w[b,t] B_t A_t x for x [B, N, in] and weights [B, K] (one mix per sample), or [B, N, K]
+        (one mix per token: region-aware attention, cidm.regions.region_cross_attention)."""
         down, up = self.stacked(proj)
         down = down.to(device=x.device, dtype=x.dtype)
         up = up.to(device=x.device, dtype=x.dtype)
         hidden = F.linear(x, down)  # [B, N, K·r]
-        per_rank = weights.to(x.dtype).repeat_interleave(self.rank, dim=1)  # [B, K·r]
-        return F.linear(hidden * (self.scale * per_rank).unsqueeze(1), up)
+        per_rank = weights.to(x.dtype).repeat_interleave(self.rank, dim=-1)  # [B, K·r] or [B, N, K·r]
+        return F.linear(hidden * (self.scale * (per_rank if per_rank.ndim == 3 else per_rank.unsqueeze(1))), up)
 
 
 class Router(Protocol):

@@ -168,3 +168,119 @@ def crop_box(mask: torch.Tensor, height: int, width: int, multiple: int = 8) -> 
 
     (row_size, top), (column_size, left) = span(rows, height), span(columns, width)
     return row_size, column_size, top, left
+
+
+@dataclass(frozen=True)
+class AttentionBranch:
+    """What the image tokens of one batch row attend to in one cross-attention layer, for one branch (the global
+    prompt or a region): the branch's context for this layer [T, D], its task weights [K] (None: no concept LoRA)
+    and its share of every image token [h·w] (region_weights; the global share is 1 − Σ regions)."""
+
+    context: torch.Tensor
+    weights: torch.Tensor | None
+    share: torch.Tensor
+
+
+def token_task_weights(rows: list[list[AttentionBranch]], num_tasks: int, like: torch.Tensor) -> torch.Tensor:
+    """[B, N, K]: each image token's task weights, Σ_branches share[n] · weights (the to_q / to_out LoRA mix)."""
+    out = torch.zeros(len(rows), rows[0][0].share.numel(), num_tasks, dtype=like.dtype, device=like.device)
+    for row, branches in enumerate(rows):
+        for branch in branches:
+            if branch.weights is not None:
+                out[row] += branch.share.reshape(-1, 1).to(like) * branch.weights.reshape(1, -1).to(like)
+    return out
+
+
+def region_cross_attention(module, x: torch.Tensor, rows: list[list[AttentionBranch]],
+                           attention, **attention_kwargs) -> torch.Tensor:
+    """Region-aware cross-attention for x [B, N, C] (row b's branches in rows[b]); the output has x's shape.
+
+    For image token n of row b, with branch shares s_u[n] (Σ_u s_u[n] = 1) and task weights w_u:
+        q[n]   = W_q x[n] + Δ_q(x[n]; Σ_u s_u[n] w_u)
+        a[n]   = Σ_u s_u[n] · Attention(q[n], K_u, V_u),  K_u = W_k c_u + Δ_k(c_u; w_u), V_u likewise
+        out[n] = W_out a[n] + Δ_out(a[n]; Σ_u s_u[n] w_u)
+    where Δ_f(·; w) = scale · Σ_t w[t] B_t A_t is the module's LoRA bank (cidm.adapters). A token inside one region
+    sees only that region's prompt through only that region's concepts; a token outside every region sees the
+    global prompt with the global routing (Mix-of-Show's regionally controllable sampling, TencentARC/Mix-of-Show,
+    mixofshow/pipelines/pipeline_regionally_t2iadapter.py, with per-region LoRAs instead of a fused model).
+    Branches whose contexts have the same length are projected and attended in one batch, whatever their row.
+
+    `module` provides to_q, to_k, to_v, to_out, heads and bank (LayerLoRABank); `attention(q, k, v, heads,
+    **attention_kwargs)` is the host's multi-head attention on [G, N, heads·d] tensors."""
+    bank = module.bank
+    lora = bank.num_tasks > 0
+    token_weights = token_task_weights(rows, bank.num_tasks, x) if lora else None
+    q = module.to_q(x)
+    if lora:
+        q = q + bank.delta("to_q", x, token_weights)
+    groups: dict[int, list[tuple[int, AttentionBranch]]] = {}
+    for row, branches in enumerate(rows):
+        for branch in branches:
+            if bool((branch.share > 0).any()):
+                groups.setdefault(branch.context.shape[0], []).append((row, branch))
+    mixed = torch.zeros_like(q)
+    for members in groups.values():
+        index = torch.tensor([row for row, _ in members], device=x.device)
+        context = torch.stack([branch.context for _, branch in members]).to(x)
+        k, v = module.to_k(context), module.to_v(context)
+        if lora:
+            weights = torch.stack([torch.zeros(bank.num_tasks) if branch.weights is None else branch.weights
+                                   for _, branch in members]).to(x)
+            k, v = k + bank.delta("to_k", context, weights), v + bank.delta("to_v", context, weights)
+        attended = attention(q[index], k, v, module.heads, **attention_kwargs)
+        shares = torch.stack([branch.share.reshape(-1) for _, branch in members]).to(x)[..., None]
+        mixed.index_add_(0, index, attended * shares)
+    out = module.to_out[0](mixed)
+    if lora:
+        out = out + bank.delta("to_out.0", mixed, token_weights)
+    return module.to_out[1](out) if len(module.to_out) > 1 else out
+
+
+class RegionPlan:
+    """The regions of one sampling run, as region-aware cross-attention needs them in every layer.
+
+    `cond_ids` are the host's ids of the global positive cond entries (ComfyUI: the cond dicts' uuids): their rows
+    attend region by region. `mirror_ids` are the negative's: their rows get the same regions, masks and concepts
+    but attend to their own (negative) context, so classifier-free guidance sees the prompt difference only, never a
+    LoRA difference (as `match cond` does for whole images). Rows of any other cond attend as usual.
+    `contexts[u]` is region u's conditioning tensor [1, T, D] (packed layer-wise or plain) and `masks[u]` its canvas
+    mask [H, W]."""
+
+    def __init__(self, contexts: list[torch.Tensor], masks: list[torch.Tensor], cond_ids, mirror_ids):
+        self.contexts, self.masks = contexts, masks
+        self.cond_ids, self.mirror_ids = set(cond_ids), set(mirror_ids)
+        self._shares: dict[tuple[int, int], torch.Tensor] = {}
+
+    def applies_to(self, ids) -> bool:
+        return any(i in self.cond_ids or i in self.mirror_ids for i in ids or ())
+
+    def shares(self, height: int, width: int) -> torch.Tensor:
+        """[U, height·width]: region_weights at one attention resolution (computed once per resolution)."""
+        if (height, width) not in self._shares:
+            self._shares[(height, width)] = region_weights(self.masks, height, width).reshape(len(self.masks), -1)
+        return self._shares[(height, width)]
+
+    def rows(self, ids: list, contexts: torch.Tensor, weights: torch.Tensor | None, size: tuple[int, int],
+             layer_context, route) -> list[list[AttentionBranch]]:
+        """The branches of every row of a batch made of len(ids) equal chunks, one per host id.
+
+        contexts [B, T, D] and weights [B, K] (or None) are the rows' own layer contexts and routing;
+        `layer_context(tensor)` selects this layer's slice of a region's conditioning, `route(context)` gives its
+        task weights [1, K] (or None)."""
+        shares = self.shares(*size).to(contexts.device)
+        global_share = 1 - shares.sum(dim=0)
+        region_contexts = [layer_context(c.to(contexts))[0] for c in self.contexts]
+        routed = [route(c[None]) for c in region_contexts]
+        per_chunk = contexts.shape[0] // len(ids)
+        rows = []
+        for row in range(contexts.shape[0]):
+            chunk_id = ids[row // per_chunk]
+            own = weights[row] if weights is not None else None
+            if chunk_id not in self.cond_ids and chunk_id not in self.mirror_ids:
+                rows.append([AttentionBranch(contexts[row], own, torch.ones_like(global_share))])
+                continue
+            mirror = chunk_id not in self.cond_ids
+            rows.append([AttentionBranch(contexts[row], own, global_share)] + [
+                AttentionBranch(contexts[row] if mirror else context, None if w is None else w[0], share)
+                for context, w, share in zip(region_contexts, routed, shares)])
+        return rows

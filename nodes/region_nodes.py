@@ -11,9 +11,10 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io, ui
 
-from ..cidm.errors import require_finite
+from ..cidm.errors import CIDMInputError, require_finite
 from ..cidm.plots import region_layout
-from ..cidm.regions import BOX_UNITS, RegionSpec, blend_region_predictions, crop_box, make_regions
+from ..cidm.regions import BOX_UNITS, RegionPlan, RegionSpec, blend_region_predictions, crop_box, make_regions
+from .region_attention import PLAN_KEY, with_region_attention
 
 CATEGORY = "CIDM/regions"
 RegionsType = io.Custom("CIDM_REGIONS")
@@ -74,19 +75,32 @@ class RegionCondition(io.ComfyNode):
 
 
 class RegionGuider(comfy.samplers.CFGGuider):
-    """ComfyUI's CFGGuider with regions. Without region noise estimation it is the stock guider (sampling_function,
-    hence every CFG hook). With it (α < 1) one calc_cond_batch evaluates the global cond, the uncond and every
-    region cond on the area crop around its mask; the region predictions are blended into the cond prediction
-    (cidm.regions.blend_region_predictions), and the result goes through ComfyUI's pre-CFG hooks and cfg_function
-    (sampler_cfg_function and post-CFG hooks), as comfy_extras/nodes_perpneg.py does (ComfyUI v0.3.75)."""
+    """ComfyUI's CFGGuider with regions (ComfyUI v0.3.75).
 
-    def set_regions(self, positive, negative, regions: list[RegionSpec], alpha: float):
+    Region-aware cross-attention: the guider's calls carry a cidm RegionPlan in transformer_options, read by the
+    attn2 patch of nodes/region_attention.py; the UNet runs once per step, cond and uncond batched as usual, and
+    every CFG hook applies since the prediction goes through ComfyUI's own sampling_function.
+
+    Region noise estimation (α < 1): one calc_cond_batch evaluates the global cond, the uncond and every region
+    cond on the area crop around its mask; the region predictions are blended into the cond prediction
+    (cidm.regions.blend_region_predictions), and the result goes through ComfyUI's pre-CFG hooks and cfg_function
+    (sampler_cfg_function and post-CFG hooks), as comfy_extras/nodes_perpneg.py does."""
+
+    def set_regions(self, positive, negative, regions: list[RegionSpec], alpha: float, attention: bool):
         conds = {"positive": positive, "negative": negative}
         conds.update({f"region_{i}": region.conditioning for i, region in enumerate(regions)})
         self.inner_set_conds(conds)
-        self.regions, self.alpha = list(regions), alpha
+        self.regions, self.alpha, self.plan = list(regions), alpha, None
+        if attention and regions:
+            self.plan = RegionPlan([single_prompt(region.conditioning, i) for i, region in enumerate(regions)],
+                                   [region.mask for region in regions],
+                                   [c["uuid"] for c in self.original_conds["positive"]],
+                                   [c["uuid"] for c in self.original_conds["negative"]])
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
+        if self.plan is not None:
+            options = dict(model_options.get("transformer_options", {}), **{PLAN_KEY: self.plan})
+            model_options = dict(model_options, transformer_options=options)
         if not self.regions or self.alpha >= 1.0:
             return super().predict_noise(x, timestep, model_options=model_options, seed=seed)
         positive, negative = self.conds.get("positive"), self.conds.get("negative")
@@ -104,10 +118,19 @@ class RegionGuider(comfy.samplers.CFGGuider):
                                            model_options=model_options, cond=positive, uncond=negative)
 
 
-def region_guider(model, positive, negative, regions, cfg: float, alpha: float) -> RegionGuider:
+def single_prompt(conditioning, index: int):
+    """The one conditioning tensor of a region's prompt (region-aware attention takes one prompt per region)."""
+    if len(conditioning) != 1:
+        raise CIDMInputError("regions", f"region {index + 1} holds {len(conditioning)} prompts (combined "
+                                        "conditionings); region-aware attention takes one prompt per region")
+    return conditioning[0][0]
+
+
+def region_guider(model, positive, negative, regions, cfg: float, alpha: float, attention: bool) -> RegionGuider:
     require_finite(cfg=cfg, alpha=alpha)
-    guider = RegionGuider(model)
-    guider.set_regions(positive, negative, list(regions or []), alpha)
+    regions = list(regions or [])
+    guider = RegionGuider(with_region_attention(model) if attention and regions else model)
+    guider.set_regions(positive, negative, regions, alpha, attention)
     guider.set_cfg(cfg)
     return guider
 
@@ -137,9 +160,15 @@ def guider_inputs():
             RegionsType.Input("regions", optional=True, tooltip="From Region Condition; none gives plain sampling.")]
 
 
-ALPHA = io.Float.Input("alpha", default=0.1, min=0.0, max=1.0, step=0.01,
-                       tooltip="Region noise estimation (CIDM Eq. 5): the share of the global prediction inside "
-                               "regions (the paper uses 0.1); 1 turns it off.")
+ALPHA = io.Float.Input("alpha", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Region noise estimation (CIDM Eq. 5): below 1, each region's prompt is also "
+                               "predicted on its own crop and blended in with weight 1 − alpha inside its mask "
+                               "(the paper uses 0.1; about one extra UNet call per region, on its area). 1 turns "
+                               "it off.")
+ATTENTION = io.Boolean.Input("region_attention", default=True, optional=True,
+                             tooltip="Region-aware cross-attention: image tokens inside a region attend to that "
+                                     "region's prompt through only its concepts' LoRAs, the rest to the global "
+                                     "prompt; one UNet call per step.")
 CFG = io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01)
 
 
@@ -149,22 +178,24 @@ class ContextControlledKSampler(io.ComfyNode):
         return io.Schema(
             node_id="CIDM_ContextControlledKSampler", display_name="Context-Controlled KSampler",
             category=CATEGORY,
-            description="The KSampler with regions: every region's noise prediction is blended into the global "
-                        "one inside its mask (CIDM's region noise estimation). Without regions it is the stock "
-                        "KSampler, bit for bit, CFG model patches (RescaleCFG, ...) included.",
+            description="The KSampler with regions. Inside each region the image follows the region's prompt "
+                        "and only its concepts (region-aware cross-attention, one UNet call per step); outside "
+                        "every region, the global prompt. alpha below 1 adds CIDM's region noise estimation. "
+                        "Without regions it is the stock KSampler, bit for bit, CFG model patches (RescaleCFG, "
+                        "...) included.",
             inputs=guider_inputs() + [
                 io.Latent.Input("latent_image"),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
                 io.Int.Input("steps", default=30, min=1, max=10000), CFG,
                 io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="dpmpp_2m"),
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="karras"),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01), ALPHA],
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01), ALPHA, ATTENTION],
             outputs=[io.Latent.Output(display_name="latent")])
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
-                alpha, regions=None):
-        guider = region_guider(model, positive, negative, regions, cfg, alpha)
+                alpha, regions=None, region_attention=True):
+        guider = region_guider(model, positive, negative, regions, cfg, alpha, region_attention)
         return io.NodeOutput(sample(guider, latent_image, seed, steps, sampler_name, scheduler, denoise))
 
 
@@ -175,12 +206,12 @@ class ContextControlledGuider(io.ComfyNode):
             node_id="CIDM_ContextControlledGuider", display_name="Context-Controlled Guider", category=CATEGORY,
             description="The Context-Controlled KSampler's guidance as a GUIDER, for SamplerCustomAdvanced "
                         "(bring your own noise, sampler and sigmas).",
-            inputs=guider_inputs() + [CFG, ALPHA],
+            inputs=guider_inputs() + [CFG, ALPHA, ATTENTION],
             outputs=[io.Guider.Output(display_name="guider")])
 
     @classmethod
-    def execute(cls, model, positive, negative, cfg, alpha, regions=None):
-        return io.NodeOutput(region_guider(model, positive, negative, regions, cfg, alpha))
+    def execute(cls, model, positive, negative, cfg, alpha, regions=None, region_attention=True):
+        return io.NodeOutput(region_guider(model, positive, negative, regions, cfg, alpha, region_attention))
 
 
 NODES = [RegionCondition, ContextControlledKSampler, ContextControlledGuider]

@@ -97,11 +97,11 @@ def test_without_regions_the_latent_is_the_stock_ksamplers_bit_for_bit(comfy, re
     for name, sampling in settings.items():
         scene.stock(f"stock_{name}", **sampling)
         scene.ours(f"ours_{name}", **sampling)
-    scene.ours("ours_alpha_one", regions=scene.two_regions()[0], alpha=1.0)
+    scene.ours("ours_regions_off", regions=scene.two_regions()[0], alpha=1.0, region_attention=False)
     found = latents(comfy, comfy.run(scene.graph.prompt()))
     for name in settings:
         np.testing.assert_array_equal(found[f"ours_{name}"], found[f"stock_{name}"], err_msg=name)
-    np.testing.assert_array_equal(found["ours_alpha_one"], found["stock_euler"])
+    np.testing.assert_array_equal(found["ours_regions_off"], found["stock_euler"])
 
 
 def test_cfg_patches_reach_region_noise_estimation_and_the_guider_matches_the_sampler(comfy):
@@ -232,3 +232,43 @@ def test_a_latent_not_a_multiple_of_64_pixels(comfy):
     assert latents(comfy, entry)["odd"].shape == (1, 4, 9, 13)
     (image,) = images(comfy, entry)["odd_image"]
     assert image.shape == (72, 104, 3)
+
+
+@pytest.mark.parametrize("negative_kind", ["cidm", "stock"])
+def test_region_attention_on_the_sixteen_layer_checkpoint(comfy, negative_kind):
+    """A region holding the global prompt over the whole image is the plain global prompt (the region path's
+    arithmetic equals the ordinary attention); two regions with two concepts change the image. With a stock
+    negative, ComfyUI runs cond and uncond as separate UNet calls, where the plain path routes the negative by its
+    own context (issue #13) while the region path gives it the positive's concepts (match cond), so only the
+    batched case is compared."""
+    ckpt = "cidm_sd15_blocks.safetensors"
+    library = f"sixteen_regions_{negative_kind}"
+    synthesize_library(comfy.workspace / "models" / "checkpoints" / ckpt, comfy.workspace / "models" / "cidm" / library,
+                       ["dog", "duck"])
+    graph = Graph()
+    checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=ckpt)
+    lib = graph.add("CIDM_LoadConceptLibrary", library=library)
+    model = graph.add("CIDM_ElasticAggregateLoRAs", model=checkpoint[0], library=lib[0], tasks="all", scale=0.8,
+                      mode="elastic", weights="", uncond_weights="match cond")[0]
+
+    def encode(text):
+        return graph.add("CIDM_TextEncode", clip=checkpoint[1], library=lib[0], text=text)[0]
+
+    positive = encode("a <dog> and a <duck> on a beach")
+    negative = encode("blurry") if negative_kind == "cidm" else \
+        graph.add("CLIPTextEncode", clip=checkpoint[1], text="blurry")[0]
+    everywhere = graph.add("CIDM_RegionCondition", conditioning=positive, x=0.0, y=0.0, width=1.0, height=1.0,
+                           strength=1.0)
+    left = graph.add("CIDM_RegionCondition", conditioning=encode("a photo of a <dog>"), x=0.0, y=0.0, width=0.5,
+                     height=1.0, strength=1.0)
+    right = graph.add("CIDM_RegionCondition", conditioning=encode("a photo of a <duck>"), x=0.5, y=0.0, width=0.5,
+                      height=1.0, strength=1.0, regions=left[0])
+    latent = graph.add("EmptyLatentImage", width=128, height=64, batch_size=1)[0]
+    common = dict(model=model, positive=positive, negative=negative, latent_image=latent, alpha=1.0, **SAMPLING)
+    for name, extra in (("none", {}), ("everywhere", {"regions": everywhere[0]}), ("two", {"regions": right[0]})):
+        sampled = graph.add("CIDM_ContextControlledKSampler", **common, **extra)
+        graph.add("SaveLatent", samples=sampled[0], filename_prefix=name)
+    found = latents(comfy, comfy.run(graph.prompt()))
+    if negative_kind == "cidm":
+        np.testing.assert_allclose(found["everywhere"], found["none"], atol=1e-3 * np.abs(found["none"]).max())
+    assert np.abs(found["two"] - found["none"]).mean() > 1e-2, "region-aware attention had no effect"
