@@ -14,7 +14,7 @@ from comfy_api.latest import io, ui
 from ..cidm.errors import CIDMInputError, require_finite
 from ..cidm.plots import region_layout
 from ..cidm.regions import BOX_UNITS, RegionPlan, RegionSpec, blend_region_predictions, crop_box, make_regions
-from .region_attention import PLAN_KEY, with_region_attention
+from .host.regions import PLAN_KEY, with_region_attention
 
 CATEGORY = "CIDM/regions"
 RegionsType = io.Custom("CIDM_REGIONS")
@@ -78,7 +78,7 @@ class RegionGuider(comfy.samplers.CFGGuider):
     """ComfyUI's CFGGuider with regions (ComfyUI v0.3.75).
 
     Region-aware cross-attention: the guider's calls carry a cidm RegionPlan in transformer_options, read by the
-    attn2 patch of nodes/region_attention.py; the UNet runs once per step, cond and uncond batched as usual, and
+    attn2 patch of nodes/host/regions.py; the UNet runs once per step, cond and uncond batched as usual, and
     every CFG hook applies since the prediction goes through ComfyUI's own sampling_function.
 
     Region noise estimation (α < 1): one calc_cond_batch evaluates the global cond, the uncond and every region

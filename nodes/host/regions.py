@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..cidm.adapters import ConceptCrossAttention, LayerLoRABank, select_layer_context
-from ..cidm.layers import cross_attention_layers
-from ..cidm.regions import RegionPlan, region_cross_attention
+from ...cidm.adapters import ConceptCrossAttention, LayerLoRABank, select_layer_context
+from ...cidm.layers import cross_attention_layers
+from ...cidm.regions import RegionPlan, region_cross_attention
+from .model import UNET_PREFIX, unet_of
 
 PLAN_KEY = "cidm_region_plan"
-UNET_PREFIX = "diffusion_model."
 
 
 class RegionCrossAttention(torch.nn.Module):
@@ -62,7 +62,7 @@ class RegionCrossAttention(torch.nn.Module):
 def with_region_attention(model):
     """A clone of `model` whose every attn2 is wrapped in RegionCrossAttention."""
     patched = model.clone()
-    for layer in cross_attention_layers(patched.model.diffusion_model):
+    for layer in cross_attention_layers(unet_of(patched)):
         path = UNET_PREFIX + layer.path
         patched.add_object_patch(path, RegionCrossAttention(patched.get_model_object(path)))
     return patched
