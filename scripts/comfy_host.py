@@ -60,10 +60,12 @@ class WorkflowFailed(AssertionError):
 
 
 class ComfyServer:
-    """`main.py --cpu` on a temporary base directory with the pack linked into custom_nodes."""
+    """`main.py --cpu` on a temporary base directory with the pack linked into custom_nodes; `env` adds to the
+    server's environment."""
 
-    def __init__(self, workspace: Path, checkpoints: dict[str, Path]):
+    def __init__(self, workspace: Path, checkpoints: dict[str, Path], env: dict[str, str] | None = None):
         self.workspace = workspace
+        self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workspace / "server.log"
@@ -83,7 +85,7 @@ class ComfyServer:
                    "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
                    "--disable-api-nodes"]
         log = open(self.log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **self.env)
         self.process = subprocess.Popen(command, cwd=str(self.workspace), stdout=log, stderr=subprocess.STDOUT,
                                         env=env)
         deadline = time.time() + timeout
