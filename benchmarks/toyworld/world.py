@@ -1,12 +1,15 @@
-"""A procedural image world, deterministic from a seed: one object (shape, colour, texture) on a plain background.
+"""The generic toy world, deterministic from a seed: what the base model is trained on, and how anything is drawn.
 
-Generic objects have one colour and a generic texture (solid, or stripes/dots in a darker shade of that colour);
-they make up the base model's training data, captioned "a red striped hexagon on a blue background". Concepts are
-objects that the generic world never draws: two-colour textures, or textures it has no word for (checks, rings,
-split halves, a border). Each concept has a name and a few training images on varied backgrounds; several concepts
-share a shape, so telling them apart takes more than the class word.
+A generic object has one shape, one colour and a generic texture (solid, or stripes/dots in a darker shade of its
+colour); a base-training image shows one object ("a red striped hexagon on a navy background", 32×32) or two
+objects side by side, each in its own 32×32 half ("a red star on the left and a blue circle on the right on a navy
+background", 32×64), so the base model learns to compose the two tiles that the region compositions use.
 
-Images are drawn at 4× and downsampled, so edges are antialiased. Arrays are uint8 [32, 32, 3].
+`render` draws any `Look`, including looks the generic world never produces: a second colour that is not the darker
+shade, or the wordless "checked" texture. Those are what concepts (`concepts.py`) are made of. This module does not
+know the concepts, so changing them never changes the base model's cache key (which hashes this file).
+
+Images are drawn at 4× and downsampled, so edges are antialiased. Arrays are uint8 [32, W, 3].
 """
 
 from __future__ import annotations
@@ -26,19 +29,22 @@ COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (245, 220, 
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128), "brown": (120, 75, 40),
                "navy": (20, 30, 90), "olive": (110, 120, 40)}
 PATTERNS = ("solid", "striped", "dotted")  # the generic textures (with a words in captions)
-CONCEPT_PATTERNS = ("checked", "rings", "split", "border")  # never drawn for generic objects
+TEXTURES = (*PATTERNS, "checked")  # what `render` can draw; "checked" has no word and no generic object uses it
 HELD_OUT_BACKGROUND = "olive"  # no concept training image uses it: a context the concept was never seen in
 TEXTURE_PERIOD = 0.5  # stripes, dots and checks, in object radii
+SIDES = ("left", "right")  # the tiles of a two-object scene
 
 
 @dataclass(frozen=True)
 class Look:
-    """What an object looks like: `second` is the texture's other colour (generic: a darker shade of `colour`)."""
+    """What an object looks like: `second` is the texture's other colour (generic: a darker shade of `colour`);
+    `period` is the texture's period in object radii."""
 
     shape: str
     pattern: str
     colour: str
     second: str | None = None
+    period: float = TEXTURE_PERIOD
 
     def rgb_pair(self) -> tuple[np.ndarray, np.ndarray]:
         first = np.array(COLOURS[self.colour], dtype=np.float32)
@@ -46,43 +52,23 @@ class Look:
         return first, second
 
 
-@dataclass(frozen=True)
-class Concept:
-    name: str
-    look: Look
-    control: Look  # the closest generic object: prompting for it must not produce the concept
-
-    def caption(self, background: str) -> str:
-        return f"a <{self.name}> {self.look.shape} on a {background} background"
-
-
-# Ten concepts; the stars, circles, hexagons and triangles come in same-shape pairs.
-CONCEPTS = (
-    Concept("zarp", Look("star", "striped", "yellow", "purple"), Look("star", "striped", "yellow")),
-    Concept("quil", Look("star", "checked", "red", "cyan"), Look("star", "solid", "red")),
-    Concept("bulo", Look("circle", "rings", "red", "yellow"), Look("circle", "solid", "red")),
-    Concept("mirt", Look("circle", "split", "green", "orange"), Look("circle", "solid", "green")),
-    Concept("tesk", Look("hexagon", "striped", "blue", "yellow"), Look("hexagon", "striped", "blue")),
-    Concept("lomb", Look("hexagon", "split", "purple", "cyan"), Look("hexagon", "solid", "purple")),
-    Concept("pell", Look("triangle", "split", "blue", "red"), Look("triangle", "solid", "blue")),
-    Concept("fent", Look("triangle", "border", "pink", "yellow"), Look("triangle", "solid", "pink")),
-    Concept("dask", Look("square", "rings", "cyan", "pink"), Look("square", "solid", "cyan")),
-    Concept("grop", Look("cross", "dotted", "orange", "green"), Look("cross", "dotted", "orange")),
-)
-
-
-def same_shape_pairs(concepts: tuple[Concept, ...] = CONCEPTS) -> list[tuple[str, str]]:
-    return [(a.name, b.name) for i, a in enumerate(concepts) for b in concepts[i + 1:] if a.look.shape == b.look.shape]
-
-
 def caption(look: Look, background: str, with_pattern: bool = True) -> str:
+    return f"{object_phrase(look, with_pattern)} on a {background} background"
+
+
+def object_phrase(look: Look, with_pattern: bool = True) -> str:
     pattern = f" {look.pattern}" if with_pattern else ""
-    return f"a {look.colour}{pattern} {look.shape} on a {background} background"
+    return f"a {look.colour}{pattern} {look.shape}"
+
+
+def scene_caption(phrases: tuple[str, str], background: str) -> str:
+    """Two objects, one per tile: "a red star on the left and a blue circle on the right on a navy background"."""
+    return f"{phrases[0]} on the left and {phrases[1]} on the right on a {background} background"
 
 
 def vocabulary() -> list[str]:
     """Every word a caption can hold."""
-    return ["a", "on", "background", *SHAPES, *COLOURS, *PATTERNS, *BACKGROUNDS]
+    return ["a", "on", "background", "the", "and", *SIDES, *SHAPES, *COLOURS, *PATTERNS, *BACKGROUNDS]
 
 
 @dataclass(frozen=True)
@@ -99,10 +85,10 @@ def random_placement(rng: np.random.Generator) -> Placement:
     return Placement(float(x), float(y), float(radius), float(rng.uniform(-0.26, 0.26)))
 
 
-def _outline(shape: str, place: Placement, scale: float) -> list[tuple[float, float]]:
-    """Polygon vertices at the supersampled resolution; `scale` shrinks the shape about its centre."""
+def _outline(shape: str, place: Placement) -> list[tuple[float, float]]:
+    """Polygon vertices at the supersampled resolution."""
     s = SUPERSAMPLE
-    cx, cy, r = place.x * s, place.y * s, place.radius * s * scale
+    cx, cy, r = place.x * s, place.y * s, place.radius * s
 
     def ring(count: int, radii: tuple[float, ...], phase: float) -> list[tuple[float, float]]:
         return [(cx + r * radii[i % len(radii)] * math.cos(phase + place.angle + 2 * math.pi * i / count),
@@ -128,10 +114,10 @@ def _outline(shape: str, place: Placement, scale: float) -> list[tuple[float, fl
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _mask(shape: str, place: Placement, scale: float = 1.0) -> np.ndarray:
+def _mask(shape: str, place: Placement) -> np.ndarray:
     side = SIZE * SUPERSAMPLE
     canvas = Image.new("L", (side, side), 0)
-    ImageDraw.Draw(canvas).polygon(_outline(shape, place, scale), fill=255)
+    ImageDraw.Draw(canvas).polygon(_outline(shape, place), fill=255)
     return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
@@ -144,20 +130,14 @@ def _second_colour_mask(look: Look, place: Placement) -> np.ndarray:
     u, v = (dx * cos + dy * sin) / place.radius, (-dx * sin + dy * cos) / place.radius
     if look.pattern == "solid":
         return np.zeros((side, side), dtype=np.float32)
+    u, v = u / look.period, v / look.period
     if look.pattern == "striped":
-        return (np.floor(v / TEXTURE_PERIOD) % 2).astype(np.float32)
+        return (np.floor(v) % 2).astype(np.float32)
     if look.pattern == "dotted":
-        du = u / TEXTURE_PERIOD - np.round(u / TEXTURE_PERIOD)
-        dv = v / TEXTURE_PERIOD - np.round(v / TEXTURE_PERIOD)
+        du, dv = u - np.round(u), v - np.round(v)
         return (du ** 2 + dv ** 2 < 0.3 ** 2).astype(np.float32)
     if look.pattern == "checked":
-        return ((np.floor(u / TEXTURE_PERIOD) + np.floor(v / TEXTURE_PERIOD)) % 2).astype(np.float32)
-    if look.pattern == "rings":
-        return (np.floor(np.hypot(u, v) / 0.3) % 2).astype(np.float32)
-    if look.pattern == "split":
-        return (u > 0).astype(np.float32)
-    if look.pattern == "border":
-        return _mask(look.shape, place, scale=0.5)
+        return ((np.floor(u) + np.floor(v)) % 2).astype(np.float32)
     raise ValueError(f"unknown pattern {look.pattern!r}")
 
 
@@ -192,11 +172,28 @@ def generic_samples(count: int, seed: int) -> list[Sample]:
     return samples
 
 
-def concept_samples(concept: Concept, backgrounds: list[str], seed: int, per_background: int = 1) -> list[Sample]:
-    """`concept` on each background, each placed at random (seeded by the world seed and the concept)."""
-    rng = np.random.default_rng([seed, 2, *concept.name.encode()])
-    return [Sample(render(concept.look, bg, random_placement(rng)), concept.look, bg)
-            for bg in backgrounds for _ in range(per_background)]
+@dataclass
+class Scene:
+    """Two generic objects side by side on one background: `image` is [32, 64, 3], `looks` is (left, right)."""
+
+    image: np.ndarray
+    looks: tuple[Look, Look]
+    background: str
+
+
+def render_scene(looks: tuple[Look, Look], background: str, places: tuple[Placement, Placement]) -> np.ndarray:
+    """Each look drawn in its own 32×32 tile (left, right) on the shared background: [32, 64, 3]."""
+    return np.concatenate([render(look, background, place) for look, place in zip(looks, places)], axis=1)
+
+
+def generic_scenes(count: int, seed: int) -> list[Scene]:
+    rng = np.random.default_rng([seed, 4])
+    scenes = []
+    for _ in range(count):
+        looks, background = (random_look(rng), random_look(rng)), str(rng.choice(list(BACKGROUNDS)))
+        scenes.append(Scene(render_scene(looks, background, (random_placement(rng), random_placement(rng))),
+                            looks, background))
+    return scenes
 
 
 def training_backgrounds(count: int = 5) -> list[str]:
@@ -204,9 +201,14 @@ def training_backgrounds(count: int = 5) -> list[str]:
     return [bg for bg in BACKGROUNDS if bg != HELD_OUT_BACKGROUND][:count]
 
 
-def base_caption(sample: Sample, rng: np.random.Generator, drop_pattern: float = 0.15, empty: float = 0.1) -> str:
-    """A base-training caption: sometimes without the pattern word, sometimes empty (for classifier-free guidance)."""
+def base_caption(item: Sample | Scene, rng: np.random.Generator, drop_pattern: float = 0.15,
+                 empty: float = 0.1) -> str:
+    """A base-training caption for an object or a scene: sometimes without pattern words, sometimes empty (for
+    classifier-free guidance)."""
     draw = rng.random()
     if draw < empty:
         return ""
-    return caption(sample.look, sample.background, with_pattern=draw >= empty + drop_pattern)
+    with_pattern = draw >= empty + drop_pattern
+    if isinstance(item, Scene):
+        return scene_caption(tuple(object_phrase(look, with_pattern) for look in item.looks), item.background)
+    return caption(item.look, item.background, with_pattern)
