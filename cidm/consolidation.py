@@ -18,8 +18,18 @@ the (l, f) pairs so its size does not depend on how many layers a model has.
     L = orthogonal · L_orth + shared · L_shared. With no old task, L = 0.
 * ``cidm-official``: the released code, for reproduction:
     L = official · mean_{j,l,f} mean|B_t B_jᵀ| + official · mean_{l,f} mean((B_t − 1)²)   (t ≥ 2 only).
-* ``c-lora`` (Smith et al.): L = clora · Σ_{l,f} ‖(Σ_{j<t} B_j A_j) ⊙ (B_t A_t)‖_F², old tasks merged in the
-  forward pass.
+* ``c-lora`` (Smith et al., "Continual Diffusion: Continual Customization of Text-to-Image Diffusion with C-LoRA",
+  arXiv 2304.06027, §4): the earlier tasks' updates are merged into the weights (in the forward pass, at weight
+  1), and the new update is self-regularised wherever their sum M = Σ_{j<t} B_j A_j already changed the weights:
+      paper:  L = λ · Σ_{l,f} ‖M ⊙ (B_t A_t)‖_F²
+      here:   L = clora · mean_{(l,f): M≠0} mean((M ⊙ B_t A_t)²) / mean(M²)²
+  i.e. the paper's penalty with both factors measured in units of the old updates' RMS, per projection: scaling
+  every weight by s leaves L unchanged (the paper's grows as s⁴, which made one λ learn nothing after task 1 at
+  one learning rate and forget at another), and it does not grow with the matrices' size. Only the cross-
+  attention key and value projections are trained, as in the paper (after Custom Diffusion); concept tokens start
+  random and prompts leave the class word out (``class_word_in_prompt``). Degenerate case: M is dense (a sum of
+  products of dense factors), so "where M ≠ 0" is everywhere and the penalty's only zero is B_t A_t = 0; it acts
+  as a weighted weight decay toward no update, which DCS (arXiv 2410.00700) calls C-LoRA's collapse toward zero.
 * ``finetune``: no regularizer, old tasks merged in the forward pass.
 """
 
@@ -30,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import TaskFactors
+from .layers import PROJECTIONS
 
 METHODS = ("cidm", "cidm-official", "c-lora", "finetune")
 RIDGE = 1e-6  # keeps the closed-form solves well posed when a task's factors are (still) zero
@@ -42,13 +53,17 @@ class ConsolidationWeights:
     shared_rank: int | None = None  # k; None: the LoRA rank
     shared_every: int = 1
     official: float = 0.1
-    clora: float = 1.0e6
+    clora: float = 1.0  # normalised λ (see the module docstring)
 
 
 class Consolidator:
-    """No regularizer; the base of the others."""
+    """No regularizer; the base of the others. Class attributes say how a method trains: whether old tasks take
+    part in the forward pass, whether prompts keep the class word (and tokens 2.. start from it), and which
+    projections' factors are trained (the others stay at their zero update)."""
 
     uses_old_in_forward = False
+    class_word_in_prompt = True
+    trained_projections: tuple[str, ...] = PROJECTIONS
 
     def __init__(self, old_tasks: list[TaskFactors], weights: ConsolidationWeights):
         self.old_tasks, self.weights = old_tasks, weights
@@ -80,18 +95,24 @@ class OfficialConsolidator(Consolidator):
 
 class CLoRAConsolidator(Consolidator):
     uses_old_in_forward = True
+    class_word_in_prompt = False
+    trained_projections = ("to_k", "to_v")
 
     def __init__(self, old_tasks: list[TaskFactors], weights: ConsolidationWeights):
         super().__init__(old_tasks, weights)
-        # Σ_j B_j A_j never changes during the task, so it is summed once.
-        self.merged = {key: sum(old[key][1] @ old[key][0] for old in old_tasks) for key in old_tasks[0]} \
+        # M = Σ_j B_j A_j never changes during the task, so it is summed once; projections that no old task
+        # changed (M = 0) have nothing to protect.
+        merged = {key: sum(old[key][1] @ old[key][0] for old in old_tasks) for key in old_tasks[0]} \
             if old_tasks else {}
+        self.merged = {key: m for key, m in merged.items() if key[1] in self.trained_projections and m.any()}
+        self.mean_square = {key: (m.double() ** 2).mean().item() for key, m in self.merged.items()}
 
     def loss(self, current: TaskFactors, step: int) -> torch.Tensor:
         if not self.merged:
             return torch.zeros(())
-        terms = [((self.merged[key].to(up) * (up @ down)) ** 2).sum() for key, (down, up) in current.items()]
-        return self.weights.clora * torch.stack(terms).sum()
+        terms = [((self.merged[key].to(up) * (up @ down)) ** 2).mean() / self.mean_square[key] ** 2
+                 for key, (down, up) in current.items() if key in self.merged]
+        return self.weights.clora * torch.stack(terms).mean()
 
 
 class SharedBasis:

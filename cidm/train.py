@@ -147,11 +147,16 @@ class ConceptTrainer:
         self.consolidator = make_consolidator(config.method, old_tasks, config.consolidation)
         self.active_old = old_tasks if self.consolidator.uses_old_in_forward else []
         self.lora = _trainable_factors(init_task_factors(self.layers, config.rank, self.generator))
-        class_vectors = [encoder.word_embedding(w) if w else None for w in concept.class_words]
+        trained = self.consolidator.trained_projections
+        for (_, proj), pair in self.lora.items():
+            for param in pair:
+                param.requires_grad_(proj in trained)
+        class_words = concept.class_words if self.consolidator.class_word_in_prompt else []
+        class_vectors = [encoder.word_embedding(w) if w else None for w in class_words]
         self.embeddings = torch.nn.Parameter(initial_embeddings(
             len(concept.tokens), encoder.num_layers, self.layers[0].context_dim, class_vectors, self.generator))
         self.optimizer = torch.optim.AdamW(
-            [{"params": [p for pair in self.lora.values() for p in pair], "lr": config.lora_lr},
+            [{"params": [p for pair in self.lora.values() for p in pair if p.requires_grad], "lr": config.lora_lr},
              {"params": [self.embeddings], "lr": config.embedding_lr}],
             lr=config.lora_lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _linear_decay(config.steps))

@@ -65,7 +65,7 @@ class TrainConceptIncrement(io.ComfyNode):
                 io.Combo.Input("method", options=list(METHODS), default="cidm",
                                tooltip="cidm: orthogonal + shared-basis consolidation (the paper's intent). "
                                        "cidm-official: the released code's loss. c-lora: overlap penalty with "
-                                       "sequential merging. finetune: no regularizer."),
+                                       "sequential merging (Smith et al.). finetune: no regularizer."),
                 io.Combo.Input("template", options=["object", "style"], default="object",
                                tooltip="Caption templates: objects ('a photo of a ...') or styles."),
                 io.Int.Input("steps", default=400, min=1, max=100000, tooltip="Optimizer steps."),
@@ -78,8 +78,10 @@ class TrainConceptIncrement(io.ComfyNode):
                                tooltip="cidm: task-specific orthogonality weight."),
                 io.Float.Input("shared_weight", default=0.01, min=0.0, max=100.0, step=0.001,
                                tooltip="cidm: task-shared basis weight."),
-                io.Float.Input("clora_lambda", default=1.0e6, min=0.0, max=1.0e12, step=1.0,
-                               tooltip="c-lora: overlap penalty weight."),
+                io.Float.Input("clora_lambda", default=ConsolidationWeights.clora, min=0.0, max=1.0e6, step=0.01,
+                               tooltip="c-lora: overlap penalty weight, normalised by the old updates' size, "
+                                       "so the same value works at any learning rate (trains only attn2 "
+                                       "key/value; tokens start random; keep the class word out of captions)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),

@@ -12,7 +12,7 @@ CKPT = "cidm_mini_sd15.safetensors"
 LIBRARY = "continual"
 TRAIN_DEFAULTS = dict(tokens="", class_words="", method="cidm", template="object", steps=3, lora_lr=1e-2,
                       embedding_lr=1e-3, rank=4, alpha=1.0, orthogonal_weight=0.1, shared_weight=0.01,
-                      clora_lambda=1.0e6, resolution=64, batch_size=1, seed=0, save_every=0, resume=False,
+                      clora_lambda=1.0, resolution=64, batch_size=1, seed=0, save_every=0, resume=False,
                       gradient_checkpointing=False)
 
 

@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from . import world
+from . import concepts, world
+from .concepts import ConceptWorld
 from .models import CACHE, cache_key, make_scheduler, save_atomically
 
 GENERIC, GARBAGE = "generic", "garbage"
-HEADS = {"shape": list(world.SHAPES), "colour": list(world.COLOURS), "pattern": list(world.PATTERNS),
-         "background": list(world.BACKGROUNDS), "concept": [GENERIC, GARBAGE, *(c.name for c in world.CONCEPTS)]}
 IGNORE = -1
 STRICT = 0.9
 
@@ -42,14 +41,22 @@ class OracleConfig:
     width: int = 32
     lr: float = 2e-3
     seed: int = 0
+    world_seed: int = 0  # whose concepts the concept head knows
 
     def key(self) -> str:
-        return cache_key(self, Path(__file__))
+        return cache_key(self, [Path(world.__file__), Path(concepts.__file__), Path(__file__)])
+
+
+def heads(concept_world: ConceptWorld) -> dict[str, list[str]]:
+    """Each head's classes; the concept head knows this world's concepts, "generic" and "garbage"."""
+    return {"shape": list(world.SHAPES), "colour": list(world.COLOURS), "pattern": list(world.PATTERNS),
+            "background": list(world.BACKGROUNDS), "concept": [GENERIC, GARBAGE, *concept_world.names()]}
 
 
 class Oracle(nn.Module):
-    def __init__(self, width: int):
+    def __init__(self, width: int, concept_world: ConceptWorld):
         super().__init__()
+        self.classes = heads(concept_world)
 
         def stage(inputs: int, outputs: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(inputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs), nn.ReLU(),
@@ -58,7 +65,8 @@ class Oracle(nn.Module):
 
         self.trunk = nn.Sequential(stage(3, width), stage(width, 2 * width), stage(2 * width, 4 * width),
                                    nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.heads = nn.ModuleDict({name: nn.Linear(4 * width, len(classes)) for name, classes in HEADS.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(4 * width, len(classes))
+                                    for name, classes in self.classes.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """IMAGE [N, 32, 32, 3] in [0, 1] -> logits per head."""
@@ -72,9 +80,10 @@ class Verdict:
 
     predictions: dict[str, list[str]]
     probabilities: dict[str, torch.Tensor]
+    classes: dict[str, list[str]]
 
     def confident(self, head: str, label: str, threshold: float = STRICT) -> list[bool]:
-        column = HEADS[head].index(label)
+        column = self.classes[head].index(label)
         return [p >= threshold for p in self.probabilities[head][:, column].tolist()]
 
 
@@ -82,8 +91,9 @@ class Verdict:
 def judge(oracle: Oracle, images: torch.Tensor) -> Verdict:
     oracle.eval()
     probabilities = {name: logits.softmax(dim=1) for name, logits in oracle(images.float()).items()}
-    predictions = {name: [HEADS[name][i] for i in p.argmax(dim=1).tolist()] for name, p in probabilities.items()}
-    return Verdict(predictions, probabilities)
+    predictions = {name: [oracle.classes[name][i] for i in p.argmax(dim=1).tolist()]
+                   for name, p in probabilities.items()}
+    return Verdict(predictions, probabilities, oracle.classes)
 
 
 def as_images(samples: list[world.Sample]) -> torch.Tensor:
@@ -95,12 +105,12 @@ def _labels(shape=IGNORE, colour=IGNORE, pattern=IGNORE, background=IGNORE, conc
     return [shape, colour, pattern, background, concept]
 
 
-def _look_labels(sample: world.Sample, concept: str) -> list[int]:
+def _look_labels(classes: dict[str, list[str]], sample: world.Sample, concept: str) -> list[int]:
     generic = concept == GENERIC
-    return _labels(HEADS["shape"].index(sample.look.shape),
-                   HEADS["colour"].index(sample.look.colour) if generic else IGNORE,
-                   HEADS["pattern"].index(sample.look.pattern) if generic else IGNORE,
-                   HEADS["background"].index(sample.background), HEADS["concept"].index(concept))
+    return _labels(classes["shape"].index(sample.look.shape),
+                   classes["colour"].index(sample.look.colour) if generic else IGNORE,
+                   classes["pattern"].index(sample.look.pattern) if generic else IGNORE,
+                   classes["background"].index(sample.background), classes["concept"].index(concept))
 
 
 def _garbage(clean: torch.Tensor, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
@@ -122,15 +132,17 @@ def training_data(config: OracleConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [N, 32, 32, 3] and labels [N, heads]: generic objects, concepts on every background, garbage."""
     rng = np.random.default_rng([config.seed, 4])
     generator = torch.Generator().manual_seed(config.seed)
+    concept_world = concepts.make_world(config.world_seed)
+    classes = heads(concept_world)
     samples = [(s, GENERIC) for s in world.generic_samples(config.generic, config.seed + 1)]
-    for concept in world.CONCEPTS:
+    for concept in concept_world.concepts:
         per_background = max(1, config.per_concept // len(world.BACKGROUNDS))
-        samples += [(s, concept.name) for s in world.concept_samples(concept, list(world.BACKGROUNDS),
-                                                                      config.seed + 1, per_background)]
+        samples += [(s, concept.name) for s in concepts.concept_samples(concept, list(world.BACKGROUNDS),
+                                                                         config.seed + 1, per_background)]
     images = as_images([s for s, _ in samples])
-    labels = torch.tensor([_look_labels(s, c) for s, c in samples])
+    labels = torch.tensor([_look_labels(classes, s, c) for s, c in samples])
     garbage = _garbage(images[torch.from_numpy(rng.integers(len(images), size=config.garbage))], rng, generator)
-    garbage_labels = torch.tensor([_labels(concept=HEADS["concept"].index(GARBAGE))] * config.garbage)
+    garbage_labels = torch.tensor([_labels(concept=classes["concept"].index(GARBAGE))] * config.garbage)
     return torch.cat([images, garbage]), torch.cat([labels, garbage_labels])
 
 
@@ -145,7 +157,7 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def train_oracle(config: OracleConfig, log: Callable[[str], None] = print) -> Oracle:
     torch.manual_seed(config.seed)
     images, labels = training_data(config)
-    oracle = Oracle(config.width)
+    oracle = Oracle(config.width, concepts.make_world(config.world_seed))
     optimizer = torch.optim.AdamW(oracle.parameters(), lr=config.lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(config.seed)
     steps = config.epochs * -(-len(images) // config.batch_size)
@@ -158,7 +170,7 @@ def train_oracle(config: OracleConfig, log: Callable[[str], None] = print) -> Or
             batch = order[start:start + config.batch_size]
             logits = oracle(_augment(images[batch], generator))
             loss = sum(F.cross_entropy(logits[name], labels[batch, i], ignore_index=IGNORE)
-                       for i, name in enumerate(HEADS) if (labels[batch, i] != IGNORE).any())
+                       for i, name in enumerate(oracle.classes) if (labels[batch, i] != IGNORE).any())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -171,7 +183,7 @@ def load_or_train_oracle(config: OracleConfig, cache: Path = CACHE, log: Callabl
     path = cache / f"oracle-{config.key()}.safetensors"
     if path.exists():
         log(f"oracle: cached {path}")
-        oracle = Oracle(config.width)
+        oracle = Oracle(config.width, concepts.make_world(config.world_seed))
         oracle.load_state_dict(load_file(str(path)))
         return oracle.eval()
     oracle = train_oracle(config, log)
@@ -180,20 +192,20 @@ def load_or_train_oracle(config: OracleConfig, cache: Path = CACHE, log: Callabl
     return oracle
 
 
-def held_out_accuracy(oracle: Oracle, count: int, seed: int) -> dict[str, float]:
+def held_out_accuracy(oracle: Oracle, concept_world: ConceptWorld, count: int, seed: int) -> dict[str, float]:
     """Accuracy on fresh renders (a seed the oracle never saw): every head on generic objects, concept recall on
-    concepts (any background), and how often garbage is called garbage."""
+    the world's concepts (any background), and how often garbage is called garbage."""
     generic = world.generic_samples(count, seed)
-    concepts = [(s, c.name) for c in world.CONCEPTS
-                for s in world.concept_samples(c, list(world.BACKGROUNDS), seed, max(1, count // 60))]
+    renders = [(s, c.name) for c in concept_world.concepts
+               for s in concepts.concept_samples(c, list(world.BACKGROUNDS), seed, max(1, count // 60))]
     verdict = judge(oracle, as_images(generic))
     truth = {"shape": [s.look.shape for s in generic], "colour": [s.look.colour for s in generic],
              "pattern": [s.look.pattern for s in generic], "background": [s.background for s in generic],
              "concept": [GENERIC] * len(generic)}
     scores = {head: float(np.mean([p == t for p, t in zip(verdict.predictions[head], truth[head])])) for head in truth}
-    concept_verdict = judge(oracle, as_images([s for s, _ in concepts]))
+    concept_verdict = judge(oracle, as_images([s for s, _ in renders]))
     scores["concept recall"] = float(np.mean([p == c for p, (_, c) in zip(concept_verdict.predictions["concept"],
-                                                                             concepts)]))
+                                                                             renders)]))
     rng = np.random.default_rng([seed, 5])
     garbage = _garbage(as_images(generic), rng, torch.Generator().manual_seed(seed))
     scores["garbage rejected"] = float(np.mean([p == GARBAGE for p in judge(oracle, garbage).predictions["concept"]]))

@@ -30,7 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cidm.adapters import LayerLoRABank, select_layer_context
-from cidm.aggregation import ElasticRouter, make_router
+from cidm.aggregation import ConstantRouter, ElasticRouter, make_router
+from cidm.backends.diffusers_backend import DiffusersDenoiser, DiffusersLayerwiseEncoder
 from cidm.consolidation import CONSOLIDATORS, METHODS
 from cidm.data import TrainingSet
 from cidm.layers import PROJECTIONS
@@ -38,7 +39,8 @@ from cidm.regions import blend_region_predictions
 from cidm.tokens import ConceptVocabulary, vocabulary_from_tasks
 from cidm.train import ConceptSpec, ConceptTrainer, TrainedTask, TrainingCallbacks, TrainingConfig
 
-from . import models, world
+from . import concepts, models, world
+from .concepts import Concept, ConceptWorld
 from .oracle import GARBAGE, Oracle, as_images, judge
 
 UPPER_BOUND = "upper bound"
@@ -69,14 +71,18 @@ class ProtocolConfig:
 class Setup:
     base: models.BaseModel
     oracle: Oracle
-    world_seed: int
+    world: ConceptWorld
 
 
 @dataclass
 class LearnedConcept:
-    concept: world.Concept
+    concept: Concept
     tokens: list[str]
     task: TrainedTask
+    class_word: bool  # whether its prompts name the class word ("a <zarp> star") or not ("a <zarp>", C-LoRA)
+
+    def caption(self, background: str) -> str:
+        return self.concept.caption(background, self.class_word)
 
 
 @dataclass
@@ -88,15 +94,24 @@ class MethodRun:
     region_samples: dict[str, torch.Tensor] = field(default_factory=dict)  # "a+b" -> [K·M, 32, 64, 3]
 
 
-def concept_tokens(concept: world.Concept) -> list[str]:
+def concept_tokens(concept: Concept) -> list[str]:
     return [f"<{concept.name}1>", f"<{concept.name}2>"]
 
 
-def training_set(concept: world.Concept, config: ProtocolConfig, world_seed: int) -> TrainingSet:
-    samples = world.concept_samples(concept, world.training_backgrounds(config.images_per_concept), world_seed)
+def training_set(concept: Concept, config: ProtocolConfig, world_seed: int, class_word: bool = True) -> TrainingSet:
+    samples = concepts.concept_samples(concept, world.training_backgrounds(config.images_per_concept), world_seed)
     images = as_images(samples)
-    return TrainingSet(images, [concept.caption(s.background) for s in samples],
+    return TrainingSet(images, [concept.caption(s.background, class_word) for s in samples],
                        [f"{concept.name}-{s.background}" for s in samples])
+
+
+def make_denoiser(base: models.BaseModel) -> DiffusersDenoiser:
+    return DiffusersDenoiser(base.unet, base.scheduler, to_model_space=models.to_model_space,
+                             tokens_per_layer=base.config.max_tokens)
+
+
+def make_encoder(base: models.BaseModel, num_layers: int) -> DiffusersLayerwiseEncoder:
+    return DiffusersLayerwiseEncoder(base.tokenizer, base.text_encoder, num_layers)
 
 
 class Composer:
@@ -104,8 +119,8 @@ class Composer:
 
     def __init__(self, setup: Setup, learned: list[LearnedConcept], config: ProtocolConfig, mode: str = "elastic"):
         self.config = config
-        self.denoiser = setup.base.denoiser()
-        self.encoder = setup.base.encoder(len(self.denoiser.layers))
+        self.denoiser = make_denoiser(setup.base)
+        self.encoder = make_encoder(setup.base, len(self.denoiser.layers))
         self.vocabulary: ConceptVocabulary = vocabulary_from_tasks(
             [c.concept.name for c in learned], [c.tokens for c in learned], [c.task.embeddings for c in learned])
         tasks = [c.task for c in learned]
@@ -127,43 +142,56 @@ class Composer:
         return self._sample([prompts], seeds, models.LATENT_SHAPE, lambda guided: guided[0])
 
     @torch.no_grad()
-    def sample_regions(self, prompts: list[tuple[str, str, str]], seeds: list[int]) -> torch.Tensor:
+    def sample_regions(self, prompts: list[tuple[str, str, str]], seeds: list[int],
+                       routers: list | None = None) -> torch.Tensor:
         """Two tiles side by side ([N, 32, 64, 3]): a global prompt, and one prompt per tile as its region. Guidance
-        per branch, then cidm's region blend with the Context-Controlled KSampler's default α."""
+        per branch, then cidm's region blend with the Context-Controlled KSampler's default α. `routers`, one per
+        branch (global, left, right), route each branch on its own (the global one also routes the uncond);
+        None: the composer's router for all rows."""
         channels, height, width = models.LATENT_SHAPE
         left = torch.zeros(height, 2 * width)
         left[:, :width] = 1
         return self._sample([list(branch) for branch in zip(*prompts)], seeds, (channels, height, 2 * width),
                             lambda guided: blend_region_predictions(guided[0], guided[1:], [left, 1 - left],
-                                                                    REGION_ALPHA))
+                                                                    REGION_ALPHA), routers)
 
     def _sample(self, branches: list[list[str]], seeds: list[int], shape: tuple[int, ...],
-                combine: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+                combine: Callable[[list[torch.Tensor]], torch.Tensor], routers: list | None = None) -> torch.Tensor:
         chunks = []
         for start in range(0, len(seeds), SAMPLING_BATCH):
             contexts = [torch.stack([self.context(p) for p in prompts[start:start + SAMPLING_BATCH]])
                         for prompts in branches]
             noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s))
                      for s in seeds[start:start + SAMPLING_BATCH]]
-            chunks.append(self._denoise(torch.stack(noise), contexts, combine))
+            chunks.append(self._denoise(torch.stack(noise), contexts, combine, routers))
         return torch.cat(chunks)
 
+    def _predict(self, latents: torch.Tensor, timestep: torch.Tensor, rows: list[torch.Tensor],
+                 router) -> tuple[torch.Tensor, ...]:
+        """One model call for these context rows, labelled 0, 1, 2… as ComfyUI labels positive, negative and
+        further conds (so the router gives the uncond the first row's weights)."""
+        adapted = self.denoiser.adapted(self.banks, router) if router else contextlib.nullcontext()
+        with adapted:
+            return self.denoiser.predict(torch.cat([latents] * len(rows)), timestep.expand(len(latents) * len(rows)),
+                                         torch.cat(rows), cond_or_uncond=list(range(len(rows))) if router else None
+                                         ).chunk(len(rows))
+
     def _denoise(self, latents: torch.Tensor, branches: list[torch.Tensor],
-                 combine: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
-        """One batch per step: the first cond branch, the uncond, then the other branches, labelled 0, 1, 2… as
-        ComfyUI labels positive, negative and further conds (so the router gives the uncond the first's weights)."""
+                 combine: Callable[[list[torch.Tensor]], torch.Tensor], routers: list | None = None) -> torch.Tensor:
+        """Per step the first cond branch, the uncond, then the other branches: in one batch under the composer's
+        router, or with `routers` the first two under routers[0] and each other branch under its own."""
         scheduler = models.sampling_scheduler(self.denoiser.scheduler, self.config.sampling_steps)
         rows = [branches[0], self.uncond.expand_as(branches[0]), *branches[1:]]
-        labels = list(range(len(rows))) if self.router else None
-        adapted = self.denoiser.adapted(self.banks, self.router) if self.router else contextlib.nullcontext()
-        with adapted:
-            for timestep in scheduler.timesteps:
-                predictions = self.denoiser.predict(torch.cat([latents] * len(rows)),
-                                                    timestep.expand(len(latents) * len(rows)), torch.cat(rows),
-                                                    cond_or_uncond=labels).chunk(len(rows))
-                uncond = predictions[1]
-                guided = [uncond + self.config.guidance * (p - uncond) for p in (predictions[0], *predictions[2:])]
-                latents = scheduler.step(combine(guided), timestep, latents).prev_sample
+        for timestep in scheduler.timesteps:
+            if routers is None:
+                predictions = self._predict(latents, timestep, rows, self.router)
+            else:
+                predictions = self._predict(latents, timestep, rows[:2], routers[0])
+                for row, router in zip(rows[2:], routers[1:]):
+                    predictions += self._predict(latents, timestep, [row], router)
+            uncond = predictions[1]
+            guided = [uncond + self.config.guidance * (p - uncond) for p in (predictions[0], *predictions[2:])]
+            latents = scheduler.step(combine(guided), timestep, latents).prev_sample
         return models.to_images(latents)
 
     def task_weights(self, prompt: str) -> torch.Tensor:
@@ -178,10 +206,11 @@ def _rate(flags) -> float:
     return float(np.mean(flags)) if len(flags) else float("nan")
 
 
-def judge_concept(composer: Composer, concept: world.Concept, partner: str | None, config: ProtocolConfig,
+def judge_concept(composer: Composer, item: LearnedConcept, partner: str | None, config: ProtocolConfig,
                   oracle: Oracle) -> tuple[dict, torch.Tensor]:
     """Scores for one learned concept, and its samples (rows: backgrounds, columns: seeds)."""
-    prompts = [concept.caption(bg) for bg in config.backgrounds for _ in range(config.samples_per_prompt)]
+    concept = item.concept
+    prompts = [item.caption(bg) for bg in config.backgrounds for _ in range(config.samples_per_prompt)]
     backgrounds = [bg for bg in config.backgrounds for _ in range(config.samples_per_prompt)]
     seeds = [config.seed * 1000 + i for i in range(len(prompts))]
     images = composer.sample(prompts, seeds)
@@ -194,52 +223,56 @@ def judge_concept(composer: Composer, concept: world.Concept, partner: str | Non
               "partner_rate": _rate([n == partner for n in named]) if partner else None}
     if isinstance(composer.router, ElasticRouter):
         learned = list(composer.vocabulary.concept_tokens)
-        weights = torch.stack([composer.task_weights(concept.caption(bg)) for bg in config.backgrounds]).mean(dim=0)
+        weights = torch.stack([composer.task_weights(item.caption(bg)) for bg in config.backgrounds]).mean(dim=0)
         scores["ewa_right"] = float(weights[learned.index(concept.name)])
         scores["ewa_partner"] = float(weights[learned.index(partner)]) if partner else None
     return scores, images
 
 
-def region_pairs(concepts: list[world.Concept]) -> list[tuple[world.Concept, world.Concept]]:
-    """Every same-shape pair, then concept i with concept i + n/2 (different shapes in this world's order)."""
-    by_name = {c.name: c for c in concepts}
-    pairs = [(by_name[a], by_name[b]) for a, b in world.same_shape_pairs() if a in by_name and b in by_name]
-    half = len(concepts) // 2
-    pairs += [(concepts[i], concepts[i + half]) for i in range(half) if concepts[i].look.shape !=
-              concepts[i + half].look.shape]
+def region_pairs(learned: list[LearnedConcept], concept_world: ConceptWorld) -> list[tuple[LearnedConcept,
+                                                                                          LearnedConcept]]:
+    """Every same-shape pair, then concept i with concept i + n/2 where their shapes differ."""
+    by_name = {c.concept.name: c for c in learned}
+    pairs = [(by_name[a], by_name[b]) for a, b in concept_world.same_shape_pairs() if a in by_name and b in by_name]
+    half = len(learned) // 2
+    pairs += [(learned[i], learned[i + half]) for i in range(half)
+              if learned[i].concept.look.shape != learned[i + half].concept.look.shape]
     return pairs
 
 
-def composition_prompts(first: world.Concept, second: world.Concept, background: str) -> tuple[str, str, str]:
-    """The global prompt naming both, then each tile's region prompt."""
-    return (f"a <{first.name}> {first.look.shape} and a <{second.name}> {second.look.shape} on a {background} "
-            "background", first.caption(background), second.caption(background))
+def composition_prompts(first: LearnedConcept, second: LearnedConcept, background: str) -> tuple[str, str, str]:
+    """The global prompt naming both ("a <zarp> star on the left and a <quil> star on the right on a white
+    background", as the base model's two-object scenes are captioned), then each tile's region prompt."""
+    phrases = (first.concept.phrase(first.class_word), second.concept.phrase(second.class_word))
+    return world.scene_caption(phrases, background), first.caption(background), second.caption(background)
 
 
-def judge_regions(composer: Composer, concepts: list[world.Concept], config: ProtocolConfig,
-                  oracle: Oracle) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Two-concept compositions: is each concept drawn in its own tile (judged tile by tile)?"""
-    pairs = region_pairs(concepts)
-    prompts = [composition_prompts(a, b, bg) for a, b in pairs for bg in config.backgrounds
-               for _ in range(config.samples_per_prompt)]
-    images = composer.sample_regions(prompts, [config.seed * 1000 + i for i in range(len(prompts))])
-    tiles = images.shape[2] // 2
-    left, right = (judge(oracle, tile).predictions["concept"] for tile in (images[:, :, :tiles], images[:, :, tiles:]))
-    per_pair = len(config.backgrounds) * config.samples_per_prompt
+PairSampler = Callable[[LearnedConcept, LearnedConcept, list[tuple[str, str, str]], list[int]], torch.Tensor]
+
+
+def judge_regions(pairs: list[tuple[LearnedConcept, LearnedConcept]], sample_pair: PairSampler,
+                  config: ProtocolConfig, oracle: Oracle) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Two-concept compositions: is each concept drawn in its own tile (judged tile by tile)? `sample_pair` draws a
+    pair's [N, 32, 64, 3] samples for its (global, left, right) prompts."""
     scores, samples = {}, {}
-    for index, (a, b) in enumerate(pairs):
-        span = slice(index * per_pair, (index + 1) * per_pair)
-        scores[f"{a.name}+{b.name}"] = {
-            "both": _rate([x == a.name and y == b.name for x, y in zip(left[span], right[span])]),
-            "left": _rate([x == a.name for x in left[span]]), "right": _rate([y == b.name for y in right[span]]),
-            "same_shape": a.look.shape == b.look.shape}
-        samples[f"{a.name}+{b.name}"] = images[span]
+    for a, b in pairs:
+        prompts = [composition_prompts(a, b, bg) for bg in config.backgrounds for _ in range(config.samples_per_prompt)]
+        images = sample_pair(a, b, prompts, [config.seed * 1000 + i for i in range(len(prompts))])
+        tiles = images.shape[2] // 2
+        left, right = (judge(oracle, tile).predictions["concept"] for tile in (images[:, :, :tiles],
+                                                                              images[:, :, tiles:]))
+        name = f"{a.concept.name}+{b.concept.name}"
+        scores[name] = {"both": _rate([x == a.concept.name and y == b.concept.name for x, y in zip(left, right)]),
+                        "left": _rate([x == a.concept.name for x in left]),
+                        "right": _rate([y == b.concept.name for y in right]),
+                        "same_shape": a.concept.look.shape == b.concept.look.shape}
+        samples[name] = images
     return scores, samples
 
 
-def partner_of(concept: world.Concept, learned: list[str]) -> str | None:
-    """The learned concept of the same shape, if any (the world has at most one per concept)."""
-    for a, b in world.same_shape_pairs():
+def partner_of(concept: Concept, learned: list[str], concept_world: ConceptWorld) -> str | None:
+    """The learned concept of the same shape, if any (a world has at most one per concept)."""
+    for a, b in concept_world.same_shape_pairs():
         if concept.name in (a, b):
             other = b if concept.name == a else a
             if other in learned:
@@ -256,33 +289,35 @@ def freeze_threshold(base: models.BaseModel) -> float:
 def learn(setup: Setup, index: int, old: list[LearnedConcept], method: str,
           config: ProtocolConfig) -> tuple[ConceptTrainer, LearnedConcept]:
     """Task `index`: the concept's own LoRA and tokens, with the earlier tasks' factors as `old_tasks`. The seed
-    depends on the concept only, so every method's first task (and the upper bound's) starts identically."""
-    concept = world.CONCEPTS[index]
+    depends on the concept only, so every method's first task (and the upper bound's) starts identically. Methods
+    that keep the class word out of the prompt (C-LoRA) get captions without it, here and when judged."""
+    concept = setup.world.concepts[index]
+    class_word = CONSOLIDATORS[method].class_word_in_prompt
     training = dataclasses.replace(config.training, method=method, seed=config.seed + index,
                                    embedding_norm_threshold=freeze_threshold(setup.base))
-    denoiser = setup.base.denoiser()
-    trainer = ConceptTrainer(denoiser, setup.base.encoder(len(denoiser.layers)),
-                             training_set(concept, config, setup.world_seed),
+    denoiser = make_denoiser(setup.base)
+    trainer = ConceptTrainer(denoiser, make_encoder(setup.base, len(denoiser.layers)),
+                             training_set(concept, config, setup.world.seed, class_word),
                              ConceptSpec(concept.name, concept_tokens(concept), [None, concept.look.shape]),
                              [c.task.lora for c in old], training)
-    return trainer, LearnedConcept(concept, concept_tokens(concept), trainer.run(TrainingCallbacks()))
+    return trainer, LearnedConcept(concept, concept_tokens(concept), trainer.run(TrainingCallbacks()), class_word)
 
 
 def judge_stage(composer: Composer, learned: list[LearnedConcept], config: ProtocolConfig,
-                oracle: Oracle) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+                oracle: Oracle, concept_world: ConceptWorld) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     names = [c.concept.name for c in learned]
     scores, images = {}, {}
     for item in learned:
         scores[item.concept.name], images[item.concept.name] = judge_concept(
-            composer, item.concept, partner_of(item.concept, names), config, oracle)
+            composer, item, partner_of(item.concept, names, concept_world), config, oracle)
     return scores, images
 
 
-def control_rates(composer: Composer, concepts: list[world.Concept], config: ProtocolConfig,
+def control_rates(composer: Composer, chosen: list[Concept], config: ProtocolConfig,
                   oracle: Oracle) -> dict[str, float]:
     """Prompts for each concept's closest generic object: how often the oracle still names the concept."""
     prompts, expected = [], []
-    for concept in concepts:
+    for concept in chosen:
         for bg in config.backgrounds:
             prompts += [world.caption(concept.control, bg)] * config.samples_per_prompt
             expected += [concept.name] * config.samples_per_prompt
@@ -345,7 +380,7 @@ def composition_modes(method: str) -> tuple[str, ...]:
 
 
 def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[[str], None]) -> MethodRun:
-    names = [c.name for c in world.CONCEPTS[:config.tasks]]
+    names = setup.world.names()[:config.tasks]
     modes = composition_modes(method)
     trainers, learned, stages = [], [], {mode: [] for mode in modes}
     started = time.monotonic()
@@ -355,7 +390,7 @@ def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[
         learned.append(item)
         composers = {mode: Composer(setup, learned, config, mode=mode) for mode in modes}
         for mode, composer in composers.items():
-            stage, images = judge_stage(composer, learned, config, setup.oracle)
+            stage, images = judge_stage(composer, learned, config, setup.oracle, setup.world)
             stages[mode].append(stage)
             if mode == modes[0]:
                 kept_images = images
@@ -365,7 +400,9 @@ def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[
     scores = summary(stages[modes[0]], names)
     scores["control"] = control_rates(composer, [c.concept for c in learned], config, setup.oracle)
     scores["generic"] = generic_accuracy(composer, config, setup.oracle)
-    scores["regions"], region_samples = judge_regions(composer, [c.concept for c in learned], config, setup.oracle)
+    scores["regions"], region_samples = judge_regions(
+        region_pairs(learned, setup.world), lambda a, b, prompts, seeds: composer.sample_regions(prompts, seeds),
+        config, setup.oracle)
     scores["composition"] = modes[0]
     scores["other_compositions"] = {mode: {**summary(stages[mode], names),
                                            "generic": generic_accuracy(composers[mode], config, setup.oracle)}
@@ -376,8 +413,20 @@ def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[
     return MethodRun(trainers, learned, scores, kept_images, region_samples)
 
 
+def oracle_routed_pair(setup: Setup, config: ProtocolConfig) -> PairSampler:
+    """Samples a pair with the two concepts' own LoRAs, routed by an oracle: each tile's region branch applies only
+    its own concept's LoRA, the global branch (which names both) both of them."""
+    def sample(a: LearnedConcept, b: LearnedConcept, prompts: list[tuple[str, str, str]],
+               seeds: list[int]) -> torch.Tensor:
+        composer = Composer(setup, [a, b], config, mode="fixed")
+        routers = [ConstantRouter([1.0, 1.0]), ConstantRouter([1.0, 0.0]), ConstantRouter([0.0, 1.0])]
+        return composer.sample_regions(prompts, seeds, routers)
+    return sample
+
+
 def run_upper_bound(setup: Setup, config: ProtocolConfig, log: Callable[[str], None]) -> MethodRun:
-    """Each concept's own LoRA, trained with no other task and sampled alone (fixed weight 1)."""
+    """Each concept's own LoRA, trained with no other task and sampled alone (fixed weight 1); and the composition
+    upper bound: every region pair with each tile under its own concept's LoRA only (`oracle_routed_pair`)."""
     trainers, learned, scores, images = [], [], {}, {}
     started = time.monotonic()
     for index in range(config.tasks):
@@ -386,7 +435,7 @@ def run_upper_bound(setup: Setup, config: ProtocolConfig, log: Callable[[str], N
         learned.append(item)
         composer = Composer(setup, [item], config, mode="fixed")
         name = item.concept.name
-        scores[name], images[name] = judge_concept(composer, item.concept, None, config, setup.oracle)
+        scores[name], images[name] = judge_concept(composer, item, None, config, setup.oracle)
         log(f"{UPPER_BOUND}: {name} acc {scores[name]['acc']:.2f}")
     names = list(scores)
     result = {"acc": [scores[n]["acc"] for n in names], "strict": [scores[n]["strict"] for n in names],
@@ -395,7 +444,9 @@ def run_upper_bound(setup: Setup, config: ProtocolConfig, log: Callable[[str], N
               "final_strict": _rate([scores[n]["strict"] for n in names]),
               "final_context": _rate([scores[n]["context"] for n in names]),
               "seconds": time.monotonic() - started}
-    return MethodRun(trainers, learned, result, images)
+    result["regions"], region_samples = judge_regions(region_pairs(learned, setup.world),
+                                                      oracle_routed_pair(setup, config), config, setup.oracle)
+    return MethodRun(trainers, learned, result, images, region_samples)
 
 
 def kept_run(folder: Path | None, method: str, compute: Callable[[], MethodRun],
@@ -436,11 +487,12 @@ def run_protocol(setup: Setup, config: ProtocolConfig, log: Callable[[str], None
                  finished: Path | None = None) -> tuple[dict, dict[str, MethodRun]]:
     """All methods plus the upper bound; returns the JSON-ready results and each method's run (see `kept_run` for
     `finished`)."""
-    names = [c.name for c in world.CONCEPTS[:config.tasks]]
+    names = setup.world.names()[:config.tasks]
     base = Composer(setup, [], config)
-    results = {"config": dataclasses.asdict(config), "concepts": names,
-               "same_shape_pairs": [p for p in world.same_shape_pairs() if set(p) <= set(names)],
-               "base": {"control": control_rates(base, list(world.CONCEPTS[:config.tasks]), config, setup.oracle),
+    results = {"config": dataclasses.asdict(config), "concepts": names, "world_seed": setup.world.seed,
+               "same_shape_pairs": [p for p in setup.world.same_shape_pairs() if set(p) <= set(names)],
+               "base": {"control": control_rates(base, list(setup.world.concepts[:config.tasks]), config,
+                                                 setup.oracle),
                         "generic": generic_accuracy(base, config, setup.oracle)}}
     runs = run_methods(setup, config, [*config.methods, UPPER_BOUND], log, finished)
     results["methods"] = {method: runs[method].scores for method in config.methods}

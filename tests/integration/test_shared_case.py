@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.toyworld import models, protocol, run, world
+from benchmarks.toyworld import concepts, models, protocol, run
 from cidm.consolidation import CONSOLIDATORS, ConsolidationWeights, make_consolidator
 from cidm.library import ConceptLibrary
 from cidm.train import ConceptTrainer
@@ -21,11 +21,11 @@ pytestmark = pytest.mark.integration
 LIBRARY_NAME = "shared_case"
 METHOD = "cidm-official"  # its penalty keeps no state, so it can be recomputed from the stored factors alone
 SHARED = dict(method=METHOD, steps=2, rank=4, lora_lr=1e-2, embedding_lr=1e-3, batch_size=2)
-CONCEPTS = world.CONCEPTS[:2]
+CONCEPTS = concepts.make_world(0).concepts[:2]
 NODE_RESOLUTION = 64  # the node's smallest: the 32×32 renders are enlarged, pixel for pixel
 
 
-def stage_toy_concept(workspace, concept: world.Concept) -> str:
+def stage_toy_concept(workspace, concept: concepts.Concept) -> str:
     """The concept's toy-world training images and captions, as a folder the node reads."""
     folder = workspace / "input" / "toyworld" / concept.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def test_node_and_toy_world_run_the_same_cidm_code_on_a_shared_case(comfy, tmp_p
 
     base_config, _, protocol_config = run.SMOKE
     setup = protocol.Setup(models.load_or_train_base(base_config, tmp_path, log=lambda _: None), None,
-                           world_seed=base_config.seed)
+                           concepts.make_world(0))
     config = dataclasses.replace(protocol_config, training=dataclasses.replace(protocol_config.training, **SHARED))
     first_trainer, first = protocol.learn(setup, 0, [], METHOD, config)
     second_trainer, second = protocol.learn(setup, 1, [first], METHOD, config)

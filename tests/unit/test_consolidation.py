@@ -34,19 +34,46 @@ def test_official_is_zero_for_the_first_task():
 
 
 def test_clora_matches_hand_computation_and_shrinks_overlap():
-    old = factors([[1.0, 0.0]], [[1.0], [0.0]])  # ΔW_old = [[1, 0], [0, 0]]
+    old = factors([[1.0, 0.0]], [[1.0], [0.0]])  # M = ΔW_old = [[1, 0], [0, 0]]: mean(M²) = 1/4
     cur = trainable(factors([[2.0, 1.0]], [[1.0], [1.0]]))  # ΔW_t = [[2, 1], [2, 1]]
     weights = ConsolidationWeights(clora=3.0)
     consolidator = make_consolidator("c-lora", [old], weights)
     assert consolidator.uses_old_in_forward
     loss = consolidator.loss(cur, 0)
-    assert loss.item() == pytest.approx(3.0 * 4.0)  # only the (0, 0) entry overlaps: (1·2)²
+    # only the (0, 0) entry overlaps: mean((M ⊙ ΔW_t)²) = (1·2)² / 4 = 1, divided by mean(M²)² = 1/16
+    assert loss.item() == pytest.approx(3.0 * 16.0)
     loss.backward()
     down, up = cur[KEY]
-    # d/dA_t[0,0] = 3 · 2·(1·2)·1·B_t[0] = 12 > 0 and d/dB_t[0] = 12·A_t[0,0] = 24: descent shrinks the overlap
-    assert down.grad[0, 0].item() == pytest.approx(12.0)
-    assert up.grad[0, 0].item() == pytest.approx(24.0)
+    # L = 3·16·(A[0,0]·B[0])²/4 = 12·(A[0,0]·B[0])²: dL/dA[0,0] = 24·A·B·B = 48, dL/dB[0] = 24·A·B·A = 96
+    assert down.grad[0, 0].item() == pytest.approx(48.0)
+    assert up.grad[0, 0].item() == pytest.approx(96.0)
     assert down.grad[0, 1].item() == 0 and up.grad[1, 0].item() == 0
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.5, 40.0])
+def test_clora_normalised_penalty_does_not_depend_on_the_weights_scale(scale):
+    generator = torch.Generator().manual_seed(0)
+    old = [{KEY: (torch.randn(2, 5, generator=generator, dtype=torch.float64),
+                  torch.randn(3, 2, generator=generator, dtype=torch.float64))} for _ in range(2)]
+    cur = {KEY: (torch.randn(2, 5, generator=generator, dtype=torch.float64),
+                 torch.randn(3, 2, generator=generator, dtype=torch.float64))}
+
+    def penalty(s):  # every weight scaled by s: each ΔW = B A by s²
+        scaled = [{KEY: (d * s, u * s)} for task in old for d, u in task.values()]
+        return make_consolidator("c-lora", scaled, ConsolidationWeights()).loss({KEY: (cur[KEY][0] * s,
+                                                                                      cur[KEY][1] * s)}, 0).item()
+
+    assert penalty(1.0) > 0
+    assert penalty(scale) == pytest.approx(penalty(1.0), rel=1e-9)
+
+
+def test_clora_regularises_only_key_and_value_where_old_updates_changed_the_weights():
+    consolidator = make_consolidator("c-lora", [], ConsolidationWeights())
+    assert consolidator.trained_projections == ("to_k", "to_v") and not consolidator.class_word_in_prompt
+    old = {(0, "to_q"): (torch.ones(1, 2), torch.ones(2, 1)), (0, "to_k"): (torch.zeros(1, 2), torch.zeros(2, 1))}
+    cur = {key: (torch.ones(1, 2), torch.ones(2, 1)) for key in old}
+    # to_q is not trained by C-LoRA, and no old task changed to_k: nothing to protect
+    assert make_consolidator("c-lora", [old], ConsolidationWeights()).loss(cur, 0).item() == 0
 
 
 def test_clora_is_zero_for_disjoint_supports():

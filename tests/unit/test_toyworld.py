@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.toyworld import protocol, report, run, world
+from benchmarks.toyworld import concepts, protocol, report, run, world
 from cidm.backends.diffusers_backend import DiffusersDenoiser
 from cidm.consolidation import CONSOLIDATORS
 from cidm.train import ConceptTrainer
@@ -19,19 +19,54 @@ def test_world_is_deterministic_from_its_seed():
     first, again, other = (world.generic_samples(8, seed) for seed in (3, 3, 4))
     assert all(np.array_equal(a.image, b.image) and a.look == b.look for a, b in zip(first, again))
     assert not all(np.array_equal(a.image, b.image) for a, b in zip(first, other))
-    concept = world.CONCEPTS[0]
-    assert np.array_equal(world.concept_samples(concept, ["white"], 3)[0].image,
-                          world.concept_samples(concept, ["white"], 3)[0].image)
+    concept = concepts.make_world(0).concepts[0]
+    assert np.array_equal(concepts.concept_samples(concept, ["white"], 3)[0].image,
+                          concepts.concept_samples(concept, ["white"], 3)[0].image)
     assert first[0].image.shape == (world.SIZE, world.SIZE, 3) and first[0].image.dtype == np.uint8
+    assert concepts.make_world(5) == concepts.make_world(5) and concepts.make_world(5) != concepts.make_world(6)
 
 
-def test_concepts_have_names_same_shape_pairs_and_never_occur_generically():
-    assert len(world.CONCEPTS) == 10 and len({c.name for c in world.CONCEPTS}) == 10
-    assert len(world.same_shape_pairs()) >= 2
-    concept_looks = {c.look for c in world.CONCEPTS}
-    assert not concept_looks & {s.look for s in world.generic_samples(300, 0)}
-    backgrounds = world.training_backgrounds()
-    assert 4 <= len(backgrounds) <= 6 and world.HELD_OUT_BACKGROUND not in backgrounds
+def test_scenes_put_one_object_in_each_tile_and_say_which_is_where():
+    scene = world.generic_scenes(1, 0)[0]
+    assert scene.image.shape == (world.SIZE, 2 * world.SIZE, 3)
+    left, right = scene.looks
+    for tile, look in ((scene.image[:, :world.SIZE], left), (scene.image[:, world.SIZE:], right)):
+        colour = np.array(world.COLOURS[look.colour])
+        assert (np.abs(tile.astype(int) - colour).sum(axis=-1) < 30).any(), "each tile shows its own object"
+    caption = world.base_caption(scene, np.random.default_rng(1), drop_pattern=0.0, empty=0.0)
+    assert caption == (f"a {left.colour} {left.pattern} {left.shape} on the left and a {right.colour} "
+                       f"{right.pattern} {right.shape} on the right on a {scene.background} background")
+    assert set(caption.split()) <= set(world.vocabulary())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 7, 11, 12345])
+def test_every_world_has_same_shape_pairs_distinct_learnable_looks_and_generic_controls(seed):
+    drawn = concepts.make_world(seed)
+    looks = [c.look for c in drawn.concepts]
+    assert len(drawn.concepts) == 10 and len(set(drawn.names())) == 10
+    assert len(drawn.same_shape_pairs()) >= 4
+    assert drawn.same_shape_pairs()[0] == tuple(drawn.names()[:2]), "the first two tasks are a same-shape pair"
+    assert len(set(looks)) == 10, "no two concepts look alike"
+    for a, b in drawn.same_shape_pairs():
+        first, second = (drawn.concepts[drawn.names().index(n)].look for n in (a, b))
+        assert not {first.colour, first.second} & {second.colour, second.second}, "a pair differs in both colours"
+    generic = {s.look for s in world.generic_samples(300, 0)}
+    for concept in drawn.concepts:
+        look, control = concept.look, concept.control
+        assert look.pattern in concepts.CONCEPT_TEXTURES and look.second and look.second != look.colour
+        assert not set(concept.name) - set("abcdefghijklmnopqrstuvwxyz")
+        assert look not in generic
+        assert control.second is None and control.pattern in world.PATTERNS and control.shape == look.shape
+        assert control.colour in (look.colour, look.second)
+        assert set(concept.caption("white", class_word=False).split()) - set(world.vocabulary()) == {f"<{concept.name}>"}
+
+
+def test_world_seed_0_keeps_the_first_worlds_names_and_replaces_unlearned_textures():
+    first = concepts.make_world(0)
+    assert first.names() == ["zarp", "quil", "bulo", "mirt", "tesk", "lomb", "pell", "fent", "dask", "grop"]
+    assert first.same_shape_pairs() == [("zarp", "quil"), ("bulo", "mirt"), ("tesk", "lomb"), ("pell", "fent")]
+    assert {c.look.pattern for c in first.concepts} <= set(concepts.CONCEPT_TEXTURES)
+    assert concepts.make_world(1).names() != first.names()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +86,7 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
     out, results, _ = smoke
     written = json.loads((out / "results.json").read_text())
     tasks = written["config"]["tasks"]
-    assert written["concepts"] == [c.name for c in world.CONCEPTS[:tasks]]
+    assert written["concepts"] == concepts.make_world(0).names()[:tasks] and written["world_seed"] == 0
     assert set(written["methods"]) == set(CONSOLIDATORS)
     for method, scores in written["methods"].items():
         assert len(scores["acc"]) == tasks and all(len(row) == tasks for row in scores["acc"])
@@ -65,6 +100,8 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
         assert list(scores["regions"]) == ["zarp+quil"]
         assert all(0 <= scores["regions"]["zarp+quil"][key] <= 1 for key in ("both", "left", "right"))
     assert len(written["upper bound"]["acc"]) == tasks
+    assert list(written["upper bound"]["regions"]) == ["zarp+quil"], "the composition upper bound"
+    assert "| composition upper bound |" in (out / "results.md").read_text()
     assert written["same_shape_pairs"], "the smoke tasks are a same-shape pair, so EWA is tested on one"
     assert (out / "acc-cidm.png").exists() and (out / "samples-cidm.png").exists() and (out / "curves.png").exists()
     assert all(f"| Q{q} " in (out / "results.md").read_text() for q in (1, 2, 4, 5))
@@ -123,3 +160,24 @@ def test_only_keeps_some_runs_for_the_full_command_to_collect(smoke, tmp_path):
     assert all(not method_run.trainers for method_run in runs.values()), "the full command trains nothing again"
     recomputed, first = (json.loads(json.dumps(scores["methods"]["finetune"])) for scores in (again, results))
     assert {k: v for k, v in recomputed.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+
+
+def test_world_seed_draws_other_concepts_on_the_same_base_model(smoke, tmp_path):
+    out, _, _ = smoke
+    cache = tmp_path / "cache"
+    shutil.copytree(out.parent / "cache", cache)
+    threads = torch.get_num_threads()
+    try:
+        results, runs = run.run(smoke=True, out=tmp_path / "out", cache=cache, threads=1, log=lambda _: None,
+                                world_seed=1)
+    finally:
+        torch.set_num_threads(threads)
+    names = concepts.make_world(1).names()[:2]
+    assert results["world_seed"] == 1 and results["concepts"] == names
+    assert runs["c-lora"].trainers, "a new world seed trains its concepts again"
+    assert [item.concept.name for item in runs["c-lora"].learned] == names
+    assert not any(item.class_word for item in runs["c-lora"].learned), "C-LoRA prompts leave the class word out"
+    assert all(item.class_word for item in runs["cidm"].learned)
+    assert len(list(cache.glob("base-*.safetensors"))) == 1, "one base model serves every world seed"
+    assert len(list(cache.glob("oracle-*.safetensors"))) == 2, "one oracle per world seed"
+    assert "--world-seed 1" in (tmp_path / "out" / "results.md").read_text()
