@@ -2,6 +2,7 @@
 through the same cidm training, consolidation and aggregation code as the nodes (the node path and this one on one
 shared case: tests/integration/test_shared_case.py)."""
 
+import dataclasses
 import json
 import shutil
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.toyworld import concepts, protocol, report, run, world
+from benchmarks.toyworld import concepts, models, protocol, report, run, world
 from cidm.backends.diffusers_backend import DiffusersDenoiser
 from cidm.consolidation import CONSOLIDATORS
 from cidm.train import ConceptTrainer
@@ -181,3 +182,29 @@ def test_world_seed_draws_other_concepts_on_the_same_base_model(smoke, tmp_path)
     assert len(list(cache.glob("base-*.safetensors"))) == 1, "one base model serves every world seed"
     assert len(list(cache.glob("oracle-*.safetensors"))) == 2, "one oracle per world seed"
     assert "--world-seed 1" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_stopped_base_build_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """The build checkpoints and continues exactly, so an hour-long build can span sessions."""
+    config = dataclasses.replace(run.SMOKE[0], steps=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = models.train_base(config, log=lambda _: None)
+        checkpoint, write = tmp_path / "base.checkpoint", models._checkpoint
+
+        def write_then_stop(*args, **kwargs):
+            write(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(models, "_checkpoint", write_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            models.train_base(config, log=lambda _: None, checkpoint=checkpoint, checkpoint_every=3)
+        monkeypatch.setattr(models, "_checkpoint", write)
+        resumed = models.train_base(config, log=lambda _: None, checkpoint=checkpoint, checkpoint_every=3)
+    finally:
+        torch.set_num_threads(threads)
+    for module in ("unet", "text_encoder"):
+        first, second = getattr(whole, module).state_dict(), getattr(resumed, module).state_dict()
+        assert all(torch.equal(first[k], second[k]) for k in first)
+    assert all(p.dtype == torch.float32 and torch.equal(p, p.half().float()) for p in whole.unet.parameters())
