@@ -15,6 +15,7 @@ from cidm.aggregation import make_router
 from cidm.backends.diffusers_backend import DiffusersDenoiser, DiffusersLayerwiseEncoder
 from cidm.consolidation import ConsolidationWeights
 from cidm.data import TrainingSet
+from cidm.errors import CIDMInputError
 from cidm.layers import PROJECTIONS
 from cidm.train import ConceptSpec, ConceptTrainer, TrainingCallbacks, TrainingConfig
 from comfy_host import COMFY_ROOT
@@ -135,3 +136,32 @@ def test_cond_uncond_layout_reaches_the_router_and_the_other_processors_quietly(
     assert seen and all(layout == [0, 1] for layout in seen)
     assert not warnings
     assert {name: type(processor) for name, processor in unet.attn_processors.items()} == originals
+
+
+@pytest.mark.parametrize("damage", ["missing tensor", "wrong shape", "wrong dtype", "step past the end"])
+def test_unusable_resume_state_says_to_untick_resume(tiny_world, damage):
+    tokenizer, text_encoder, unet = tiny_world
+    denoiser = DiffusersDenoiser(unet, DDPMScheduler(num_train_timesteps=1000), tokens_per_layer=TOKENS)
+    encoder = DiffusersLayerwiseEncoder(tokenizer, text_encoder, len(denoiser.layers))
+
+    def trainer():
+        return ConceptTrainer(denoiser, encoder, images((0.0, 0.0, 1.0)), ConceptSpec("sky", ["<sky1>"], [None]),
+                              [], TrainingConfig(steps=2, lora_lr=1e-2))
+
+    saved = []
+    first = trainer()
+    first.config.save_every = 1
+    first.run(TrainingCallbacks(save_state=lambda tensors, meta: saved.append((tensors, meta))))
+    tensors, meta = saved[0]
+    trainer().restore(dict(tensors), dict(meta))  # the undamaged state restores
+    if damage == "missing tensor":
+        del tensors["embeddings"]
+    elif damage == "wrong shape":
+        tensors["embeddings"] = tensors["embeddings"][:, :1]
+    elif damage == "wrong dtype":
+        tensors["embeddings"] = tensors["embeddings"].to(torch.int8)
+    else:
+        meta["step"] = 7
+    with pytest.raises(CIDMInputError, match="untick resume") as error:
+        trainer().restore(tensors, meta)
+    assert error.value.input_name == "resume"
