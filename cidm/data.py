@@ -80,6 +80,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def check_image_size(width: int, height: int, source: str, input_name: str) -> None:
+    """Refuses images too small to train on or too large to hold in memory (`source` names the image).
+
+    Raises:
+        CIDMInputError: `input_name`, when the short side is under MIN_SIDE pixels or the image has more than
+            MAX_PIXELS pixels.
+    """
     if min(width, height) < MIN_SIDE:
         raise CIDMInputError(input_name, f"{source} is {width}×{height}; images need at least {MIN_SIDE} pixels on "
                                          "the short side")
@@ -180,6 +186,12 @@ def load_concept_folder(folder: Path, input_name: str, root: Path | None = None)
 
 
 def examples_from_image_batch(images: torch.Tensor, input_name: str) -> list[ConceptExample]:
+    """A ComfyUI IMAGE batch [N, H, W, C ≥ 3] in [0, 1] as examples without captions (extra channels dropped).
+
+    Raises:
+        CIDMInputError: `input_name`, when the batch is not [N, H, W, ≥3], its size is refused by
+            `check_image_size`, or it holds NaN or ±inf.
+    """
     if images.ndim != 4 or images.shape[-1] < 3:
         raise CIDMInputError(input_name, f"expected an IMAGE batch [N, H, W, 3], got shape {tuple(images.shape)}")
     check_image_size(images.shape[2], images.shape[1], "the IMAGE batch", input_name)
@@ -223,7 +235,13 @@ def bind_concept_tokens(caption: str, concept_word: str, tokens: list[str]) -> s
 
 def make_prompt(caption: str | None, concept_word: str, tokens: list[str], template_kind: str,
                 rng: random.Random) -> str:
-    """The caption with the concept bound to its tokens; a template when there is no caption or no mention."""
+    """The training prompt of one example: the caption with the concept bound to its tokens
+    (`bind_concept_tokens`), or a random `template_kind` template around the tokens when there is no caption or
+    it has no mention of the concept.
+
+    Raises:
+        CIDMInputError: ("template") when a template is needed and `template_kind` is not in TEMPLATES.
+    """
     joined = " ".join(tokens)
     if caption:
         bound = bind_concept_tokens(caption, concept_word, tokens)
@@ -236,6 +254,11 @@ def make_prompt(caption: str | None, concept_word: str, tokens: list[str], templ
 
 def build_training_set(examples: list[ConceptExample], resolution: int, seed: int,
                        random_crop: bool = False) -> TrainingSet:
+    """The examples as one [N, R, R, 3] batch at `resolution` R (`resize_and_crop`; random crops seeded by `seed`).
+
+    Raises:
+        CIDMInputError: ("resolution") when R is under MIN_SIDE or not a multiple of 8.
+    """
     if resolution < MIN_SIDE or resolution % 8:
         raise CIDMInputError("resolution", f"must be a multiple of 8 and at least {MIN_SIDE}, got {resolution}")
     rng = random.Random(seed) if random_crop else None
