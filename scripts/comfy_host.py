@@ -112,6 +112,15 @@ class ComfyServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_for_log(self, text: str, timeout: float = 300.0) -> None:
+        """Waits until `text` appears in the server log."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in self.log():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{text!r} did not appear in the server log")
+
     def get(self, route: str):
         with urllib.request.urlopen(self.url + route, timeout=30) as response:
             return json.loads(response.read())

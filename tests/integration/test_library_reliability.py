@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comfy_host import ComfyServer, Graph, ensure_checkpoint, sample_image, stage
+from comfy_host import ComfyServer, Graph, WorkflowFailed, ensure_checkpoint, sample_image, stage
 from pack_workflows import CKPT, library_root, pixels, snapshot, train_graph
 from synthetic import synthesize_library
 
@@ -54,6 +54,16 @@ def test_deleted_library_is_trained_again(comfy):
     comfy.run(graph.prompt())
     manifest = json.loads((library_root(comfy, "deleted") / "manifest.json").read_text())
     assert [task["concept"] for task in manifest["tasks"]] == ["dog"]
+
+
+def test_interrupted_first_training_leaves_no_library(comfy):
+    prompt_id = comfy.submit(train_graph("interrupted", "dog", stage(comfy.workspace, "dog"), steps=500,
+                                         save_every=100, resume=True).prompt())
+    comfy.wait_for_log("CIDM train 'dog': step 10/500")
+    comfy.interrupt()
+    with pytest.raises(WorkflowFailed):
+        comfy.wait(prompt_id)
+    assert not library_root(comfy, "interrupted").exists()
 
 
 def test_swapped_library_with_the_same_revision_is_read_again(comfy):

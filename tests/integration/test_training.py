@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -63,22 +62,13 @@ def test_exported_lora_loads_in_stock_loraloader_and_changes_output(comfy, train
     assert "lora key not loaded" not in comfy.log()
 
 
-def wait_for_log(comfy, text: str, timeout: float = 300.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if text in comfy.log():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{text!r} did not appear in the server log")
-
-
 def test_interrupt_keeps_library_and_resume_completes(comfy, trained_library):
     root = library_root(comfy, LIBRARY)
     before = snapshot(root)
     settings = dict(steps=24, save_every=5, resume=True, seed=3)
     folder = stage(comfy.workspace, "cat")
     prompt_id = comfy.submit(train_graph(LIBRARY, "cat", folder, **settings).prompt())
-    wait_for_log(comfy, "CIDM train 'cat': step 10/24")
+    comfy.wait_for_log("CIDM train 'cat': step 10/24")
     comfy.interrupt()
     with pytest.raises(WorkflowFailed):
         comfy.wait(prompt_id)
