@@ -85,8 +85,11 @@ def validate_name(name: str, input_name: str) -> str:
     return name
 
 
-def validate_tokens(tokens: list[str], input_name: str = "tokens") -> list[str]:
-    """Check concept tokens such as "<dog1>": bracketed, no whitespace, unique; returns them as a list."""
+def validate_tokens(tokens: list[str], concept: str | None = None, input_name: str = "tokens") -> list[str]:
+    """Check the tokens of `concept` such as "<dog1>": bracketed, no whitespace, unique ignoring case, and none
+    spelling the concept's own `<name>` (which in a prompt stands for all its tokens); returns them as a list.
+
+    Raises CIDMInputError(input_name) saying which token is wrong."""
     tokens = list(tokens)
     if not tokens:
         raise CIDMInputError(input_name, "at least one token is required")
@@ -98,6 +101,9 @@ def validate_tokens(tokens: list[str], input_name: str = "tokens") -> list[str]:
             raise CIDMInputError(input_name, f"{token!r} must not contain spaces")
         if token.casefold() in seen:
             raise CIDMInputError(input_name, f"{token!r} is listed twice (tokens are compared ignoring case)")
+        if concept is not None and token.casefold() == f"<{concept}>".casefold():
+            raise CIDMInputError(input_name, f"{token} is the concept's own name (<{concept}> in a prompt stands for "
+                                             f"all its tokens); choose another token (e.g. <{concept}1>)")
         seen.add(token.casefold())
     return tokens
 
@@ -314,6 +320,11 @@ def _comparable(value):
     return json.loads(json.dumps(value, allow_nan=False))
 
 
+def _shown(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 class ConceptLibrary:
     """A concept library folder. Reads need no lock; every write takes the folder's writer lock.
 
@@ -492,7 +503,7 @@ class ConceptLibrary:
 
         Raises CIDMInputError("concept") or CIDMInputError("tokens") naming the task that holds the word."""
         validate_name(concept, "concept")
-        tokens = validate_tokens(tokens)
+        tokens = validate_tokens(tokens, concept)
         owners: dict[str, tuple[str, TaskRecord]] = {}
         for task in self.tasks:
             owners[f"<{task.concept}>".casefold()] = ("the concept name", task)
@@ -505,9 +516,6 @@ class ConceptLibrary:
             raise CIDMInputError("concept", f"library '{self.name}' {held} (task {task.index}; names are "
                                             f"compared ignoring case); choose another name (e.g. '{concept}_b')")
         for token in tokens:
-            if token.casefold() == word.casefold():
-                raise CIDMInputError("tokens", f"{token} is the concept's own name ({word} in a prompt stands for "
-                                               f"all its tokens); choose another token (e.g. <{concept}1>)")
             if token.casefold() in owners:
                 kind, task = owners[token.casefold()]
                 raise CIDMInputError("tokens", f"{token} is already used by task {task.index} ({task.concept}) of "
@@ -526,7 +534,7 @@ class ConceptLibrary:
         recorded = {**task.hyperparameters, **{key: value for key, value in task.to_json().items()
                                                if key not in ("hyperparameters", "index", "file", "sha256",
                                                               "created", "concept")}}
-        changed = [f"{key} {recorded[key]!r} -> {value!r}" for key, value in _comparable(inputs).items()
+        changed = [f"{key} {_shown(recorded[key])} -> {_shown(value)}" for key, value in _comparable(inputs).items()
                    if key in recorded and recorded[key] != value]
         if changed:
             raise CIDMInputError(
@@ -589,7 +597,7 @@ class ConceptLibrary:
 
         Under the writer lock, re-reads the manifest and applies `check_new_task` (CIDMInputError). Raises
         ValueError when `data` does not fit the library or holds non-finite values, or a number is not finite."""
-        tokens = validate_tokens(tokens)
+        tokens = validate_tokens(tokens, concept)
         validate_name(concept, "concept")
         problem = _task_data_problem(data, len(tokens), rank, self.base_model)
         tensors = _task_tensors(data, dtype)

@@ -39,7 +39,7 @@ def parse_tokens(concept: str, tokens: str) -> list[str]:
     if " ".join(found) != " ".join(tokens.split()):
         raise CIDMInputError("tokens", f"write tokens as <name> separated by spaces, e.g. '<dog1> <dog2>'; "
                                        f"got {tokens!r}")
-    return validate_tokens(found)
+    return validate_tokens(found, concept)
 
 
 def gather_examples(images, folder: str):

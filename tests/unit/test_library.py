@@ -383,6 +383,12 @@ def test_tokens_differing_only_in_case_are_refused():
         validate_tokens(["<a1>", "<A1>"])
 
 
+def test_a_token_spelling_its_own_concept_is_refused_before_any_library_exists():
+    with pytest.raises(CIDMInputError, match="<Cat> is the concept's own name") as error:
+        validate_tokens(["<cat1>", "<Cat>"], "cat")
+    assert error.value.input_name == "tokens"
+
+
 def test_append_rechecks_names_under_the_lock(library_with_one_task):
     stale = ConceptLibrary.open(library_with_one_task.root)
     append(library_with_one_task, "cat", ["<cat1>"], seed=2)
