@@ -13,7 +13,7 @@ import argparse
 from common import (BenchServer, Timing, common_arguments, print_table, seconds_per_step, unique, verdict,
                     write_json)
 from comfy_host import stage
-from pack_workflows import TRAIN_DEFAULTS
+from pack_workflows import TRAIN_OPTIONS, add_trainer
 from synthetic import synthesize_library
 
 RANK = 4
@@ -50,11 +50,9 @@ def main() -> None:
                 synthesize_library(bench.ckpt_path, root, ["old"], rank=RANK)
                 graph, checkpoint = bench.checkpoint_graph()
                 lib = graph.add("CIDM_LoadConceptLibrary", library=library)
-                node = graph.add("CIDM_TrainConceptIncrement", model=checkpoint[0], clip=checkpoint[1],
-                                 vae=checkpoint[2], library=lib[0], concept="dog", folder=folder,
-                                 **{**TRAIN_DEFAULTS, "method": "cidm", "steps": args.steps, "rank": RANK,
-                                    "resolution": args.resolution, "lora_lr": LEARNING_RATE,
-                                    "embedding_lr": embedding_lr})
+                node = add_trainer(graph, checkpoint, lib[0], "dog", folder, method="cidm", steps=args.steps,
+                                   rank=RANK, resolution=args.resolution, lora_lr=LEARNING_RATE,
+                                   embedding_lr=embedding_lr)
                 graph.add("PreviewImage", images=node[1])
                 steps = bench.step_times(graph, node, args.steps)
                 task_files.append(root / "task_002_dog.safetensors")
@@ -81,7 +79,7 @@ def main() -> None:
             graph.add("SaveLoRA", lora=node[1], prefix=f"bench/stock{unique()}", steps=node[3])
             return bench.step_times(graph, node, args.steps)
 
-        per_step, steps = seconds_per_step({"stock": stock, "cidm": cidm(TRAIN_DEFAULTS["embedding_lr"]),
+        per_step, steps = seconds_per_step({"stock": stock, "cidm": cidm(TRAIN_OPTIONS["embedding_lr"]),
                                             "cidm frozen tokens": cidm(0.0)}, args.repeats)
         size = task_files[-1].stat().st_size
 

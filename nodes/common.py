@@ -85,3 +85,12 @@ def input_subfolder(folder: str) -> Path | None:
     if base != path and base not in path.parents:
         raise CIDMInputError("folder", f"'{folder}' is outside ComfyUI's input directory")
     return path
+
+
+def one_value(name: str, values: list):
+    """The single value of an input of a list-input node; a list of several values (e.g. several concept names
+    from a dataset node) is refused, naming the input, before anything runs."""
+    if len(values) != 1:
+        raise CIDMInputError(name, f"expects one value per run, got a list of {len(values)}; only `images` "
+                                   "takes a list (all of it becomes one task)")
+    return values[0]

@@ -42,10 +42,11 @@ def parse_tokens(concept: str, tokens: str) -> list[str]:
     return validate_tokens(found, concept)
 
 
-def gather_examples(images, folder: str):
+def gather_examples(images: list[torch.Tensor], folder: str):
+    """Examples from IMAGE batches (one, or a dataset node's list of differently sized ones) and a folder."""
     examples = []
-    if images is not None:
-        examples += examples_from_image_batch(images, "images")
+    for batch in images:
+        examples += examples_from_image_batch(batch, "images")
     path = input_subfolder(folder)
     if path is not None:
         examples += load_concept_folder(path, "folder", root=input_root())

@@ -10,18 +10,28 @@ from comfy_host import Graph
 
 CKPT = "cidm_mini_sd15.safetensors"
 LIBRARY = "continual"
-TRAIN_DEFAULTS = dict(tokens="", class_words="", method="cidm", template="object", steps=3, lora_lr=1e-2,
-                      embedding_lr=1e-3, rank=4, alpha=1.0, orthogonal_weight=0.1, shared_weight=0.01,
-                      clora_lambda=1.0, resolution=64, batch_size=1, seed=0, save_every=0, resume=False,
-                      gradient_checkpointing=False)
+# CPU-sized Concept Training Options for tests (the node defaults are SD1.5's 512 px setting).
+TRAIN_OPTIONS = dict(tokens="", class_words="", template="object", lora_lr=1e-2, embedding_lr=1e-3, rank=4,
+                     alpha=1.0, orthogonal_weight=0.1, shared_weight=0.01, clora_lambda=1.0, resolution=64,
+                     batch_size=1, training_seed=0, save_every=0, resume=False, gradient_checkpointing=False,
+                     preview_every=0)
 
 
-def train_graph(library: str, concept: str, folder: str, ckpt: str = CKPT, **overrides):
+def add_trainer(graph: Graph, checkpoint, library, concept: str, folder: str = "", method: str = "cidm",
+                steps: int = 3, images=None, **options):
+    """Train Concept Increment fed by a Concept Training Options node with the test settings plus `options`."""
+    settings = graph.add("CIDM_ConceptTrainingOptions", **{**TRAIN_OPTIONS, **options})
+    extra = {} if images is None else {"images": images}
+    return graph.add("CIDM_TrainConceptIncrement", model=checkpoint[0], clip=checkpoint[1], vae=checkpoint[2],
+                     library=library, concept=concept, method=method, steps=steps, folder=folder,
+                     options=settings[0], **extra)
+
+
+def train_graph(library: str, concept: str, folder: str, ckpt: str = CKPT, **settings):
     graph = Graph()
     checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=ckpt)
     lib = graph.add("CIDM_LoadConceptLibrary", library=library)
-    trained = graph.add("CIDM_TrainConceptIncrement", model=checkpoint[0], clip=checkpoint[1], vae=checkpoint[2],
-                        library=lib[0], concept=concept, folder=folder, **{**TRAIN_DEFAULTS, **overrides})
+    trained = add_trainer(graph, checkpoint, lib[0], concept, folder, **settings)
     graph.add("SaveImage", images=trained[1], filename_prefix=f"loss_{concept}")
     return graph
 

@@ -18,7 +18,7 @@ def library(comfy):
     """dog then duck, trained for a few steps each (large learning rates so the LoRAs visibly act)."""
     comfy.run(train_graph(LIBRARY, "dog", stage(comfy.workspace, "dog"), steps=4, embedding_lr=2e-2).prompt())
     comfy.run(train_graph(LIBRARY, "duck", stage(comfy.workspace, "duck_toy"), steps=4, embedding_lr=2e-2,
-                          class_words="duck", seed=1).prompt())
+                          class_words="duck", training_seed=1).prompt())
     return LIBRARY
 
 

@@ -8,20 +8,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from comfy_host import Graph, draw_concept, ensure_checkpoint
-from pack_workflows import CKPT, TRAIN_DEFAULTS, library_root, train_graph
+from pack_workflows import CKPT, add_trainer, library_root, train_graph
 
 pytestmark = pytest.mark.integration
 
 
-def train_graph_with(images=None, **overrides):
+def train_graph_with(images=None, **options):
     graph = Graph()
     checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=CKPT)
     lib = graph.add("CIDM_LoadConceptLibrary", library="finite_checks")
-    inputs = {**TRAIN_DEFAULTS, **overrides}
-    if images is not None:
-        inputs["images"] = images(graph)
-    graph.add("CIDM_TrainConceptIncrement", model=checkpoint[0], clip=checkpoint[1], vae=checkpoint[2],
-              library=lib[0], concept="dog", folder="", **inputs)
+    add_trainer(graph, checkpoint, lib[0], "dog", images=None if images is None else images(graph), **options)
     return graph
 
 

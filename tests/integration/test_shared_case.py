@@ -45,8 +45,8 @@ def recomputed(old_lora, new_lora) -> float:
 
 def test_node_and_toy_world_run_the_same_cidm_code_on_a_shared_case(comfy, tmp_path):
     for seed, concept in enumerate(CONCEPTS):
-        comfy.run(train_graph(LIBRARY_NAME, concept.name, stage_toy_concept(comfy.workspace, concept), seed=seed,
-                              **SHARED).prompt())
+        comfy.run(train_graph(LIBRARY_NAME, concept.name, stage_toy_concept(comfy.workspace, concept),
+                              training_seed=seed, **SHARED).prompt())
     library = ConceptLibrary.open(library_root(comfy, LIBRARY_NAME))
     records = [library.task(i) for i in (1, 2)]
     assert [r.concept for r in records] == [c.name for c in CONCEPTS] and {r.method for r in records} == {METHOD}

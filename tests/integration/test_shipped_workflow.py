@@ -31,5 +31,5 @@ def test_example_workflow_trains_aggregates_and_composes(comfy):
     assert np.asarray(Image.open(composition)).std() > 0
     table = entry["outputs"]["16"]["text"][0]  # Inspect Aggregation Weights
     assert "dog" in table and "duck" in table
-    trainer = workflow["3"]["inputs"]
-    assert len(entry["outputs"]["3"]["images"]) == trainer["steps"] // trainer["preview_every"]
+    steps, preview_every = workflow["3"]["inputs"]["steps"], workflow["19"]["inputs"]["preview_every"]
+    assert len(entry["outputs"]["3"]["images"]) == steps // preview_every

@@ -22,7 +22,7 @@ def trained_library(comfy):
     assert any(p.name.startswith("loss_dog") for p in comfy.output_files(entry))
     after_first = snapshot(root)
     comfy.run(train_graph(LIBRARY, "duck", stage(comfy.workspace, "duck_toy"), method="c-lora",
-                          tokens="<duck1> <duck2> <duck3>", class_words="duck toy", seed=1).prompt())
+                          tokens="<duck1> <duck2> <duck3>", class_words="duck toy", training_seed=1).prompt())
     return after_first
 
 
@@ -62,10 +62,38 @@ def test_exported_lora_loads_in_stock_loraloader_and_changes_output(comfy, train
     assert "lora key not loaded" not in comfy.log()
 
 
+def test_concept_as_lora_in_one_graph_equals_export_then_loraloader(comfy, trained_library):
+    """Load Concept as LoRA applies exactly what Export Concept LoRA writes and LoraLoaderModelOnly loads."""
+    export = Graph()
+    lib = export.add("CIDM_LoadConceptLibrary", library=LIBRARY)
+    export.add("CIDM_ExportConceptLoRA", library=lib[0], concept="duck", filename="one_graph_duck")
+    comfy.run(export.prompt())
+
+    def sample(loader: str):
+        graph = Graph()
+        checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=CKPT)
+        if loader == "file":
+            model = graph.add("LoraLoaderModelOnly", model=checkpoint[0], lora_name="one_graph_duck.safetensors",
+                              strength_model=0.8)[0]
+        else:
+            library = graph.add("CIDM_LoadConceptLibrary", library=LIBRARY)
+            model = graph.add("CIDM_LoadConceptAsLoRA", model=checkpoint[0], library=library[0], concept="duck",
+                              strength_model=0.8)[0]
+        sample_image(graph, model, checkpoint[1], checkpoint[2], "a photo of a duck toy", prefix=f"as_lora_{loader}")
+        return pixels(comfy, comfy.run(graph.prompt()))
+
+    in_graph, from_file = sample("library"), sample("file")
+    base = Graph()
+    checkpoint = base.add("CheckpointLoaderSimple", ckpt_name=CKPT)
+    sample_image(base, checkpoint[0], checkpoint[1], checkpoint[2], "a photo of a duck toy", prefix="as_lora_base")
+    assert np.array_equal(in_graph, from_file)
+    assert np.abs(in_graph - pixels(comfy, comfy.run(base.prompt()))).mean() > 0.5
+
+
 def test_interrupt_keeps_library_and_resume_completes(comfy, trained_library):
     root = library_root(comfy, LIBRARY)
     before = snapshot(root)
-    settings = dict(steps=24, save_every=5, resume=True, seed=3)
+    settings = dict(steps=24, save_every=5, resume=True, training_seed=3)
     folder = stage(comfy.workspace, "cat")
     prompt_id = comfy.submit(train_graph(LIBRARY, "cat", folder, **settings).prompt())
     comfy.wait_for_log("CIDM train 'cat': step 10/24")
