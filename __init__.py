@@ -3,11 +3,13 @@
 Nothing heavy happens at import: the node classes load on `comfy_entrypoint`. The pack needs ComfyUI's V3 node
 API (`comfy_api.latest`); inside a ComfyUI without it, the import logs an error saying which ComfyUI version is
 needed instead of leaving the user with silently missing nodes. Outside ComfyUI (a test collector) it exposes
-nothing.
+nothing. `web/` holds the frontend extension that shows Inspect Aggregation Weights' table on the node.
 """
 
 import logging
 import sys
+
+WEB_DIRECTORY = "./web"
 
 TESTED_COMFYUI = "0.3.75"  # the pinned host of scripts/setup_host.sh; the oldest version the pack is known to run on
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 BACKGROUND, INK, GRID = (255, 255, 255), (30, 30, 30), (220, 220, 220)
 
@@ -33,24 +33,40 @@ def line_plot(values: list[float], title: str, width: int = 512, height: int = 2
 
 
 def heatmap(matrix: torch.Tensor, row_labels: list[str], column_labels: list[str], title: str,
-            cell: int = 28) -> torch.Tensor:
-    """Rows × columns of values in [0, 1], darker = larger, each cell labelled with its value."""
+            font_size: int = 14, cell_height: int = 26) -> torch.Tensor:
+    """Rows × columns of values in [0, 1], darker = larger, each cell labelled with its value.
+
+    Labels are drawn in full: every column is as wide as its label (at least 64 px), the row label margin as wide
+    as the longest row label, in PIL's scalable default font at `font_size` px. Returns an IMAGE tensor
+    [1, H, W, 3] in [0, 1]."""
+    font = ImageFont.load_default(size=font_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_width(text: str) -> int:
+        return int(measure.textlength(text, font=font))
+
     rows, columns = matrix.shape
-    left, top = 90, 40
-    image = Image.new("RGB", (left + columns * cell + 10, top + rows * cell + 10), BACKGROUND)
+    pad = 8
+    left = pad + max([text_width(label) for label in row_labels] + [0]) + pad
+    widths = [max(64, text_width(label) + 2 * pad) for label in column_labels]
+    starts = [left + sum(widths[:c]) for c in range(columns)]
+    top = pad + 2 * (font_size + pad)
+    width = max(left + sum(widths) + pad, text_width(title) + 2 * pad)
+    image = Image.new("RGB", (width, top + rows * cell_height + pad), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    draw.text((4, 4), title, fill=INK)
+    draw.text((pad, pad), title, fill=INK, font=font)
     for c, label in enumerate(column_labels):
-        draw.text((left + c * cell + 2, top - 14), label[:4], fill=INK)
+        draw.text((starts[c] + pad, top - font_size - pad), label, fill=INK, font=font)
     for r, label in enumerate(row_labels):
-        draw.text((4, top + r * cell + 8), label[:12], fill=INK)
+        y = top + r * cell_height
+        draw.text((pad, y + (cell_height - font_size) // 2), label, fill=INK, font=font)
         for c in range(columns):
             value = float(matrix[r, c])
             shade = int(255 * (1 - max(0.0, min(1.0, value))))
-            box = [left + c * cell, top + r * cell, left + (c + 1) * cell - 1, top + (r + 1) * cell - 1]
+            box = [starts[c], y, starts[c] + widths[c] - 2, y + cell_height - 2]
             draw.rectangle(box, fill=(shade, shade, 255))
-            draw.text((box[0] + 2, box[1] + 8), f"{value:.2f}"[1:] if value < 1 else "1.0",
-                      fill=INK if shade > 120 else BACKGROUND)
+            draw.text((box[0] + pad, y + (cell_height - font_size) // 2), f"{value:.2f}",
+                      fill=INK if shade > 120 else BACKGROUND, font=font)
     return _to_image_tensor(image)
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from workflow_format import to_api, with_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("CIDM_CACHE", Path.home() / ".cache" / "cidm-comfyui")).resolve()
 COMFY_ROOT = CACHE / "ComfyUI"
@@ -32,6 +34,7 @@ CIFC = Path(os.environ.get("CIDM_CIFC", REPO.parent / "shared" / "datasets" / "c
 HOST_PYTHON = CACHE / "venv" / "bin" / "python"
 PACK_FOLDER_NAME = "comfyui-cidm"
 CHECKPOINT_SCRIPT = REPO / "scripts" / "make_test_checkpoint.py"
+WORKFLOWS = REPO / "workflows"
 
 
 def host_ready() -> bool:
@@ -307,6 +310,23 @@ def stage(workspace: Path, concept: str, subfolder: str | None = None) -> str:
         else:
             draw_concept(target, concept)
     return f"cifc/{subfolder or concept}"
+
+
+def shipped_workflow(name: str) -> dict:
+    """A UI-format workflow of workflows/ as stored (what the Templates dialog opens)."""
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
+def shipped_prompt(server: ComfyServer, name: str, overrides: dict[str, dict], scale_sizes: int = 1) -> dict:
+    """A shipped workflow converted to API format with run-time overrides (never stored), after staging every
+    CIFC folder its training nodes read (`cifc/<concept>`) into the server's input directory."""
+    prompt = with_overrides(to_api(shipped_workflow(name), server.object_info()), overrides, scale_sizes)
+    for node in prompt.values():
+        folder = node["inputs"].get("folder")
+        if node["class_type"] == "CIDM_TrainConceptIncrement" and isinstance(folder, str) and \
+                folder.startswith("cifc/"):
+            stage(server.workspace, folder.removeprefix("cifc/"))
+    return prompt
 
 
 def draw_concept(folder: Path, concept: str, count: int = 4) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The headless demo: installs the pinned ComfyUI host if needed, generates the default test checkpoint, then runs
-# workflows/continual_concepts_api.json in a real ComfyUI server. Outputs: demo_output/ in the repo.
+# the shipped UI-format workflows (workflows/*.json, converted at run time) in a real ComfyUI server.
+# Outputs: demo_output/ in the repo.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=$(realpath -m "${CIDM_CACHE:-$HOME/.cache/cidm-comfyui}")

@@ -1,17 +1,22 @@
-"""Runs the example workflow headless in a real ComfyUI server: two CIFC concepts trained in sequence into one
-library, aggregated, and composed by region. Outputs land in demo_output/ (printed at the end)."""
+"""Runs the shipped workflows headless in a real ComfyUI server, in the order a user would: continual
+customization (three CIFC concepts trained in sequence into one library, each then generated), then exporting a
+concept as a standard LoRA used in a plain sampling graph. The files in workflows/ are converted to API format
+here; the CPU-sized settings (test checkpoint, few steps, small images) are applied at run time only.
+Outputs land in demo_output/ (printed at the end)."""
 
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from comfy_host import CIFC, REPO, ComfyServer, ensure_checkpoint, stage  # noqa: E402
+from comfy_host import CIFC, REPO, ComfyServer, ensure_checkpoint, shipped_prompt  # noqa: E402
+from workflow_format import cpu_overrides  # noqa: E402
 
 OUT = REPO / "demo_output"
-WORKFLOW = REPO / "workflows" / "continual_concepts_api.json"
+CHECKPOINT = "cidm_mini_sd15.safetensors"
+DEMO_WORKFLOWS = ("continual_customization", "export_concept_lora")
+SIZE_DIVISOR = 4  # 512×512 latents become 128×128 images
 
 
 def main() -> int:
@@ -20,23 +25,25 @@ def main() -> int:
     if OUT.exists():
         shutil.rmtree(OUT)
     workspace = OUT / "workspace"
-    server = ComfyServer(workspace, {"cidm_mini_sd15.safetensors": ensure_checkpoint("mini")})
-    for concept in ("dog", "duck_toy"):
-        stage(workspace, concept)
+    server = ComfyServer(workspace, {CHECKPOINT: ensure_checkpoint("mini")})
+    overrides = cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8)
     started = time.time()
     server.start()
     try:
-        entry = server.run(json.loads(WORKFLOW.read_text()), timeout=1800)
+        for name in DEMO_WORKFLOWS:
+            prompt = shipped_prompt(server, name, overrides, SIZE_DIVISOR)
+            entry = server.run(prompt, timeout=1800)
+            print(f"{name}: finished after {time.time() - started:.0f}s")
+            for path in server.output_files(entry):
+                kind = "preview" if path.is_relative_to(workspace / "temp") else "output"  # temp: on-node previews
+                print(f"  {kind}: {path}")
+            for node_id, node in prompt.items():
+                if node["class_type"] == "CIDM_InspectAggregationWeights":
+                    for table in entry["outputs"].get(node_id, {}).get("text", []):
+                        print(table)  # the per-layer task weights of the inspected prompt
     finally:
         server.stop()
-    outputs = server.output_files(entry)
-    print(f"demo finished in {time.time() - started:.0f}s")
-    print(f"concept library: {workspace / 'models' / 'cidm' / 'demo-concepts'}")
-    for path in outputs:
-        kind = "preview" if path.is_relative_to(workspace / "temp") else "output"  # temp: training previews
-        print(f"{kind}: {path}")
-    for table in entry["outputs"].get("16", {}).get("text", []):
-        print(table)  # Inspect Aggregation Weights: the per-layer task weights for the duck prompt
+    print(f"concept library: {workspace / 'models' / 'cidm' / 'my-concepts'}")
     print(f"server log: {server.log_path}")
     return 0
 

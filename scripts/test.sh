@@ -5,6 +5,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=$(realpath -m "${CIDM_CACHE:-$HOME/.cache/cidm-comfyui}")
 bash "$REPO/scripts/setup_host.sh" "$CACHE"
+bash "$REPO/scripts/setup_browser.sh"
 cd "$REPO"
 export CIDM_CACHE="$CACHE" HF_HUB_OFFLINE=1
 exec "$CACHE/venv/bin/python" -m pytest "$@"

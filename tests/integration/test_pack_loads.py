@@ -2,7 +2,7 @@
 
 import pytest
 
-from comfy_host import Graph, pack_tracebacks, sample_image
+from comfy_host import PACK_FOLDER_NAME, Graph, pack_tracebacks, sample_image
 from synthetic import synthesize_library
 
 pytestmark = pytest.mark.integration
@@ -10,7 +10,9 @@ pytestmark = pytest.mark.integration
 PACK_NODES = {
     "CIDM_LoadConceptLibrary": "Load Concept Library",
     "CIDM_TrainConceptIncrement": "Train Concept Increment",
+    "CIDM_ConceptTrainingOptions": "Concept Training Options",
     "CIDM_ExportConceptLoRA": "Export Concept LoRA",
+    "CIDM_LoadConceptAsLoRA": "Load Concept as LoRA",
     "CIDM_TextEncode": "CIDM Text Encode",
     "CIDM_ElasticAggregateLoRAs": "Elastic Aggregate LoRAs",
     "CIDM_InspectAggregationWeights": "Inspect Aggregation Weights",
@@ -32,6 +34,16 @@ def test_nodes_registered_with_categories_and_tooltips(comfy):
     assert set(train_inputs["method"][1]["options"] if isinstance(train_inputs["method"][1], dict)
                and "options" in train_inputs["method"][1] else train_inputs["method"][0]) \
         >= {"cidm", "cidm-official", "c-lora", "finetune"}
+
+
+def test_every_input_of_every_pack_node_has_a_tooltip(comfy):
+    pack = {node_id: node for node_id, node in comfy.object_info().items()
+            if node.get("python_module") == f"custom_nodes.{PACK_FOLDER_NAME}"}
+    assert set(PACK_NODES) <= set(pack)
+    untold = [f"{node_id}.{name}" for node_id, node in pack.items()
+              for section in ("required", "optional") for name, spec in node["input"].get(section, {}).items()
+              if len(spec) < 2 or not spec[1].get("tooltip")]
+    assert untold == []
 
 
 def test_pack_node_in_sampling_workflow_writes_png(comfy):

@@ -1,0 +1,280 @@
+"""Writes the shipped UI-format workflows in workflows/ from the graphs below, with widget order, socket types and
+defaults taken from a real server's /object_info (so a node gaining an input means re-running this script).
+
+    ~/.cache/cidm-comfyui/venv/bin/python scripts/make_workflows.py
+
+The files are the source of truth afterwards: the demo and the tests convert them to API format at run time
+(scripts/workflow_format.py) and the browser test opens them from the Templates dialog. Values here are the real
+SD1.5 ones (512 px, 800 training steps per concept, a stock SD1.5 checkpoint name); the CPU-sized settings of the
+tests are applied at run time and never written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from comfy_host import REPO, ComfyServer, ensure_checkpoint  # noqa: E402
+from workflow_format import is_widget, ordered_inputs, widget_layout  # noqa: E402
+
+OUT = REPO / "workflows"
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+COLUMN_WIDTH = 460
+ROW_GAP = 30
+NEGATIVE = "blurry, low quality, deformed"
+SAMPLING = dict(steps=30, cfg=7.5, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
+CONCEPTS = [  # (concept, CIFC folder, tokens, class words); CIFC: Dong et al.'s continual customization benchmark
+    ("dog", "cifc/dog", "<dog1> <dog2>", "dog"),
+    ("duck", "cifc/duck_toy", "<duck1> <duck2> <duck3>", "duck toy"),
+    ("cat", "cifc/cat", "<cat1> <cat2>", "cat"),
+]
+
+
+class Slot:
+    def __init__(self, node: "Node", index: int):
+        self.node, self.index = node, index
+
+
+class Node:
+    def __init__(self, graph: "Workflow", node_id: int, kind: str):
+        self.graph, self.id, self.kind = graph, node_id, kind
+
+    def __getitem__(self, index: int) -> Slot:
+        return Slot(self, index)
+
+
+class Workflow:
+    """Places nodes in columns, top to bottom, and serialises them the way the frontend saves a graph."""
+
+    def __init__(self, info: dict):
+        self.info = info
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+        self.column_bottom: dict[int, float] = {}
+
+    def _place(self, column: int, height: float, width: float) -> list[float]:
+        top = self.column_bottom.get(column, 0.0)
+        self.column_bottom[column] = top + height + ROW_GAP
+        return [column * COLUMN_WIDTH * 1.0, top]
+
+    def note(self, column: int, text: str, title: str = "Note", width: float = 360, height: float = 260) -> None:
+        self.nodes.append({"id": len(self.nodes) + 1, "type": "Note", "pos": self._place(column, height, width),
+                           "size": [width, height], "flags": {}, "order": len(self.nodes), "mode": 0,
+                           "inputs": [], "outputs": [], "title": title, "properties": {},
+                           "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
+
+    def add(self, kind: str, column: int, title: str | None = None, node_width: float = 360, **values) -> Node:
+        spec = self.info[kind]
+        node_id = len(self.nodes) + 1
+        inputs, widgets = [], []
+        for name, input_spec in ordered_inputs(spec):
+            value = values.pop(name, None)
+            if is_widget(input_spec):
+                default = input_spec[1].get("default") if len(input_spec) > 1 else None
+                if isinstance(input_spec[0], list) and default is None:
+                    default = input_spec[0][0]
+                widgets.append((name, default if value is None or isinstance(value, Slot) else value))
+                if isinstance(value, Slot):
+                    inputs.append(self._link(value, node_id, len(inputs), name, widget=True))
+            elif isinstance(value, Slot):
+                inputs.append(self._link(value, node_id, len(inputs), name))
+            elif name in spec["input"]["required"]:
+                raise ValueError(f"{kind}: required input {name} is not connected")
+            else:
+                inputs.append({"name": name, "type": input_spec[0], "link": None})
+        if values:
+            raise ValueError(f"{kind} has no inputs {sorted(values)}")
+        widgets_values = []
+        for (name, value), (_, control) in zip(widgets, widget_layout(spec)):
+            widgets_values.append(value)
+            if control:
+                widgets_values.append("fixed")
+        outputs = [{"name": output_name, "type": output_type, "links": []}
+                   for output_name, output_type in zip(spec["output_name"], spec["output"])]
+        sockets = max(len([i for i in inputs if "widget" not in i]), len(outputs))
+        multiline = sum(1 for name, input_spec in ordered_inputs(spec)
+                        if is_widget(input_spec) and len(input_spec) > 1 and input_spec[1].get("multiline"))
+        height = 40 + 22 * sockets + 26 * len(widgets) + 70 * multiline
+        node = {"id": node_id, "type": kind, "pos": self._place(column, height, node_width),
+                "size": [node_width, height],
+                "flags": {}, "order": node_id - 1, "mode": 0, "inputs": inputs, "outputs": outputs,
+                "properties": {"Node name for S&R": kind}, "widgets_values": widgets_values}
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return Node(self, node_id, kind)
+
+    def _link(self, source: Slot, target_id: int, target_slot: int, name: str, widget: bool = False) -> dict:
+        link_id = len(self.links) + 1
+        kind = self.info[source.node.kind]["output"][source.index]
+        self.links.append([link_id, source.node.id, source.index, target_id, target_slot, kind])
+        self.nodes[source.node.id - 1]["outputs"][source.index]["links"].append(link_id)
+        entry = {"name": name, "type": kind, "link": link_id}
+        if widget:
+            entry["widget"] = {"name": name}
+        return entry
+
+    def save(self, name: str) -> Path:
+        graph = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-cidm/{name}")), "revision": 0,
+                 "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                 "links": self.links, "groups": [], "config": {},
+                 "extra": {"ds": {"scale": 0.55, "offset": [40, 40]}}, "version": 0.4}
+        path = OUT / f"{name}.json"
+        path.write_text(json.dumps(graph, indent=1) + "\n")
+        return path
+
+
+def checkpoint(wf: Workflow, column: int = 0) -> Node:
+    return wf.add("CheckpointLoaderSimple", column, ckpt_name=CHECKPOINT)
+
+
+def train_sequence(wf: Workflow, ckpt: Node, library: Node, column: int, method: str, concepts, options) -> Node:
+    """One Train Concept Increment per concept, each appending to the library the previous one returned."""
+    for index, (concept, folder, _, _) in enumerate(concepts):
+        library = wf.add("CIDM_TrainConceptIncrement", column, title=f"Task {index + 1}: {concept} ({method})",
+                         node_width=380, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], library=library[0],
+                         concept=concept, method=method, steps=800, folder=folder, options=options[concept][0])
+    return library
+
+
+def concept_options(wf: Workflow, column: int, concepts) -> dict[str, Node]:
+    return {concept: wf.add("CIDM_ConceptTrainingOptions", column, title=f"Options: {concept}", tokens=tokens,
+                            class_words=words, training_seed=index)
+            for index, (concept, _, tokens, words) in enumerate(concepts)}
+
+
+def generate(wf: Workflow, ckpt: Node, model: Node, library: Node, column: int, prompt: str, prefix: str,
+             seed: int = 2024) -> None:
+    """CIDM Text Encode (prompt and negative) → KSampler at 512×512 → VAE Decode → Save Image."""
+    positive = wf.add("CIDM_TextEncode", column, title=f"Prompt: {prompt}", clip=ckpt[1], library=library[0],
+                      text=prompt)
+    negative = wf.add("CIDM_TextEncode", column, title="Negative prompt", clip=ckpt[1], library=library[0],
+                      text=NEGATIVE)
+    latent = wf.add("EmptyLatentImage", column, width=512, height=512, batch_size=1)
+    sampled = wf.add("KSampler", column, model=model[0], positive=positive[0], negative=negative[0],
+                     latent_image=latent[0], seed=seed, **SAMPLING)
+    decoded = wf.add("VAEDecode", column, samples=sampled[0], vae=ckpt[2])
+    wf.add("SaveImage", column, images=decoded[0], filename_prefix=prefix)
+
+
+def continual_customization(info: dict) -> Workflow:
+    wf = Workflow(info)
+    wf.note(0, "Continual customization\n\nThree concepts are taught one after the other into one library "
+               "(models/cidm/my-concepts). Each Train Concept Increment appends the next task and never changes "
+               "the old ones; no old image is replayed.\n\nPut each concept's images (and optional same-name .txt "
+               "captions) in a folder under ComfyUI/input, e.g. input/cifc/dog, or change the folder widgets. "
+               "Prompts name a concept as <dog>.\n\n800 steps per concept at 512 px, as the paper trains; about "
+               "10 minutes per concept on a recent GPU. Queue again unchanged and the trained tasks are reused.",
+            title="Read me", height=330)
+    ckpt = checkpoint(wf)
+    library = wf.add("CIDM_LoadConceptLibrary", 0, library="my-concepts")
+    options = concept_options(wf, 1, CONCEPTS)
+    trained = train_sequence(wf, ckpt, library, 2, "cidm", CONCEPTS, options)
+    model = wf.add("CIDM_ElasticAggregateLoRAs", 2, model=ckpt[0], library=trained[0])
+    wf.add("CIDM_InspectAggregationWeights", 2, node_width=420, clip=ckpt[1], library=trained[0],
+           text="a photo of a <duck> on a beach")
+    for column, (concept, *_rest) in enumerate(CONCEPTS, start=3):
+        generate(wf, ckpt, model, trained, column, f"a photo of a <{concept}> on a beach", f"cidm/{concept}",
+                 seed=2024 + column)
+    return wf
+
+
+def method_comparison(info: dict) -> Workflow:
+    concepts = CONCEPTS[:2]
+    wf = Workflow(info)
+    wf.note(0, "Method comparison\n\nThe same two concepts (dog, then duck toy), with the same options, trained "
+               "in sequence by three methods, each into its own library: cidm (consolidation loss + elastic "
+               "weight aggregation), c-lora (Smith et al.: overlap penalty, old tasks merged) and finetune (no "
+               "regularizer). Each column then samples one prompt naming both concepts with the same seed.\n\n"
+               "c-lora and finetune were trained with the old tasks summed into the model, so they are sampled "
+               "that way (fixed weights 1, 1); cidm uses its elastic aggregation.", title="Read me", height=300)
+    ckpt = checkpoint(wf)
+    options = concept_options(wf, 1, concepts)
+    for column, method in enumerate(("cidm", "c-lora", "finetune"), start=2):
+        library = wf.add("CIDM_LoadConceptLibrary", column, title=f"Library: compare-{method}",
+                         library=f"compare-{method}")
+        trained = train_sequence(wf, ckpt, library, column, method, concepts, options)
+        routing = {} if method == "cidm" else dict(mode="fixed", weights="1, 1")
+        model = wf.add("CIDM_ElasticAggregateLoRAs", column, model=ckpt[0], library=trained[0], **routing)
+        generate(wf, ckpt, model, trained, column, "a <dog> next to a <duck> on a beach", f"cidm/compare_{method}")
+    return wf
+
+
+def export_concept_lora(info: dict) -> Workflow:
+    wf = Workflow(info)
+    wf.note(0, "Export a concept as a standard LoRA\n\nRun Continual customization first (it fills the library "
+               "my-concepts).\n\nExport Concept LoRA writes models/loras/my-concepts_dog.safetensors: any workflow "
+               "can load it with the stock Load LoRA node (refresh with R to see it in the list).\n\nLoad Concept "
+               "as LoRA applies the same LoRA in this graph, so a plain CLIPTextEncode + KSampler workflow uses it "
+               "at once. A standard LoRA cannot carry the layer-wise concept tokens: prompt with the class word "
+               "('a photo of a dog').", title="Read me", height=320)
+    ckpt = checkpoint(wf)
+    library = wf.add("CIDM_LoadConceptLibrary", 0, library="my-concepts")
+    wf.add("CIDM_ExportConceptLoRA", 1, library=library[0], concept="dog")
+    model = wf.add("CIDM_LoadConceptAsLoRA", 1, model=ckpt[0], library=library[0], concept="dog")
+    positive = wf.add("CLIPTextEncode", 2, title="Prompt", text="a photo of a dog on a beach", clip=ckpt[1])
+    negative = wf.add("CLIPTextEncode", 2, title="Negative prompt", text=NEGATIVE, clip=ckpt[1])
+    latent = wf.add("EmptyLatentImage", 2, width=512, height=512, batch_size=1)
+    sampled = wf.add("KSampler", 3, model=model[0], positive=positive[0], negative=negative[0],
+                     latent_image=latent[0], seed=7, **SAMPLING)
+    decoded = wf.add("VAEDecode", 3, samples=sampled[0], vae=ckpt[2])
+    wf.add("SaveImage", 3, images=decoded[0], filename_prefix="cidm/exported_dog")
+    return wf
+
+
+def region_composition(info: dict) -> Workflow:
+    wf = Workflow(info)
+    wf.note(0, "Multi-concept composition in regions\n\nRun Continual customization first (it fills the library "
+               "my-concepts with dog, duck and cat).\n\nThe global prompt names every concept; each Region "
+               "Condition gives one part of the image its own prompt (a box here, in pixels of the 768×512 "
+               "canvas; connect a MASK instead to paint it). The Context-Controlled KSampler blends each "
+               "region's noise prediction into the global one inside its region (CIDM's region noise "
+               "estimation; alpha is the global share inside regions, 1 turns it off). The layout preview on "
+               "the last Region Condition shows the regions with the concepts they name.", title="Read me",
+            height=330)
+    ckpt = checkpoint(wf)
+    library = wf.add("CIDM_LoadConceptLibrary", 0, library="my-concepts")
+    model = wf.add("CIDM_ElasticAggregateLoRAs", 1, model=ckpt[0], library=library[0])
+    positive = wf.add("CIDM_TextEncode", 1, title="Global prompt", clip=ckpt[1], library=library[0],
+                      text="a photo of a <dog> and a <cat> sitting in a garden")
+    negative = wf.add("CIDM_TextEncode", 1, title="Negative prompt", clip=ckpt[1], library=library[0],
+                      text=NEGATIVE)
+    regions = None
+    for index, (concept, x) in enumerate((("dog", 0), ("cat", 384))):
+        prompt = wf.add("CIDM_TextEncode", 2, title=f"Region prompt: {concept}", clip=ckpt[1], library=library[0],
+                        text=f"a photo of a <{concept}>")
+        chained = {} if regions is None else {"regions": regions[0]}
+        regions = wf.add("CIDM_RegionCondition", 2, title=f"Region {index + 1}: {concept}", node_width=400,
+                         conditioning=prompt[0], x=x, y=0, width=384, height=512, units="pixels",
+                         canvas_width=768, canvas_height=512, **chained)
+    latent = wf.add("EmptyLatentImage", 3, width=768, height=512, batch_size=1)
+    sampled = wf.add("CIDM_ContextControlledKSampler", 3, model=model[0], positive=positive[0],
+                     negative=negative[0], regions=regions[0], latent_image=latent[0], seed=2024,
+                     **SAMPLING)
+    decoded = wf.add("VAEDecode", 3, samples=sampled[0], vae=ckpt[2])
+    wf.add("SaveImage", 3, images=decoded[0], filename_prefix="cidm/composition")
+    return wf
+
+
+WORKFLOWS = {"continual_customization": continual_customization, "method_comparison": method_comparison,
+             "export_concept_lora": export_concept_lora, "region_composition": region_composition}
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="cidm-make-workflows-") as workspace:
+        server = ComfyServer(Path(workspace), {"cidm_mini_sd15.safetensors": ensure_checkpoint("mini")}).start()
+        try:
+            info = server.object_info()
+        finally:
+            server.stop()
+    for name, build in WORKFLOWS.items():
+        print(build(info).save(name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The UI-format workflows in workflows/: what the files carry, their conversion to API format against the real
+server's /object_info, and running them (with CPU-sized settings applied at run time, never stored)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_host import WORKFLOWS, shipped_prompt, shipped_workflow
+from pack_workflows import CKPT, library_root
+from workflow_format import WorkflowFormatError, cpu_overrides, notes, to_api, with_overrides
+
+pytestmark = pytest.mark.integration
+
+SHIPPED = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
+SD15 = "v1-5-pruned-emaonly.safetensors"
+
+
+def test_the_set_of_workflows():
+    assert set(SHIPPED) >= {"continual_customization", "method_comparison", "export_concept_lora"}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_workflow_is_ui_format_with_thumbnail_and_notes(name):
+    workflow = shipped_workflow(name)
+    assert isinstance(workflow["version"], float) and workflow["nodes"] and workflow["links"]
+    ids = {node["id"] for node in workflow["nodes"]}
+    assert len(ids) == len(workflow["nodes"]) and workflow["last_node_id"] >= max(ids)
+    for link_id, origin, _, target, _, _ in workflow["links"]:
+        assert origin in ids and target in ids, link_id
+    assert all(len(text) > 200 for text in notes(workflow)) and notes(workflow)
+    with Image.open(WORKFLOWS / f"{name}.jpg") as thumbnail:  # the Templates dialog shows <name>.jpg
+        assert thumbnail.format == "JPEG" and min(thumbnail.size) >= 128
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_workflow_converts_and_carries_real_sd15_settings(comfy, name):
+    prompt = to_api(shipped_workflow(name), comfy.object_info())
+    by_class = {}
+    for node in prompt.values():
+        by_class.setdefault(node["class_type"], []).append(node["inputs"])
+    assert [inputs["ckpt_name"] for inputs in by_class["CheckpointLoaderSimple"]] == [SD15]
+    assert all(inputs["steps"] == 800 for inputs in by_class.get("CIDM_TrainConceptIncrement", []))
+    assert all(inputs["resolution"] == 512 for inputs in by_class.get("CIDM_ConceptTrainingOptions", []))
+    assert all(min(inputs["width"], inputs["height"]) >= 512 for inputs in by_class.get("EmptyLatentImage", []))
+    samplers = by_class.get("KSampler", []) + by_class.get("CIDM_ContextControlledKSampler", [])
+    assert samplers and all(inputs["steps"] >= 20 for inputs in samplers)
+
+
+def test_conversion_refuses_a_node_whose_widgets_do_not_match(comfy):
+    workflow = shipped_workflow("export_concept_lora")
+    sampler = next(node for node in workflow["nodes"] if node["type"] == "KSampler")
+    sampler["widgets_values"].pop()
+    with pytest.raises(WorkflowFormatError, match=f"node {sampler['id']} \\(KSampler\\)"):
+        to_api(workflow, comfy.object_info())
+
+
+def test_overrides_change_values_never_links():
+    prompt = {"1": {"class_type": "KSampler", "inputs": {"steps": 30, "model": ["2", 0]}},
+              "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 768}}}
+    changed = with_overrides(prompt, {"KSampler": {"steps": 2, "model": "x"}}, scale_sizes=4)
+    assert changed["1"]["inputs"] == {"steps": 2, "model": ["2", 0]}
+    assert changed["2"]["inputs"] == {"width": 128, "height": 192}
+    assert prompt["1"]["inputs"]["steps"] == 30
+
+
+@pytest.fixture(scope="module")
+def continual_run(comfy):
+    prompt = shipped_prompt(comfy, "continual_customization", cpu_overrides(CKPT), scale_sizes=8)
+    return prompt, comfy.run(prompt, timeout=1800)
+
+
+def test_continual_customization_trains_three_concepts_then_generates_each(comfy, continual_run):
+    prompt, entry = continual_run
+    library = next(node["inputs"]["library"] for node in prompt.values()
+                   if node["class_type"] == "CIDM_LoadConceptLibrary")
+    manifest = json.loads((library_root(comfy, library) / "manifest.json").read_text())
+    assert [task["concept"] for task in manifest["tasks"]] == ["dog", "duck", "cat"]
+    images = [path for path in comfy.output_files(entry) if path.parent.name == "cidm"]
+    assert sorted(path.name.split("_")[0] for path in images) == ["cat", "dog", "duck"]
+    for path in images:
+        assert Image.open(path).size == (64, 64) and np.asarray(Image.open(path)).std() > 0
+    inspect = next(node_id for node_id, node in prompt.items()
+                   if node["class_type"] == "CIDM_InspectAggregationWeights")
+    table = entry["outputs"][inspect]["text"][0]
+    assert all(concept in table for concept in ("dog", "duck", "cat"))
+
+
+def test_export_workflow_uses_the_concept_in_a_plain_graph(comfy, continual_run):
+    entry = comfy.run(shipped_prompt(comfy, "export_concept_lora", cpu_overrides(CKPT), scale_sizes=8))
+    assert (comfy.workspace / "models" / "loras" / "my-concepts_dog.safetensors").is_file()
+    (image,) = [path for path in comfy.output_files(entry) if path.name.startswith("exported_dog")]
+    assert np.asarray(Image.open(image)).std() > 0
+
+
+@pytest.mark.slow
+def test_method_comparison_trains_each_method_into_its_own_library(comfy):
+    prompt = shipped_prompt(comfy, "method_comparison", cpu_overrides(CKPT), scale_sizes=8)
+    entry = comfy.run(prompt, timeout=3600)
+    for method in ("cidm", "c-lora", "finetune"):
+        manifest = json.loads((library_root(comfy, f"compare-{method}") / "manifest.json").read_text())
+        assert [(t["concept"], t["method"]) for t in manifest["tasks"]] == [("dog", method), ("duck", method)]
+    saved = sorted(path.name.rsplit("_", 2)[0] for path in comfy.output_files(entry) if path.parent.name == "cidm")
+    assert saved == ["compare_c-lora", "compare_cidm", "compare_finetune"]

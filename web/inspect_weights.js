@@ -1,0 +1,31 @@
+// Shows Inspect Aggregation Weights' table (its UI text output) on the node, in a read-only text box that is
+// neither saved with the workflow nor sent with the prompt.
+import { app } from "../../scripts/app.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
+
+const NODE = "CIDM_InspectAggregationWeights";
+const WIDGET = "weights_table";
+
+app.registerExtension({
+  name: "cidm.InspectAggregationWeights",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== NODE) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      let widget = this.widgets?.find((w) => w.name === WIDGET);
+      if (!widget) {
+        widget = ComfyWidgets.STRING(this, WIDGET, ["STRING", { multiline: true }], app).widget;
+        widget.options.serialize = false;  // not an input: stays out of the prompt
+        widget.serialize = false;          // and out of the saved workflow's widgets_values
+        if (widget.element) {
+          widget.element.readOnly = true;
+          widget.element.style.fontFamily = "monospace";
+        }
+      }
+      widget.value = (message?.text ?? []).join("\n");
+      this.setSize([Math.max(this.size[0], 480), Math.max(this.size[1], this.computeSize()[1])]);
+      this.setDirtyCanvas(true, true);
+    };
+  },
+});
