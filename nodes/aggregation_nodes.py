@@ -56,7 +56,8 @@ class CIDMTextEncode(io.ComfyNode):
                         "cross-attention layer, packed along the token axis. Use it for the negative prompt too, "
                         "so positive and negative batch together. Without Elastic Aggregate the model still "
                         "samples (it attends over all layer contexts).",
-            inputs=[io.Clip.Input("clip"), ConceptLibraryType.Input("library"),
+            inputs=[io.Clip.Input("clip", tooltip="The base model's CLIP text encoder."),
+                    ConceptLibraryType.Input("library", tooltip="The library whose concepts the prompt names."),
                     io.String.Input("text", multiline=True, default="a photo of a <dog>",
                                     tooltip="Name concepts as <name> (or by their tokens).")],
             outputs=[io.Conditioning.Output(display_name="conditioning")])
@@ -74,7 +75,8 @@ class ElasticAggregateLoRAs(io.ComfyNode):
             node_id="CIDM_ElasticAggregateLoRAs", display_name="Elastic Aggregate LoRAs", category=CATEGORY,
             description="Puts every concept of the library into one model. Each cross-attention layer mixes the "
                         "tasks' LoRAs per sample, weighted by how closely the prompt matches each concept.",
-            inputs=[io.Model.Input("model"), ConceptLibraryType.Input("library"),
+            inputs=[io.Model.Input("model", tooltip="The SD1.5 base model the library was trained on."),
+                    ConceptLibraryType.Input("library", tooltip="The concept library whose tasks are aggregated."),
                     io.String.Input("tasks", default="all", tooltip="'all', or task numbers / concept names, "
                                     "comma separated."),
                     io.Float.Input("scale", default=0.8, min=0.0, max=4.0, step=0.05,
@@ -116,9 +118,13 @@ class InspectAggregationWeights(io.ComfyNode):
             category=CATEGORY, is_output_node=True,
             description="Shows, for a prompt, the elastic weight of every task in every cross-attention layer: "
                         "why a concept won or lost.",
-            inputs=[io.Clip.Input("clip"), ConceptLibraryType.Input("library"),
-                    io.String.Input("text", multiline=True, default="a photo of a <dog>"),
-                    io.Combo.Input("mode", options=["elastic", "one-hot"], default="elastic")],
+            inputs=[io.Clip.Input("clip", tooltip="The base model's CLIP text encoder."),
+                    ConceptLibraryType.Input("library", tooltip="The library whose concepts the prompt names."),
+                    io.String.Input("text", multiline=True, default="a photo of a <dog>",
+                                    tooltip="The prompt to inspect; name concepts as <name>."),
+                    io.Combo.Input("mode", options=["elastic", "one-hot"], default="elastic",
+                                   tooltip="elastic: CIDM's similarity weights. one-hot: only the best-matching "
+                                           "task per layer.")],
             outputs=[io.String.Output(display_name="table"), io.Image.Output(display_name="plot")])
 
     @classmethod

@@ -155,8 +155,9 @@ def sample(guider: RegionGuider, latent_image: dict, seed: int, steps: int, samp
 
 
 def guider_inputs():
-    return [io.Model.Input("model"), io.Conditioning.Input("positive", tooltip="The global prompt."),
-            io.Conditioning.Input("negative"),
+    return [io.Model.Input("model", tooltip="The model to sample, e.g. from Elastic Aggregate LoRAs."),
+            io.Conditioning.Input("positive", tooltip="The global prompt."),
+            io.Conditioning.Input("negative", tooltip="The negative prompt (CIDM Text Encode or CLIPTextEncode)."),
             RegionsType.Input("regions", optional=True, tooltip="From Region Condition; none gives plain sampling.")]
 
 
@@ -169,7 +170,8 @@ ATTENTION = io.Boolean.Input("region_attention", default=True, optional=True,
                              tooltip="Region-aware cross-attention: image tokens inside a region attend to that "
                                      "region's prompt through only its concepts' LoRAs, the rest to the global "
                                      "prompt; one UNet call per step.")
-CFG = io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01)
+CFG = io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                     tooltip="Classifier-free guidance scale, as in KSampler.")
 
 
 class ContextControlledKSampler(io.ComfyNode):
@@ -184,12 +186,16 @@ class ContextControlledKSampler(io.ComfyNode):
                         "Without regions it is the stock KSampler, bit for bit, CFG model patches (RescaleCFG, "
                         "...) included.",
             inputs=guider_inputs() + [
-                io.Latent.Input("latent_image"),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
-                io.Int.Input("steps", default=30, min=1, max=10000), CFG,
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="dpmpp_2m"),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="karras"),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01), ALPHA, ATTENTION],
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (e.g. Empty Latent Image)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The noise seed, as in KSampler."),
+                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Sampling steps."), CFG,
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="dpmpp_2m",
+                               tooltip="The sampler, as in KSampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="karras",
+                               tooltip="The noise schedule, as in KSampler."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1: from pure noise; less keeps more of latent_image."), ALPHA, ATTENTION],
             outputs=[io.Latent.Output(display_name="latent")])
 
     @classmethod

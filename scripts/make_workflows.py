@@ -98,7 +98,7 @@ class Workflow:
         sockets = max(len([i for i in inputs if "widget" not in i]), len(outputs))
         multiline = sum(1 for name, input_spec in ordered_inputs(spec)
                         if is_widget(input_spec) and len(input_spec) > 1 and input_spec[1].get("multiline"))
-        height = 40 + 22 * sockets + 26 * len(widgets) + 70 * multiline
+        height = 50 + 24 * sockets + 26 * len(widgets) + 100 * multiline
         node = {"id": node_id, "type": kind, "pos": self._place(column, height, node_width),
                 "size": [node_width, height],
                 "flags": {}, "order": node_id - 1, "mode": 0, "inputs": inputs, "outputs": outputs,

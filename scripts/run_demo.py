@@ -1,6 +1,6 @@
 """Runs the shipped workflows headless in a real ComfyUI server, in the order a user would: continual
-customization (three CIFC concepts trained in sequence into one library, each then generated), then exporting a
-concept as a standard LoRA used in a plain sampling graph. The files in workflows/ are converted to API format
+customization (three CIFC concepts trained in sequence into one library, each then generated), composing two of
+them in regions, then exporting a concept as a standard LoRA used in a plain sampling graph. The files in workflows/ are converted to API format
 here; the CPU-sized settings (test checkpoint, few steps, small images) are applied at run time only.
 Outputs land in demo_output/ (printed at the end)."""
 
@@ -15,7 +15,7 @@ from workflow_format import cpu_overrides  # noqa: E402
 
 OUT = REPO / "demo_output"
 CHECKPOINT = "cidm_mini_sd15.safetensors"
-DEMO_WORKFLOWS = ("continual_customization", "export_concept_lora")
+DEMO_WORKFLOWS = ("continual_customization", "region_composition", "export_concept_lora")
 SIZE_DIVISOR = 4  # 512×512 latents become 128×128 images
 
 

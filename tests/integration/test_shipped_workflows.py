@@ -18,7 +18,8 @@ SD15 = "v1-5-pruned-emaonly.safetensors"
 
 
 def test_the_set_of_workflows():
-    assert set(SHIPPED) >= {"continual_customization", "method_comparison", "export_concept_lora"}
+    assert set(SHIPPED) == {"continual_customization", "method_comparison", "export_concept_lora",
+                            "region_composition"}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -92,6 +93,15 @@ def test_export_workflow_uses_the_concept_in_a_plain_graph(comfy, continual_run)
     assert (comfy.workspace / "models" / "loras" / "my-concepts_dog.safetensors").is_file()
     (image,) = [path for path in comfy.output_files(entry) if path.name.startswith("exported_dog")]
     assert np.asarray(Image.open(image)).std() > 0
+
+
+def test_region_composition_composes_the_trained_concepts(comfy, continual_run):
+    prompt = shipped_prompt(comfy, "region_composition", cpu_overrides(CKPT), scale_sizes=8)
+    entry = comfy.run(prompt)
+    (image,) = [path for path in comfy.output_files(entry) if path.name.startswith("composition")]
+    assert Image.open(image).size == (96, 64) and np.asarray(Image.open(image)).std() > 0
+    regions = [node_id for node_id, node in prompt.items() if node["class_type"] == "CIDM_RegionCondition"]
+    assert len(regions) == 2 and all(entry["outputs"][node_id]["images"] for node_id in regions)  # layouts
 
 
 @pytest.mark.slow
