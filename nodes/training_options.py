@@ -20,25 +20,25 @@ TrainingOptionsType = io.Custom("CIDM_TRAINING_OPTIONS")
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    """Everything Train Concept Increment needs besides its own inputs. Defaults are the released CIDM training
-    configs for SD1.5 at 512 px (JiahuaDong/CIFC `options/train/*.yml` and `train.py`: LoRA rank 4 on attn2,
-    alpha 1, LoRA lr 1e-4, token lr 1e-3, batch 1, orthogonal weight 0.1)."""
+    """Everything Train Concept Increment needs besides its own inputs. The method's defaults are cidm's own
+    (`TrainingConfig`, `ConsolidationWeights`: the released CIDM configs for SD1.5, JiahuaDong/CIFC
+    `options/train/*.yml`); resolution 512 is SD1.5's; the node saves a resumable state every 100 steps."""
     tokens: str = ""
     class_words: str = ""
-    template: str = "object"
-    lora_lr: float = 1e-4
-    embedding_lr: float = 1e-3
-    rank: int = 4
-    alpha: float = 1.0
-    orthogonal_weight: float = 0.1
-    shared_weight: float = 0.01
+    template: str = TrainingConfig.template
+    lora_lr: float = TrainingConfig.lora_lr
+    embedding_lr: float = TrainingConfig.embedding_lr
+    rank: int = TrainingConfig.rank
+    alpha: float = TrainingConfig.alpha
+    orthogonal_weight: float = ConsolidationWeights.orthogonal
+    shared_weight: float = ConsolidationWeights.shared
     clora_lambda: float = ConsolidationWeights.clora
     resolution: int = 512
-    batch_size: int = 1
-    training_seed: int = 0
+    batch_size: int = TrainingConfig.batch_size
+    training_seed: int = TrainingConfig.seed
     save_every: int = 100
     resume: bool = True
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = TrainingConfig.gradient_checkpointing
     preview_every: int = 0
 
     def config(self, method: str, steps: int) -> TrainingConfig:
