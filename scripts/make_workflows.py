@@ -231,10 +231,11 @@ def region_composition(info: dict) -> Workflow:
     wf.note(0, "Multi-concept composition in regions\n\nRun Continual customization first (it fills the library "
                "my-concepts with dog, duck and cat).\n\nThe global prompt names every concept; each Region "
                "Condition gives one part of the image its own prompt (a box here, in pixels of the 768×512 "
-               "canvas; connect a MASK instead to paint it). The Context-Controlled KSampler blends each "
-               "region's noise prediction into the global one inside its region (CIDM's region noise "
-               "estimation; alpha is the global share inside regions, 1 turns it off). The layout preview on "
-               "the last Region Condition shows the regions with the concepts they name.", title="Read me",
+               "canvas; connect a MASK instead to paint it). Inside each region the Context-Controlled KSampler "
+               "lets the image follow that region's prompt through only its concepts (region-aware "
+               "cross-attention); outside, the global prompt. alpha below 1 adds CIDM's region noise estimation "
+               "(the paper uses 0.1). The layout preview on the last Region Condition shows the regions with the "
+               "concepts they name.", title="Read me",
             height=330)
     ckpt = checkpoint(wf)
     library = wf.add("CIDM_LoadConceptLibrary", 0, library="my-concepts")

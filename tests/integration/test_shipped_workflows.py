@@ -88,6 +88,17 @@ def test_continual_customization_trains_three_concepts_then_generates_each(comfy
     assert all(concept in table for concept in ("dog", "duck", "cat"))
 
 
+def test_continual_customization_runs_twice_and_trains_nothing_the_second_time(comfy, continual_run):
+    prompt, _ = continual_run
+    root = library_root(comfy, "my-concepts")
+    before = {path.name: path.stat().st_mtime_ns for path in root.glob("task_*.safetensors")}
+    trained, reused = comfy.log().count("CIDM train "), comfy.log().count("nothing was trained")
+    comfy.run(prompt, timeout=1800)  # the library changed since the first run, so the training nodes run again
+    assert {path.name: path.stat().st_mtime_ns for path in root.glob("task_*.safetensors")} == before
+    assert comfy.log().count("CIDM train ") == trained
+    assert comfy.log().count("nothing was trained") == reused + 3
+
+
 def test_export_workflow_uses_the_concept_in_a_plain_graph(comfy, continual_run):
     entry = comfy.run(shipped_prompt(comfy, "export_concept_lora", cpu_overrides(CKPT), scale_sizes=8))
     assert (comfy.workspace / "models" / "loras" / "my-concepts_dog.safetensors").is_file()
