@@ -7,11 +7,16 @@ as `old_tasks`, and at sampling time `make_router` + `LayerLoRABank` under `Diff
 sampler (DDIM with classifier-free guidance) and the judging are the benchmark's own.
 
 After task t, for every learned concept c, M samples on each of K prompts "a <c> {shape} on a {bg} background"
-(K backgrounds, including the one no training image used) give acc[t][c] (the oracle names c), strict[t][c]
+("a <c> on a {bg} background" for C-LoRA, which keeps the class word out; K backgrounds, including the one no training image used) give acc[t][c] (the oracle names c), strict[t][c]
 (named with p ≥ 0.9), context[t][c] (the background is right), the mean EWA weight on c's own task, and, for a
 same-shape pair, the weight on and oracle rate of the partner. Baselines: the upper bound (each concept's own
-independently trained LoRA, alone: routing by an oracle), control prompts (the closest generic object, which
-must not come out as the concept), and Q5 (ordinary prompts with every concept aggregated, against the base).
+independently trained LoRA, alone: routing by an oracle) and the composition upper bound (two such LoRAs, each
+tile's region branch under its own only), control prompts (the closest generic object, which must not come out as
+the concept), and Q5 (ordinary prompts with every concept aggregated, against the base).
+
+Compositions use region noise estimation (`cidm.regions.blend_region_predictions`, α = 0.1). Region-aware
+cross-attention (`cidm.regions.region_cross_attention`, the Context-Controlled KSampler's default since 67a942a) has
+no diffusers-side processor yet, so the toy world does not measure it.
 """
 
 from __future__ import annotations
