@@ -178,6 +178,12 @@ def test_world_seed_draws_other_concepts_on_the_same_base_model(smoke, tmp_path)
     assert runs["c-lora"].trainers, "a new world seed trains its concepts again"
     assert [item.concept.name for item in runs["c-lora"].learned] == names
     assert not any(item.class_word for item in runs["c-lora"].learned), "C-LoRA prompts leave the class word out"
+    second = runs["c-lora"].trainers[1]
+    assert all("<" in prompt and prompt.split()[1:3] == second.concept.tokens and prompt.split()[3] == "on"
+               for prompt in second._batch()[1]), "C-LoRA trains on 'a <x1> <x2> on a … background'"
+    for (_, proj), (_, up) in runs["c-lora"].learned[1].task.lora.items():
+        assert bool(up.any()) == (proj in ("to_k", "to_v")), "C-LoRA trains only the key and value projections"
+    assert any(bool(up.any()) for (_, proj), (_, up) in runs["cidm"].learned[1].task.lora.items() if proj == "to_q")
     assert all(item.class_word for item in runs["cidm"].learned)
     assert len(list(cache.glob("base-*.safetensors"))) == 1, "one base model serves every world seed"
     assert len(list(cache.glob("oracle-*.safetensors"))) == 2, "one oracle per world seed"
