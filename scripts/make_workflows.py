@@ -6,7 +6,8 @@ defaults taken from a real server's /object_info (so a node gaining an input mea
 The files are the source of truth afterwards: the demo and the tests convert them to API format at run time
 (scripts/workflow_format.py) and the browser test opens them from the Templates dialog. Values here are the real
 SD1.5 ones (512 px, 800 training steps per concept, a stock SD1.5 checkpoint name); the CPU-sized settings of the
-tests are applied at run time and never written.
+tests are applied at run time and never written. The thumbnails beside them (<name>.jpg, which the Templates dialog
+shows) are crops of the browser test's screenshots (tests/browser/screenshots/<name>.png).
 """
 
 from __future__ import annotations

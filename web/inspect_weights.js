@@ -5,6 +5,7 @@ import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const NODE = "CIDM_InspectAggregationWeights";
 const WIDGET = "weights_table";
+const TABLE_HEIGHT = 360;
 
 app.registerExtension({
   name: "cidm.InspectAggregationWeights",
@@ -22,9 +23,10 @@ app.registerExtension({
           widget.element.readOnly = true;
           widget.element.style.fontFamily = "monospace";
         }
+        // Room for the whole table (a header and one row per layer) besides the heatmap.
+        this.setSize([Math.max(this.size[0], 480), this.size[1] + TABLE_HEIGHT]);
       }
       widget.value = (message?.text ?? []).join("\n");
-      this.setSize([Math.max(this.size[0], 480), Math.max(this.size[1], this.computeSize()[1])]);
       this.setDirtyCanvas(true, true);
     };
   },

@@ -134,6 +134,13 @@ try {
         return {running: running.length, done: window.cidmSeen.done};
       });
       if (state.running && !shot) {
+        await page.evaluate(() => {  // frame the running node at full size
+          const node = window.app.graph.nodes.find((n) => n.progress > 0 && n.progress < 1);
+          if (!node) return;
+          window.app.canvas.ds.scale = 1;
+          window.app.canvas.centerOnNode(node);
+          window.app.canvas.setDirty(true, true);
+        });
         await sleep(300);
         await page.screenshot({path: path.join(config.out, 'queued-progress.png')});
         shot = true;
@@ -145,14 +152,15 @@ try {
     await page.screenshot({path: path.join(config.out, 'queued-finished.png')});
     report.queue = await page.evaluate(() => window.cidmSeen);
     // What Inspect Aggregation Weights shows on the node after the run: its table, then a close-up.
-    report.queue.inspect = await page.evaluate(() => {
+    report.queue.inspect = await page.evaluate(async () => {
       const node = window.app.graph.nodes.find((n) => n.type === 'CIDM_InspectAggregationWeights');
       if (!node) return null;
       window.app.canvas.ds.scale = 1;
       window.app.canvas.centerOnNode(node);
       window.app.canvas.setDirty(true, true);
       return {id: node.id, table: node.widgets.find((w) => w.name === 'weights_table')?.value ?? null,
-              size: node.size};
+              size: node.size, saved: node.serialize().widgets_values,
+              prompt: (await window.app.graphToPrompt()).output[String(node.id)].inputs};
     });
     if (report.queue.inspect) {
       await sleep(800);

@@ -111,3 +111,7 @@ def test_inspect_shows_its_table_on_the_node(browser_report):
     assert inspect and inspect["table"], inspect
     assert "layer" in inspect["table"] and all(concept in inspect["table"] for concept in ("dog", "duck", "cat"))
     assert (SCREENSHOTS / "inspect-weights.png").is_file()
+    # The table is shown, not saved: the node saves and sends what it did before the run.
+    stored = next(node for node in shipped_workflow(QUEUED)["nodes"] if node["id"] == inspect["id"])
+    assert len(inspect["saved"]) == len(stored["widgets_values"])
+    assert "weights_table" not in inspect["prompt"]
