@@ -5,11 +5,14 @@ For layer l, with ĥ_{b,c} the L2-normalised context token c of sample b and ê_
 
     s[b,w]  = max_c ⟨ê_w, ĥ_{b,c}⟩            (max over all context positions)
     g[b,k]  = mean_{w ∈ task k} s[b,w]
-    ω[b,k]  = g[b,k]^p / Σ_k' |g[b,k']^p|      (p = 4 in the reference)
+    ω[b,k]  = g[b,k]^p / Σ_k' |g[b,k']^p|      (p = 4 in the official code)
 
 `one-hot` puts all weight on argmax_k g; `fixed` uses user weights for every sample.
 
-Unconditional rows: "match cond" (the reference) gives each uncond row the weights of the cond row it is paired with
+Source: the official CIDM code, JiahuaDong/CIFC@9819aa8 `lib/models/edlora.py` `EDLoRA_FusionAttnProcessor`.
+
+Unconditional rows: "match cond" (the official code: it routes the cond half, `.chunk(2)[1]`, and reuses those
+weights for the uncond half) gives each uncond row the weights of the cond row it is paired with
 in the same batch, so classifier-free guidance only sees the prompt difference, not a LoRA difference. Where the
 batch holds no cond rows (cond and uncond evaluated in separate calls) the rows fall back to their own weights.
 "own" always routes every row from its own context.
@@ -56,6 +59,11 @@ class ElasticRouter:
 
     def __init__(self, features: list[torch.Tensor], one_hot: bool = False, power: float = 4.0,
                  uncond: str = "match cond"):
+        """`features[k]`: task k's concept features [n_k, L, D]; `power`: p above; `uncond`: an UNCOND_POLICIES entry.
+
+        Raises:
+            CIDMInputError: ("uncond_weights") for an unknown policy.
+        """
         if uncond not in UNCOND_POLICIES:
             raise CIDMInputError("uncond_weights", f"unknown policy {uncond!r}; supported: {', '.join(UNCOND_POLICIES)}")
         self.one_hot, self.power, self.uncond = one_hot, power, uncond
@@ -89,6 +97,13 @@ class ConstantRouter:
 
 def make_router(mode: str, features: list[torch.Tensor], power: float = 4.0, uncond: str = "match cond",
                 fixed_weights: list[float] | None = None):
+    """The router of a MODES entry: `elastic` and `one-hot` route from `features` (see ElasticRouter), `fixed`
+    applies `fixed_weights` (one per task) to every sample and layer.
+
+    Raises:
+        CIDMInputError: ("mode") for an unknown mode; ("weights") when fixed mode does not get one finite weight
+            per task; ("uncond_weights") for an unknown uncond policy.
+    """
     if mode not in MODES:
         raise CIDMInputError("mode", f"unknown mode {mode!r}; supported: {', '.join(MODES)}")
     if mode == "fixed":
