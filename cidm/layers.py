@@ -1,8 +1,9 @@
 """Finds the UNet's cross-attention (attn2) layers in CIDM's layer order.
 
 The order is down/input blocks, then the middle block, then up/output blocks, in forward order: the order in
-which ComfyUI's `transformer_index` counts and in which the reference indexes its layer-wise tokens. The count is
-read from the model (16 for SD1.5, 4 for the mini test UNet), never assumed.
+which ComfyUI's `transformer_index` counts and in which the official CIDM code indexes its layer-wise tokens
+(JiahuaDong/CIFC@9819aa8 `lib/models/edlora.py` `revise_edlora_unet_attention_forward`: down_blocks, mid_block,
+up_blocks). The count is read from the model (16 for SD1.5, 4 for the mini test UNet), never assumed.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def _stage(path: str) -> int | None:
 
 
 def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
-    """All attn2 modules of `unet` in CIDM order, with their projection sizes."""
+    """All attn2 modules of `unet` (LDM or diffusers names) in CIDM order, with their projection sizes.
+
+    Raises:
+        CIDMInputError: ("model") when the UNet has no attn2 module with to_q/to_k/to_v/to_out.
+    """
     found = []
     for position, (path, module) in enumerate(unet.named_modules()):
         if not path.endswith("attn2") or not all(hasattr(module, p) for p in ("to_q", "to_k", "to_v", "to_out")):

@@ -15,7 +15,9 @@ import torch
 from .errors import CIDMInputError
 
 TOKEN_PATTERN = re.compile(r"<[^<>\s]+>")
-RANDOM_INIT_STD = 0.013  # the reference's σ for the first token of a concept
+# σ of the first token's random start: `<rand-0.013>` in the official code's task 1 (JiahuaDong/CIFC@9819aa8
+# `options/cidm/task_1.yml`, initializer_token; later tasks use 0.011-0.020).
+RANDOM_INIT_STD = 0.013
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,11 @@ class ConceptVocabulary:
     embeddings: dict[str, torch.Tensor]
 
     def expand(self, text: str, input_name: str = "text") -> str:
-        """Replaces `<name>` by the concept's tokens; unknown `<…>` names raise an error listing the known ones."""
+        """`text` with every `<name>` replaced by that concept's tokens (tokens themselves stay as written).
+
+        Raises:
+            CIDMInputError: `input_name`, for a `<…>` that is neither a concept nor a token, listing the known ones.
+        """
         def replace(match: re.Match) -> str:
             word = match.group(0)
             if word in self.embeddings:
@@ -57,7 +63,8 @@ def initial_embeddings(num_tokens: int, num_layers: int, dim: int, class_vectors
 
 
 def mean_embedding_norm(embeddings: torch.Tensor) -> float:
-    """Mean L2 norm over all (token, layer) rows: the reference freezes embeddings once this reaches 0.55."""
+    """Mean L2 norm over all (token, layer) rows. The official code freezes the embeddings once this reaches
+    `emb_norm_threshold` = 0.55 (JiahuaDong/CIFC@9819aa8 `train.py`, `options/cidm/task_*.yml`)."""
     return embeddings.detach().norm(dim=-1).mean().item()
 
 

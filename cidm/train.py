@@ -30,7 +30,9 @@ class TrainingConfig:
     steps: int = 400
     method: str = "cidm"
     rank: int = 4
-    alpha: float = 1.0  # LoRA multiplier as in the reference: h = Wx + alpha·BAx (not alpha/rank)
+    # LoRA multiplier h = Wx + alpha·BAx (not alpha/rank), as the official code's LoRALinearLayer
+    # (JiahuaDong/CIFC@9819aa8 `lib/models/edlora.py`).
+    alpha: float = 1.0
     lora_lr: float = 1e-4
     embedding_lr: float = 1e-3
     weight_decay: float = 0.01
@@ -44,6 +46,13 @@ class TrainingConfig:
     consolidation: ConsolidationWeights = field(default_factory=ConsolidationWeights)
 
     def validate(self) -> None:
+        """Checks the settings before any work.
+
+        Raises:
+            CIDMInputError: naming the setting, when steps, rank or batch_size is below 1, a float setting (the
+                learning rates, alpha, the consolidation weights, ...) is NaN or ±inf, or a learning rate is
+                negative.
+        """
         if self.steps <= 0:
             raise CIDMInputError("steps", f"must be at least 1, got {self.steps}")
         if self.rank <= 0:
@@ -194,8 +203,12 @@ class ConceptTrainer:
                 "images": len(self.training_set.images)}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Continue from a `state()` saved earlier. Raises CIDMInputError("resume") when the state belongs to
-        another run or lacks, or misshapes, what this run needs; the message says to untick resume."""
+        """Continue from a `state()` saved earlier.
+
+        Raises:
+            CIDMInputError: ("resume") when the state belongs to another run, or lacks or misshapes a tensor or
+                its step and loss history; the message says to untick resume.
+        """
         if meta.get("identity") != self.identity():
             raise CIDMInputError("resume", f"the saved training state is for {meta.get('identity')}, "
                                            f"not for this run {self.identity()}; untick resume to start over")
