@@ -199,6 +199,11 @@ CONSOLIDATORS = {"cidm": CIDMConsolidator, "cidm-official": OfficialConsolidator
 
 
 def make_consolidator(method: str, old_tasks: list[TaskFactors], weights: ConsolidationWeights) -> Consolidator:
+    """The regularizer of `method` (a METHODS entry) against the frozen factors of `old_tasks`.
+
+    Raises:
+        ValueError: for an unknown method (the nodes check the method against METHODS first).
+    """
     if method not in CONSOLIDATORS:
         raise ValueError(f"unknown consolidation method {method!r}; supported: {', '.join(METHODS)}")
     return CONSOLIDATORS[method](old_tasks, weights)

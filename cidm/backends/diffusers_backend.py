@@ -50,6 +50,12 @@ class DiffusersDenoiser:
 
     def __init__(self, unet: nn.Module, scheduler, vae=None, latent_scale: float = 0.18215,
                  to_model_space=None, tokens_per_layer: int = 77):
+        """`unet`: a UNet2DConditionModel; `scheduler`: a diffusers noise scheduler; `vae`: None for pixel space.
+
+        Raises:
+            CIDMInputError: ("scheduler") when its prediction type is not epsilon or v_prediction; ("model") when
+                the UNet has no cross-attention layers.
+        """
         self.unet, self.scheduler, self.vae, self.latent_scale = unet, scheduler, vae, latent_scale
         self.tokens_per_layer = tokens_per_layer
         self.to_model_space = to_model_space or (lambda images: images.permute(0, 3, 1, 2) * 2 - 1)
@@ -125,6 +131,13 @@ class DiffusersLayerwiseEncoder:
         return None if token is None else self.table.weight[token].detach().float().clone()
 
     def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[L, T, D]: `text` encoded once per layer l, every token of `embeddings` ([L, D] each) at its layer-l
+        embedding.
+
+        Raises:
+            CIDMInputError: ("text") when every placeholder word already occurs in the prompt, or when the concept
+                tokens do not all fit in the tokenizer's length.
+        """
         occurrences = [t for t in TOKEN_PATTERN.findall(text) if t in embeddings]
         word = next((w for w in SENTINEL_WORDS if w not in text.lower() and self._single_token(w) is not None), None)
         if word is None:
