@@ -67,7 +67,10 @@ def box_fractions(x: float, y: float, width: float, height: float, units: str = 
     """(left, top, width, height) as fractions of the canvas, from a box in `units` ("fraction" of the image, or
     "pixels" of a canvas_width × canvas_height image).
 
-    Raises CIDMInputError naming the input for a non-finite value, a 0-sized box, or a box not inside the image."""
+    Raises:
+        CIDMInputError: naming the input, for unknown units, a non-finite value, a canvas size below 1, a 0-sized
+            box, or a box not inside the image.
+    """
     if units not in BOX_UNITS:
         raise CIDMInputError("units", f"unknown units {units!r}; supported: {', '.join(BOX_UNITS)}")
     values = {"x": x, "y": y, "width": width, "height": height}
@@ -105,7 +108,10 @@ def box_mask(left: float, top: float, width: float, height: float, size: tuple[i
 def split_masks(mask: torch.Tensor, input_name: str = "mask") -> list[torch.Tensor]:
     """The regions of a MASK input ([H, W], or a batch [N, H, W]: one region per mask), each [H, W] in [0, 1].
 
-    Raises CIDMInputError naming the input (and the item of a batch) for non-finite values or an empty mask."""
+    Raises:
+        CIDMInputError: `input_name` (and the item of a batch), for a shape that is not [H, W] or [N, H, W],
+            non-finite values, or an empty mask.
+    """
     if mask.ndim not in (2, 3) or mask.shape[-1] == 0 or mask.shape[-2] == 0:
         raise CIDMInputError(input_name, f"expected a MASK [H, W] or a batch [N, H, W], got shape {tuple(mask.shape)}")
     require_finite(**{input_name: mask})
@@ -124,7 +130,9 @@ def make_regions(conditioning: Any, label: str, x: float, y: float, width: float
     """The regions of one Region Condition: one per mask of a MASK batch, or one for the box (box_fractions);
     each mask spans the whole canvas and is multiplied by `strength` (in [0, 1]).
 
-    Raises CIDMInputError naming the input for a non-finite or out-of-range value, a bad mask or a bad box."""
+    Raises:
+        CIDMInputError: naming the input, for a non-finite or out-of-range value, a bad mask or a bad box.
+    """
     require_finite(strength=strength)
     if not 0.0 <= strength <= 1.0:
         raise CIDMInputError("strength", f"must be in [0, 1], got {strength}")
