@@ -69,7 +69,13 @@ _BASE_MODEL_REQUIRED = {"fingerprint": str, "num_layers": int, "context_dim": in
 
 
 def validate_name(name: str, input_name: str) -> str:
-    """Check a library or concept name that becomes part of a path; returns it unchanged."""
+    """Check a library or concept name that becomes part of a path; returns it unchanged.
+
+    Raises:
+        CIDMInputError: `input_name`, when the name is empty, longer than MAX_NAME_LENGTH, holds '..', a slash,
+            a backslash or NUL, starts with '.', starts or ends with a space, or holds other characters than
+            letters, digits, '_', '-', '.' and spaces.
+    """
     if not isinstance(name, str) or not name:
         raise CIDMInputError(input_name, "must not be empty")
     if len(name) > MAX_NAME_LENGTH:
@@ -89,7 +95,9 @@ def validate_tokens(tokens: list[str], concept: str | None = None, input_name: s
     """Check the tokens of `concept` such as "<dog1>": bracketed, no whitespace, unique ignoring case, and none
     spelling the concept's own `<name>` (which in a prompt stands for all its tokens); returns them as a list.
 
-    Raises CIDMInputError(input_name) saying which token is wrong."""
+    Raises:
+        CIDMInputError: `input_name`, saying which token is wrong.
+    """
     tokens = list(tokens)
     if not tokens:
         raise CIDMInputError(input_name, "at least one token is required")
@@ -349,6 +357,12 @@ class ConceptLibrary:
 
     @classmethod
     def create(cls, root: Path, base_model: dict) -> ConceptLibrary:
+        """A new, empty library at `root` (its folder name is the library name) bound to `base_model`.
+
+        Raises:
+            CIDMInputError: ("library") when the name is not valid or a library already exists at `root`.
+            ValueError: when `base_model` lacks a field or has one of the wrong type.
+        """
         root = Path(root)
         name = validate_name(root.name, "library")
         _check_base_model_dict(base_model)
@@ -485,6 +499,11 @@ class ConceptLibrary:
             _fsync_folder(self.root)
 
     def check_base_model(self, fingerprint: str, num_layers: int) -> None:
+        """Refuses a model other than the one the library was trained on.
+
+        Raises:
+            CIDMInputError: ("model") naming both fingerprints and layer counts.
+        """
         if fingerprint != self.base_model["fingerprint"] or num_layers != self.num_layers:
             raise CIDMInputError(
                 "model",
@@ -501,7 +520,10 @@ class ConceptLibrary:
         named after another task's token. A token that spells the concept's own `<name>` is refused too, since
         `<name>` in a prompt stands for all of the concept's tokens.
 
-        Raises CIDMInputError("concept") or CIDMInputError("tokens") naming the task that holds the word."""
+        Raises:
+            CIDMInputError: ("concept") or ("tokens") naming the task that holds the word, or when the name or a
+                token is not valid (`validate_name`, `validate_tokens`).
+        """
         validate_name(concept, "concept")
         tokens = validate_tokens(tokens, concept)
         owners: dict[str, tuple[str, TaskRecord]] = {}
@@ -526,8 +548,11 @@ class ConceptLibrary:
         it; None when the library has no such concept.
 
         `inputs` maps record fields (tokens, method, rank, alpha, steps, seed) and hyperparameter keys to the
-        values a new run would store; keys an older task did not record are not compared. Raises
-        CIDMInputError("concept") naming every input that differs and how to proceed."""
+        values a new run would store; keys an older task did not record are not compared.
+
+        Raises:
+            CIDMInputError: ("concept") naming every input that differs and how to proceed.
+        """
         task = next((task for task in self.tasks if task.concept == concept), None)
         if task is None:
             return None
@@ -546,6 +571,11 @@ class ConceptLibrary:
         return task
 
     def task(self, index: int) -> TaskRecord:
+        """The record of task `index` (1-based, in training order).
+
+        Raises:
+            CIDMInputError: ("library") when the library has no such task.
+        """
         for task in self.tasks:
             if task.index == index:
                 return task
@@ -554,8 +584,11 @@ class ConceptLibrary:
     def load_task(self, index: int) -> TaskData:
         """Load one task's tensors as float32 after checking the file against the manifest's sha256.
 
-        Raises CIDMInputError("library") naming the file (and the tensor) when the file is missing, altered, not a
-        cidm-task safetensors file, or holds tensors that are not finite floating point of the recorded shapes."""
+        Raises:
+            CIDMInputError: ("library") naming the file (and the tensor) when the file is missing, altered, not a
+                cidm-task safetensors file, or holds tensors that are not finite floating point of the recorded
+                shapes; or when the library has no task `index`.
+        """
         record = self.task(index)
         path = self.root / record.file
         try:
@@ -595,8 +628,12 @@ class ConceptLibrary:
     ) -> TaskRecord:
         """Store a new task after the existing ones; older task files are never touched.
 
-        Under the writer lock, re-reads the manifest and applies `check_new_task` (CIDMInputError). Raises
-        ValueError when `data` does not fit the library or holds non-finite values, or a number is not finite."""
+        Under the writer lock, re-reads the manifest and applies `check_new_task`.
+
+        Raises:
+            CIDMInputError: from `check_new_task` (the name or a token is taken or not valid).
+            ValueError: when `data` does not fit the library or holds non-finite values, or a number is not finite.
+        """
         tokens = validate_tokens(tokens, concept)
         validate_name(concept, "concept")
         problem = _task_data_problem(data, len(tokens), rank, self.base_model)
@@ -651,8 +688,12 @@ class ConceptLibrary:
             _write_atomic(path, content)
 
     def load_resume_state(self, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """The state saved under `key`, or None. Raises CIDMInputError("resume") naming the file (and the tensor)
-        when it is not a cidm resume file or holds NaN or infinite values; the message says to untick resume."""
+        """The state saved under `key`, or None.
+
+        Raises:
+            CIDMInputError: ("resume") naming the file (and the tensor) when it is not a cidm resume file or holds
+                NaN or infinite values; the message says to untick resume.
+        """
         path = self._resume_path(key)
         if not path.exists():
             return None
