@@ -80,7 +80,7 @@ class ElasticAggregateLoRAs(io.ComfyNode):
                     io.String.Input("tasks", default="all", tooltip="'all', or task numbers / concept names, "
                                     "comma separated."),
                     io.Float.Input("scale", default=0.8, min=0.0, max=4.0, step=0.05,
-                                   tooltip="LoRA scale (the reference samples with 0.8)."),
+                                   tooltip="LoRA scale (the official CIDM code samples with 0.8)."),
                     io.Combo.Input("mode", options=list(MODES), default="elastic",
                                    tooltip="elastic: CIDM's similarity weights (cos → max → mean → ^4 → L1). "
                                            "one-hot: only the best-matching task. fixed: the weights below."),
@@ -88,7 +88,7 @@ class ElasticAggregateLoRAs(io.ComfyNode):
                                     "comma separated."),
                     io.Combo.Input("uncond_weights", options=list(UNCOND_POLICIES), default="match cond",
                                    tooltip="match cond: negative rows reuse the paired positive row's weights "
-                                           "(the reference). own: every row is routed from its own prompt.")],
+                                           "(as the official CIDM code does). own: every row is routed from its own prompt.")],
             outputs=[io.Model.Output(display_name="model")])
 
     @classmethod
