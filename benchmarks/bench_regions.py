@@ -1,0 +1,84 @@
+"""Sampling-step time of two-region compositions against the stock KSampler, in one run of the real server.
+
+Rows: the stock graph (CheckpointLoaderSimple → CLIPTextEncode → KSampler); the Context-Controlled KSampler on a
+model with a two-concept library (Elastic Aggregate LoRAs) and CIDM Text Encode prompts, without regions, with two
+regions (left and right halves, one concept each) by region-aware cross-attention only, with region noise
+estimation only (α 0.1), and with both. Goals (issue #14): two regions by attention ≤ 1.3× stock; with region noise
+estimation ≤ 2.0× stock.
+
+    ~/.cache/cidm-comfyui/venv/bin/python benchmarks/bench_regions.py [--layout full] [--resolution 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import BenchServer, Timing, common_arguments, print_table, seconds_per_step, unique, verdict, write_json
+from synthetic import synthesize_library
+
+CFG = 5.0  # > 1, so every step runs the positive and negative rows
+LIBRARY = "regions"
+VARIANTS = {"no regions": None, "2 regions, attention": (1.0, True), "2 regions, noise estimation": (0.1, False),
+            "2 regions, attention + noise estimation": (0.1, True)}
+GOALS = {"2 regions, attention": 1.3, "2 regions, noise estimation": 2.0, "2 regions, attention + noise estimation": 2.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_arguments(parser, resolution=256, steps=4, repeats=2)
+    parser.add_argument("--mode", default="named", help="routing mode of Elastic Aggregate LoRAs")
+    args = parser.parse_args()
+
+    with BenchServer(args) as bench:
+        synthesize_library(bench.ckpt_path, bench.workspace / "models" / "cidm" / LIBRARY, ["dog", "duck"])
+
+        def sampler(variant):
+            def run() -> list[Timing]:
+                graph, checkpoint = bench.checkpoint_graph()
+                latent = graph.add("EmptyLatentImage", width=args.resolution, height=args.resolution, batch_size=1)
+                common = dict(seed=unique(), steps=args.steps, cfg=CFG, sampler_name="euler", scheduler="normal",
+                              latent_image=latent[0], denoise=1.0)
+                if variant == "stock":
+                    def encode(text):
+                        return graph.add("CLIPTextEncode", clip=checkpoint[1], text=text)[0]
+                    node = graph.add("KSampler", model=checkpoint[0], positive=encode("a dog and a duck"),
+                                     negative=encode(""), **common)
+                else:
+                    lib = graph.add("CIDM_LoadConceptLibrary", library=LIBRARY)[0]
+                    model = graph.add("CIDM_ElasticAggregateLoRAs", model=checkpoint[0], library=lib, tasks="all",
+                                      scale=0.8, mode=args.mode, weights="", uncond_weights="match cond")[0]
+
+                    def encode(text):
+                        return graph.add("CIDM_TextEncode", clip=checkpoint[1], library=lib, text=text)[0]
+                    regions = {}
+                    alpha, attention = VARIANTS[variant] or (1.0, True)
+                    if VARIANTS[variant] is not None:
+                        left = graph.add("CIDM_RegionCondition", conditioning=encode("a photo of a <dog>"), x=0.0,
+                                         y=0.0, width=0.5, height=1.0, strength=1.0)
+                        right = graph.add("CIDM_RegionCondition", conditioning=encode("a photo of a <duck>"), x=0.5,
+                                          y=0.0, width=0.5, height=1.0, strength=1.0, regions=left[0])
+                        regions = {"regions": right[0]}
+                    node = graph.add("CIDM_ContextControlledKSampler", model=model,
+                                     positive=encode("a <dog> and a <duck>"),
+                                     negative=graph.add("CLIPTextEncode", clip=checkpoint[1], text="")[0],
+                                     alpha=alpha, region_attention=attention, **common, **regions)
+                graph.add("SaveLatent", samples=node[0], filename_prefix="bench/latent")
+                return bench.step_times(graph, node, args.steps)
+            return run
+
+        configurations = {"stock": sampler("stock")} | {name: sampler(name) for name in VARIANTS}
+        per_step, steps = seconds_per_step(configurations, args.repeats)
+
+    print(f"checkpoint {args.layout}, {args.resolution}×{args.resolution}, euler, cfg {CFG}, batch 1, CPU, "
+          f"{args.threads} torch thread(s), routing {args.mode}; median of {len(steps['stock'])} steps per row")
+    ratios = print_table(per_step, {"stock": "stock KSampler"} | {name: name for name in VARIANTS}, "stock")
+    for name, goal in GOALS.items():
+        print(f"{name}: {ratios[name].cpu:.3f} (CPU), {ratios[name].wall:.3f} (wall)   {verdict(ratios[name].cpu, goal)}")
+    write_json(args.json, {"layout": args.layout, "resolution": args.resolution, "steps": args.steps,
+                           "repeats": args.repeats, "threads": args.threads, "mode": args.mode,
+                           "seconds_per_step": per_step, "ratio_to_stock": ratios, "goals": GOALS,
+                           "step_seconds": steps})
+
+
+if __name__ == "__main__":
+    main()
