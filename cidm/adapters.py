@@ -66,11 +66,26 @@ class LayerLoRABank:
         """scale · Σ_t w[b,t] B_t A_t x for x [B, N, in] and weights [B, K] (one mix per sample), or [B, N, K]
         (one mix per token: region-aware attention, cidm.regions.region_cross_attention)."""
         down, up = self.stacked(proj)
-        down = down.to(device=x.device, dtype=x.dtype)
-        up = up.to(device=x.device, dtype=x.dtype)
-        hidden = F.linear(x, down)  # [B, N, K·r]
-        per_rank = weights.to(x.dtype).repeat_interleave(self.rank, dim=-1)  # [B, K·r] or [B, N, K·r]
-        return F.linear(hidden * (self.scale * (per_rank if per_rank.ndim == 3 else per_rank.unsqueeze(1))), up)
+        return low_rank_delta(x, down.to(device=x.device, dtype=x.dtype), up.to(device=x.device, dtype=x.dtype),
+                              weights, self.rank, self.scale)
+
+    def select(self, proj: str, tasks: list[int], device: torch.device, dtype: torch.dtype):
+        """(down [k·r, in], up [out, k·r]) of the frozen tasks `tasks` only, on `device` in `dtype`: what one
+        sampling run computes, so unselected tasks cost nothing."""
+        rows = torch.cat([torch.arange(t * self.rank, (t + 1) * self.rank) for t in tasks])
+        down = self.frozen_down[proj].index_select(0, rows)
+        up = self.frozen_up[proj].index_select(1, rows)
+        return down.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype)
+
+
+def low_rank_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, rank: int,
+                   scale: float) -> torch.Tensor:
+    """scale · Σ_t w[b,t] B_t A_t x for x [B, N, in], stacked factors down [K·r, in] / up [out, K·r] (task-major
+    blocks of `rank`) and weights [B, K] (one mix per sample) or [B, N, K] (one mix per token: region-aware
+    attention, cidm.regions.region_cross_attention); two matmuls whatever K is."""
+    hidden = F.linear(x, down)  # [B, N, K·r]
+    per_rank = weights.to(device=x.device, dtype=x.dtype).repeat_interleave(rank, dim=-1)  # [B, K·r] or [B, N, K·r]
+    return F.linear(hidden * (scale * (per_rank if per_rank.ndim == 3 else per_rank.unsqueeze(1))), up)
 
 
 class Router(Protocol):

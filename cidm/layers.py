@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -85,9 +85,14 @@ FINGERPRINT_KEYS = ("input_blocks.0.0.weight", "time_embed.0.weight", "out.2.wei
 
 def base_model_fingerprint(unet_tensor: Callable[[str], torch.Tensor], num_layers: int) -> str:
     """A short hash of the base UNet, from `unet_tensor(key)` for the LDM keys above (fp32 values)."""
+    return tensor_fingerprint(((key, unet_tensor(key)) for key in FINGERPRINT_KEYS), str(num_layers))
+
+
+def tensor_fingerprint(tensors: Iterable[tuple[str, torch.Tensor]], suffix: str = "") -> str:
+    """32 hex digits of sha256 over each (name, fp32 values) in order, then `suffix`."""
     digest = hashlib.sha256()
-    for key in FINGERPRINT_KEYS:
-        digest.update(key.encode())
-        digest.update(unet_tensor(key).detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    digest.update(str(num_layers).encode())
+    for name, tensor in tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    digest.update(suffix.encode())
     return digest.hexdigest()[:32]

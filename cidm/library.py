@@ -125,7 +125,7 @@ class TaskRecord:
     tokens: list[str]
     method: str
     rank: int
-    alpha: float
+    multiplier: float  # h = Wx + multiplier·BAx, in training, aggregation and export
     steps: int
     seed: int
     hyperparameters: dict
@@ -276,14 +276,17 @@ def _task_data_from_tensors(tensors: dict[str, torch.Tensor]) -> TaskData | str:
     )
 
 
-_RECORD_TYPES = {"index": int, "concept": str, "tokens": list, "method": str, "rank": int, "alpha": (int, float),
-                 "steps": int, "seed": int, "hyperparameters": dict, "file": str, "sha256": str, "created": str}
+_RECORD_TYPES = {"index": int, "concept": str, "tokens": list, "method": str, "rank": int,
+                 "multiplier": (int, float), "steps": int, "seed": int, "hyperparameters": dict, "file": str,
+                 "sha256": str, "created": str}
 
 
 def _record_from_json(entry: object) -> TaskRecord:
     """Build a TaskRecord from manifest JSON; raises ValueError saying what is wrong."""
     if not isinstance(entry, dict):
         raise ValueError("a task entry is not an object")
+    if "alpha" in entry and "multiplier" not in entry:  # manifests written before the multiplier had one name
+        entry = {("multiplier" if key == "alpha" else key): value for key, value in entry.items()}
     fields = {field.name for field in dataclasses.fields(TaskRecord)}
     if set(entry) != fields:
         raise ValueError(f"task entry has fields {sorted(entry)}, expected {sorted(fields)}")
@@ -547,7 +550,7 @@ class ConceptLibrary:
         """The task that already holds `concept` when it was trained with the same `inputs`, so a re-run can reuse
         it; None when the library has no such concept.
 
-        `inputs` maps record fields (tokens, method, rank, alpha, steps, seed) and hyperparameter keys to the
+        `inputs` maps record fields (tokens, method, rank, multiplier, steps, seed) and hyperparameter keys to the
         values a new run would store; keys an older task did not record are not compared.
 
         Raises:
@@ -619,7 +622,7 @@ class ConceptLibrary:
         tokens: list[str],
         method: str,
         rank: int,
-        alpha: float,
+        multiplier: float,
         steps: int,
         seed: int,
         hyperparameters: dict,
@@ -653,7 +656,7 @@ class ConceptLibrary:
                 tokens=tokens,
                 method=method,
                 rank=rank,
-                alpha=alpha,
+                multiplier=multiplier,
                 steps=steps,
                 seed=seed,
                 hyperparameters=hyperparameters,

@@ -13,11 +13,13 @@ from typing import Protocol
 import torch
 
 from .errors import CIDMInputError
+from .layers import tensor_fingerprint
 
 TOKEN_PATTERN = re.compile(r"<[^<>\s]+>")
 # σ of the first token's random start: `<rand-0.013>` in the official code's task 1 (JiahuaDong/CIFC@9819aa8
 # `options/cidm/task_1.yml`, initializer_token; later tasks use 0.011-0.020).
 RANDOM_INIT_STD = 0.013
+FINGERPRINT_ROWS = 2048  # token-embedding rows hashed: enough to tell text encoders apart, cheap to read
 
 
 @dataclass(frozen=True)
@@ -105,3 +107,9 @@ def vocabulary_from_tasks(concepts: list[str], tokens: list[list[str]],
     for task_tokens, task_embeddings in zip(tokens, embeddings):
         table.update({token: task_embeddings[i] for i, token in enumerate(task_tokens)})
     return ConceptVocabulary(concept_tokens=dict(zip(concepts, tokens)), embeddings=table)
+
+
+def token_embedding_fingerprint(table: torch.Tensor) -> str:
+    """Which text encoder a library was trained with: a hash of the first rows of its token-embedding table
+    [vocab, D] (fp32 values)."""
+    return tensor_fingerprint([("token_embedding", table[:FINGERPRINT_ROWS])])

@@ -30,9 +30,9 @@ class TrainingConfig:
     steps: int = 400
     method: str = "cidm"
     rank: int = 4
-    # LoRA multiplier h = Wx + alpha·BAx (not alpha/rank), as the official code's LoRALinearLayer
+    # LoRA multiplier h = Wx + multiplier·BAx (not alpha/rank), as the official code's LoRALinearLayer
     # (JiahuaDong/CIFC@9819aa8 `lib/models/edlora.py`).
-    alpha: float = 1.0
+    multiplier: float = 1.0
     lora_lr: float = 1e-4
     embedding_lr: float = 1e-3
     weight_decay: float = 0.01
@@ -50,7 +50,7 @@ class TrainingConfig:
 
         Raises:
             CIDMInputError: naming the setting, when steps, rank or batch_size is below 1, a float setting (the
-                learning rates, alpha, the consolidation weights, ...) is NaN or ±inf, or a learning rate is
+                learning rates, multiplier, the consolidation weights, ...) is NaN or ±inf, or a learning rate is
                 negative.
         """
         if self.steps <= 0:
@@ -60,7 +60,7 @@ class TrainingConfig:
         if self.batch_size <= 0:
             raise CIDMInputError("batch_size", f"must be at least 1, got {self.batch_size}")
         weights = self.consolidation
-        require_finite(lora_lr=self.lora_lr, embedding_lr=self.embedding_lr, alpha=self.alpha,
+        require_finite(lora_lr=self.lora_lr, embedding_lr=self.embedding_lr, multiplier=self.multiplier,
                        weight_decay=self.weight_decay, noise_offset=self.noise_offset,
                        embedding_norm_threshold=self.embedding_norm_threshold,
                        orthogonal_weight=weights.orthogonal, shared_weight=weights.shared,
@@ -298,7 +298,7 @@ class ConceptTrainer:
         return diffusion_loss.item()
 
     def run(self, callbacks: TrainingCallbacks) -> TrainedTask:
-        banks = _layer_banks(self.layers, self.active_old, self.lora, self.config.alpha)
+        banks = _layer_banks(self.layers, self.active_old, self.lora, self.config.multiplier)
         router = ConstantRouter([1.0] * (len(self.active_old) + 1))
         with self.denoiser.adapted(banks, router), torch.enable_grad():
             while self.step < self.config.steps:

@@ -6,14 +6,15 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..cidm.adapters import LayerLoRABank
-from ..cidm.aggregation import MODES, UNCOND_POLICIES, ElasticRouter, make_router
+from ..cidm.aggregation import MODES, make_router
 from ..cidm.errors import CIDMInputError, require_finite
 from ..cidm.layers import PROJECTIONS
 from ..cidm.plots import heatmap
 from ..cidm.tokens import vocabulary_from_tasks
-from .host.attention import object_patch_attn2
-from .host.model import model_fingerprint
-from .host.text_encoder import TOKENS_PER_LAYER, ComfyLayerwiseEncoder
+from ..cidm.routing import PROMPT_KEY, UNCOND_POLICIES, LayerwisePrompt, ordinary_context
+from .host.attention import add_library_patch
+from .host.model import base_model_info
+from .host.text_encoder import ComfyLayerwiseEncoder, check_text_encoder, text_encoder_fingerprint
 from .library_nodes import ConceptLibraryType
 
 CATEGORY = "CIDM/aggregation"
@@ -37,14 +38,20 @@ def select_tasks(library, selection: str):
 
 
 def encode_layerwise(clip, library, text: str, input_name: str = "text"):
-    """([1, L·77, D] packed conditioning, pooled, expanded text) for a prompt naming the library's concepts."""
+    """(ordinary conditioning [1, 77, D], pooled, LayerwisePrompt, expanded text) for a prompt naming the library's
+    concepts (cidm.routing describes the transport). Raises CIDMInputError naming `clip` when the CLIP is not the
+    one the library was trained with, or `input_name` for an unknown concept."""
     datas = library.load_all()
     vocabulary = vocabulary_from_tasks([t.concept for t in library.tasks], [t.tokens for t in library.tasks],
                                        [d.embeddings for d in datas])
     expanded = vocabulary.expand(text, input_name)
     encoder = ComfyLayerwiseEncoder(clip, library.num_layers)
+    check_text_encoder(library, text_encoder_fingerprint(encoder))
     layers, pooled = encoder.encode_with_pooled(expanded, vocabulary.embeddings)
-    return layers.reshape(1, -1, layers.shape[-1]), pooled, expanded
+    tokens = tuple(vocabulary.tokens_in(expanded))
+    prompt = LayerwisePrompt(contexts=layers.float() if tokens else None, tokens=tokens, library=library.name)
+    ordinary = ordinary_context(layers) if tokens else layers[:1]
+    return ordinary, pooled, prompt, expanded
 
 
 class CIDMTextEncode(io.ComfyNode):
@@ -52,11 +59,11 @@ class CIDMTextEncode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CIDM_TextEncode", display_name="CIDM Text Encode", category=CATEGORY,
-            description="Encodes a prompt with the library's layer-wise concept tokens: one context per "
-                        "cross-attention layer, packed along the token axis. Use it for the negative prompt too, "
-                        "so positive and negative batch together. Without Elastic Aggregate the model still "
-                        "samples (it attends over all layer contexts).",
-            inputs=[io.Clip.Input("clip", tooltip="The base model's CLIP text encoder."),
+            description="Encodes a prompt with the library's layer-wise concept tokens. The output is an ordinary "
+                        "prompt (the mean of the layer contexts, so any model and any negative work with it); the "
+                        "context of every cross-attention layer and the concepts the prompt names ride with it for "
+                        "Elastic Aggregate LoRAs. A stock negative prompt is fine.",
+            inputs=[io.Clip.Input("clip", tooltip="The CLIP of the library's base model (checked)."),
                     ConceptLibraryType.Input("library", tooltip="The library whose concepts the prompt names."),
                     io.String.Input("text", multiline=True, default="a photo of a <dog>",
                                     tooltip="Name concepts as <name> (or by their tokens).")],
@@ -64,8 +71,28 @@ class CIDMTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, library, text):
-        packed, pooled, _ = encode_layerwise(clip, library.open(), text)
-        return io.NodeOutput([[packed, {"pooled_output": pooled, "cidm_layers": packed.shape[1] // TOKENS_PER_LAYER}]])
+        ordinary, pooled, prompt, _ = encode_layerwise(clip, library.open(), text)
+        return io.NodeOutput([[ordinary, {"pooled_output": pooled, PROMPT_KEY: prompt}]])
+
+
+def parse_fixed_weights(mode: str, weights: str) -> list[float] | None:
+    if mode != "fixed":
+        return None
+    try:
+        return [float(w) for w in weights.split(",") if w.strip()]
+    except ValueError:
+        raise CIDMInputError("weights", f"expected numbers separated by commas, got {weights!r}") from None
+
+
+def library_router(lib, chosen, datas, mode: str, weights: str, uncond_weights: str = "match cond"):
+    return make_router(mode, [d.features for d in datas], uncond=uncond_weights,
+                       fixed_weights=parse_fixed_weights(mode, weights), task_tokens=[t.tokens for t in chosen])
+
+
+MODE_TOOLTIP = ("named: every concept the prompt names at full strength (its multiplier × scale), the others off "
+                "and not computed. named-elastic: only the named concepts, mixed by CIDM's similarity weights. "
+                "elastic: CIDM's similarity weights over all tasks (cos → max → mean → ^4 → L1). one-hot: only "
+                "the best-matching task. fixed: the weights below.")
 
 
 class ElasticAggregateLoRAs(io.ComfyNode):
@@ -73,41 +100,38 @@ class ElasticAggregateLoRAs(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CIDM_ElasticAggregateLoRAs", display_name="Elastic Aggregate LoRAs", category=CATEGORY,
-            description="Puts every concept of the library into one model. Each cross-attention layer mixes the "
-                        "tasks' LoRAs per sample, weighted by how closely the prompt matches each concept.",
+            description="Puts the library's concepts into one model. By default a prompt (from CIDM Text Encode) "
+                        "gets exactly the concepts it names; a prompt naming none samples as the base model. "
+                        "Chain several nodes to use several libraries.",
             inputs=[io.Model.Input("model", tooltip="The SD1.5 base model the library was trained on."),
                     ConceptLibraryType.Input("library", tooltip="The concept library whose tasks are aggregated."),
                     io.String.Input("tasks", default="all", tooltip="'all', or task numbers / concept names, "
                                     "comma separated."),
                     io.Float.Input("scale", default=0.8, min=0.0, max=4.0, step=0.05,
-                                   tooltip="LoRA scale (the official CIDM code samples with 0.8)."),
-                    io.Combo.Input("mode", options=list(MODES), default="elastic",
-                                   tooltip="elastic: CIDM's similarity weights (cos → max → mean → ^4 → L1). "
-                                           "one-hot: only the best-matching task. fixed: the weights below."),
+                                   tooltip="LoRA scale, times each task's multiplier (the official CIDM code "
+                                           "samples with 0.8)."),
+                    io.Combo.Input("mode", options=list(MODES), default="named", tooltip=MODE_TOOLTIP),
                     io.String.Input("weights", default="", tooltip="fixed mode: one weight per selected task, "
                                     "comma separated."),
                     io.Combo.Input("uncond_weights", options=list(UNCOND_POLICIES), default="match cond",
-                                   tooltip="match cond: negative rows reuse the paired positive row's weights "
-                                           "(as the official CIDM code does). own: every row is routed from its own prompt.")],
+                                   tooltip="match cond: the negative prompt gets the weights of the positive it is "
+                                           "paired with (as the official CIDM code does). own: every prompt is "
+                                           "routed from itself (a stock negative names no concept).")],
             outputs=[io.Model.Output(display_name="model")])
 
     @classmethod
     def execute(cls, model, library, tasks, scale, mode, weights, uncond_weights):
         require_finite(scale=scale)
         lib = library.open()
-        lib.check_base_model(model_fingerprint(model), lib.num_layers)
+        info = base_model_info(model)
+        lib.check_base_model(info["fingerprint"], info["num_layers"])
         chosen = select_tasks(lib, tasks)
         datas = [lib.load_task(t.index) for t in chosen]
-        fixed = None
-        if mode == "fixed":
-            try:
-                fixed = [float(w) for w in weights.split(",") if w.strip()]
-            except ValueError:
-                raise CIDMInputError("weights", f"expected numbers separated by commas, got {weights!r}") from None
-        router = make_router(mode, [d.features for d in datas], uncond=uncond_weights, fixed_weights=fixed)
+        router = library_router(lib, chosen, datas, mode, weights, uncond_weights)
         banks = {layer: LayerLoRABank([{p: d.lora[(layer, p)] for p in PROJECTIONS} for d in datas], scale)
                  for layer in range(lib.num_layers)}
-        return io.NodeOutput(object_patch_attn2(model, banks, router))
+        multipliers = torch.tensor([t.multiplier for t in chosen], dtype=torch.float32)
+        return io.NodeOutput(add_library_patch(model, banks, router, multipliers, uncond_weights))
 
 
 class InspectAggregationWeights(io.ComfyNode):
@@ -116,29 +140,35 @@ class InspectAggregationWeights(io.ComfyNode):
         return io.Schema(
             node_id="CIDM_InspectAggregationWeights", display_name="Inspect Aggregation Weights",
             category=CATEGORY, is_output_node=True,
-            description="Shows, for a prompt, the elastic weight of every task in every cross-attention layer: "
-                        "why a concept won or lost.",
+            description="Shows, for a prompt, the weight each selected task gets in every cross-attention layer "
+                        "under the chosen mode (times the task's multiplier, before the node scale): why a concept "
+                        "won or lost.",
             inputs=[io.Clip.Input("clip", tooltip="The base model's CLIP text encoder."),
                     ConceptLibraryType.Input("library", tooltip="The library whose concepts the prompt names."),
                     io.String.Input("text", multiline=True, default="a photo of a <dog>",
                                     tooltip="The prompt to inspect; name concepts as <name>."),
-                    io.Combo.Input("mode", options=["elastic", "one-hot"], default="elastic",
-                                   tooltip="elastic: CIDM's similarity weights. one-hot: only the best-matching "
-                                           "task per layer.")],
+                    io.Combo.Input("mode", options=list(MODES), default="named", tooltip=MODE_TOOLTIP),
+                    io.String.Input("tasks", default="all", optional=True,
+                                    tooltip="'all', or task numbers / concept names, comma separated."),
+                    io.String.Input("weights", default="", optional=True,
+                                    tooltip="fixed mode: one weight per selected task, comma separated.")],
             outputs=[io.String.Output(display_name="table"), io.Image.Output(display_name="plot")])
 
     @classmethod
-    def execute(cls, clip, library, text, mode):
+    def execute(cls, clip, library, text, mode, tasks="all", weights=""):
         lib = library.open()
-        packed, _, expanded = encode_layerwise(clip, lib, text)
-        router = ElasticRouter([d.features for d in lib.load_all()], one_hot=mode == "one-hot")
-        contexts = packed.reshape(lib.num_layers, TOKENS_PER_LAYER, -1)
-        weights = torch.cat([router(layer, contexts[layer:layer + 1], None) for layer in range(lib.num_layers)])
-        names = [f"{t.index}:{t.concept}" for t in lib.tasks]
-        lines = [f"prompt: {expanded}", "layer | " + " | ".join(names)]
-        lines += [f"{layer:5d} | " + " | ".join(f"{w:.3f}" for w in row.tolist()) for layer, row in enumerate(weights)]
-        lines.append(" mean | " + " | ".join(f"{w:.3f}" for w in weights.mean(0).tolist()))
-        plot = heatmap(weights, [f"layer {i}" for i in range(lib.num_layers)], names, f"{mode} weights")
+        ordinary, _, prompt, expanded = encode_layerwise(clip, lib, text)
+        chosen = select_tasks(lib, tasks)
+        datas = [lib.load_task(t.index) for t in chosen]
+        router = library_router(lib, chosen, datas, mode, weights)
+        multipliers = torch.tensor([t.multiplier for t in chosen], dtype=torch.float32)
+        table_weights = router.route(prompt, ordinary[0].float(), lib.num_layers) * multipliers
+        names = [f"{t.index}:{t.concept}" for t in chosen]
+        lines = [f"prompt: {expanded}", f"mode: {mode}", "layer | " + " | ".join(names)]
+        lines += [f"{layer:5d} | " + " | ".join(f"{w:.3f}" for w in row.tolist())
+                  for layer, row in enumerate(table_weights)]
+        lines.append(" mean | " + " | ".join(f"{w:.3f}" for w in table_weights.mean(0).tolist()))
+        plot = heatmap(table_weights, [f"layer {i}" for i in range(lib.num_layers)], names, f"{mode} weights")
         table = "\n".join(lines)
         return io.NodeOutput(table, plot, ui={**ui.PreviewText(table).as_dict(),
                                               **ui.PreviewImage(plot, cls=cls).as_dict()})

@@ -106,7 +106,7 @@ def concept_lora(library, concept: str) -> tuple[str, dict, dict[str, torch.Tens
                                         + ", ".join(t.concept for t in lib.tasks))
     task = matches[0]
     data = lib.load_task(task.index)
-    return lib.name, task, standard_lora_state_dict(data.lora, lib.base_model["layer_paths"], task.alpha)
+    return lib.name, task, standard_lora_state_dict(data.lora, lib.base_model["layer_paths"], task.multiplier)
 
 
 class ExportConceptLoRA(io.ComfyNode):

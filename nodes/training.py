@@ -22,7 +22,7 @@ from ..cidm.train import ConceptSpec, ConceptTrainer, TrainingCallbacks, Trainin
 from .common import input_root, input_subfolder, library_ref
 from .host.denoiser import ComfyDenoiser
 from .host.model import base_model_info, check_trainable
-from .host.text_encoder import ComfyLayerwiseEncoder
+from .host.text_encoder import TEXT_ENCODER_KEY, ComfyLayerwiseEncoder, check_text_encoder, text_encoder_fingerprint
 
 LOG_EVERY = 10
 PREVIEW_STEPS = 12
@@ -81,6 +81,8 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     root = Path(ref.root)
     info = base_model_info(model)
     check_trainable(model)
+    encoder = ComfyLayerwiseEncoder(clip, info["num_layers"])
+    info[TEXT_ENCODER_KEY] = text_encoder_fingerprint(encoder)
     words = class_words.split()
     training_set = build_training_set(gather_examples(images, folder), resolution, config.seed)
     settings = task_settings(config, resolution, words, training_set)
@@ -88,6 +90,7 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     old_tasks, saved = [], None
     if library is not None:
         library.check_base_model(info["fingerprint"], info["num_layers"])
+        check_text_encoder(library, info[TEXT_ENCODER_KEY])
         reused = library.trained_task(concept, {"tokens": token_list, **settings})
         if reused is not None:
             return reuse(library, reused, node_id)
@@ -98,7 +101,6 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
             saved = library.load_resume_state(concept) if resume else None
 
     denoiser = ComfyDenoiser(model, vae, config.gradient_checkpointing)
-    encoder = ComfyLayerwiseEncoder(clip, info["num_layers"])
     spec = ConceptSpec(name=concept, tokens=token_list,
                        class_words=[None] + [words[i] if i < len(words) else None
                                              for i in range(len(token_list) - 1)])
@@ -140,7 +142,7 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     library.check_base_model(info["fingerprint"], info["num_layers"])
     # Appending also removes this concept's resume state, under the same lock.
     library.append_task(concept=concept, tokens=token_list, method=config.method, rank=config.rank,
-                        alpha=config.alpha, steps=config.steps, seed=config.seed,
+                        multiplier=config.multiplier, steps=config.steps, seed=config.seed,
                         hyperparameters={**config.hyperparameters(), **settings, "images": len(training_set.images),
                                          "embeddings_frozen_at": trained.embeddings_frozen_at,
                                          "consolidation_penalty": trained.consolidation_penalty},

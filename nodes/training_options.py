@@ -29,7 +29,7 @@ class TrainingOptions:
     lora_lr: float = TrainingConfig.lora_lr
     embedding_lr: float = TrainingConfig.embedding_lr
     rank: int = TrainingConfig.rank
-    alpha: float = TrainingConfig.alpha
+    multiplier: float = TrainingConfig.multiplier
     orthogonal_weight: float = ConsolidationWeights.orthogonal
     shared_weight: float = ConsolidationWeights.shared
     clora_lambda: float = ConsolidationWeights.clora
@@ -43,7 +43,7 @@ class TrainingOptions:
 
     def config(self, method: str, steps: int) -> TrainingConfig:
         return TrainingConfig(
-            steps=steps, method=method, rank=self.rank, alpha=self.alpha, lora_lr=self.lora_lr,
+            steps=steps, method=method, rank=self.rank, multiplier=self.multiplier, lora_lr=self.lora_lr,
             embedding_lr=self.embedding_lr, batch_size=self.batch_size, template=self.template,
             seed=self.training_seed, save_every=self.save_every, gradient_checkpointing=self.gradient_checkpointing,
             consolidation=ConsolidationWeights(orthogonal=self.orthogonal_weight, shared=self.shared_weight,
@@ -69,8 +69,9 @@ def _inputs() -> list:
                        tooltip="Learning rate of the layer-wise token embeddings (AdamW)."),
         io.Int.Input("rank", default=d.rank, min=1, max=128,
                      tooltip="LoRA rank r of every attn2 projection; the task file grows linearly with it."),
-        io.Float.Input("alpha", default=d.alpha, min=0.0, max=16.0, step=0.05,
-                       tooltip="LoRA multiplier: h = Wx + alpha·BAx."),
+        io.Float.Input("multiplier", default=d.multiplier, min=0.0, max=16.0, step=0.05,
+                       tooltip="LoRA multiplier: h = Wx + multiplier·BAx. Stored with the task; aggregation and "
+                               "export apply it too."),
         io.Float.Input("orthogonal_weight", default=d.orthogonal_weight, min=0.0, max=100.0, step=0.01,
                        tooltip="cidm: weight of the task-specific orthogonality to the old tasks' LoRAs."),
         io.Float.Input("shared_weight", default=d.shared_weight, min=0.0, max=100.0, step=0.001,

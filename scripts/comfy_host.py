@@ -35,6 +35,7 @@ HOST_PYTHON = CACHE / "venv" / "bin" / "python"
 PACK_FOLDER_NAME = "comfyui-cidm"
 CHECKPOINT_SCRIPT = REPO / "scripts" / "make_test_checkpoint.py"
 WORKFLOWS = REPO / "workflows"
+TEST_NODES = REPO / "tests" / "host_nodes"
 
 
 def host_ready() -> bool:
@@ -81,6 +82,10 @@ class ComfyServer:
         pack_link = workspace / "custom_nodes" / PACK_FOLDER_NAME
         if not pack_link.exists():
             pack_link.symlink_to(REPO, target_is_directory=True)
+        for test_nodes in sorted(TEST_NODES.iterdir()):  # test-only nodes (UNet call counter, attn2 replace patch)
+            link = workspace / "custom_nodes" / test_nodes.name
+            if not link.exists():
+                link.symlink_to(test_nodes, target_is_directory=True)
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":

@@ -13,8 +13,10 @@ from safetensors import safe_open
 
 from cidm.layers import PROJECTIONS, base_model_fingerprint
 from cidm.library import ConceptLibrary, TaskData
+from cidm.tokens import token_embedding_fingerprint
 
 UNET = "model.diffusion_model."
+TOKEN_EMBEDDING = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 _STAGES = ("input_blocks", "middle_block", "output_blocks")
 
 
@@ -35,11 +37,13 @@ def checkpoint_base_model(checkpoint: Path) -> dict:
     paths, _ = checkpoint_layers(checkpoint)
     with safe_open(str(checkpoint), "pt") as f:
         fingerprint = base_model_fingerprint(lambda key: f.get_tensor(UNET + key).float(), len(paths))
-    return {"fingerprint": fingerprint, "num_layers": len(paths), "context_dim": 768, "layer_paths": paths}
+        text_encoder = token_embedding_fingerprint(f.get_tensor(TOKEN_EMBEDDING))
+    return {"fingerprint": fingerprint, "num_layers": len(paths), "context_dim": 768, "layer_paths": paths,
+            "text_encoder": text_encoder}
 
 
 def synthesize_library(checkpoint: Path, root: Path, concepts: list[str], rank: int = 4, seed: int = 0,
-                       lora_std: float = 0.05) -> ConceptLibrary:
+                       lora_std: float = 0.05, multiplier: float = 1.0) -> ConceptLibrary:
     """A library with one task per concept: random LoRA factors and embeddings, and concept features that are
     distinct random directions (so routing between them is separable)."""
     info = checkpoint_base_model(checkpoint)
@@ -56,7 +60,7 @@ def synthesize_library(checkpoint: Path, root: Path, concepts: list[str], rank: 
         tokens = [f"<{concept}{i}>" for i in (1, 2)]
         embeddings = torch.randn(len(tokens), len(paths), 768, generator=generator) * 0.02
         features = torch.randn(len(tokens), len(paths), 768, generator=generator)
-        library.append_task(concept=concept, tokens=tokens, method="cidm", rank=rank, alpha=1.0, steps=0,
+        library.append_task(concept=concept, tokens=tokens, method="cidm", rank=rank, multiplier=multiplier, steps=0,
                             seed=seed + number, hyperparameters={"synthetic": True},
                             data=TaskData(lora=lora, embeddings=embeddings, features=features))
     return library

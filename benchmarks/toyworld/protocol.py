@@ -130,7 +130,7 @@ class Composer:
             [c.concept.name for c in learned], [c.tokens for c in learned], [c.task.embeddings for c in learned])
         tasks = [c.task for c in learned]
         self.banks = {layer.index: LayerLoRABank([{p: t.lora[(layer.index, p)] for p in PROJECTIONS} for t in tasks],
-                                                 config.training.alpha) for layer in self.denoiser.layers}
+                                                 config.training.multiplier) for layer in self.denoiser.layers}
         features = [t.features for t in tasks]
         self.router = make_router(mode, features, fixed_weights=[1.0] * len(tasks)) if tasks else None
         self.uncond = self.context("")

@@ -1,14 +1,38 @@
-"""The attn2 patch: every cross-attention layer of a clone of the MODEL becomes a cidm ConceptCrossAttention that
-runs ComfyUI's attention kernels. Installed as ModelPatcher object patches, so the shared model is never mutated."""
+"""The cross-attention patches, all ModelPatcher object patches on a clone (the shared model is never mutated).
+
+Sampling (`add_library_patch`, one call per Elastic Aggregate node; chained nodes compose):
+- each SD1.5 BasicTransformerBlock's `forward` becomes a `RoutedTransformerBlock`: it replaces the context of the
+  batch's CIDM prompts by their layer context (`SamplingRoutes.layer_context`) and opens a `LayerCall` with the
+  rows' task weights for the block's attn2;
+- each attn2 projection's `forward` (to_q, to_k, to_v, to_out.0) becomes a `LoRAProjection`: the original forward
+  plus the LoRA of the tasks with a nonzero weight in this batch. The module tree is unchanged, so stock LoRA weight
+  patches keep their keys, and an attn2 replace patch (IPAdapter's `set_model_attn2_replace`), which calls the
+  projections directly instead of attn2.forward, still gets CIDM's LoRAs and layer contexts;
+- a `WrappersMP.OUTER_SAMPLE` wrapper (`RoutingWrapper`) builds the run's `cidm.routing.SamplingRoutes` from the
+  guider's conds and puts it in `transformer_options[ROUTES_KEY]`: what routes every row by its cond's uuid, whatever
+  ComfyUI batches together. Its data layout, for reuse by other attention code, is in `cidm/routing.py`.
+
+Training (`ComfyCrossAttention`): the whole attn2 module is replaced by cidm's ConceptCrossAttention with the
+trainable bank, on the training denoiser's clone.
+"""
 
 from __future__ import annotations
 
+import logging
+import uuid
+
+import torch
+
+import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention, optimized_attention_masked
 
-from ...cidm.adapters import ConceptCrossAttention, LayerLoRABank
-from ...cidm.layers import cross_attention_layers
+from ...cidm.adapters import ConceptCrossAttention, LayerLoRABank, low_rank_delta
+from ...cidm.layers import PROJECTIONS, cross_attention_layers
+from ...cidm.routing import PROMPT_KEY, ROUTES_KEY, CondEntry, CondRouter, SamplingRoutes, route_conds
 from .model import UNET_PREFIX, unet_of
 from .text_encoder import TOKENS_PER_LAYER
+
+ROUTING_WRAPPER_KEY = "cidm_routing"
 
 
 class ComfyCrossAttention(ConceptCrossAttention):
@@ -30,13 +54,125 @@ class ComfyCrossAttention(ConceptCrossAttention):
                                   mask=mask, transformer_options=transformer_options)
 
 
-def object_patch_attn2(model, banks: dict[int, LayerLoRABank], router):
-    """A clone of `model` whose attn2 modules are ConceptCrossAttention wrappers (original weights re-exposed, so
-    stock LoRA weight patches still apply)."""
+class LibraryAdapter:
+    """One library's patch (one Elastic Aggregate node): per layer its LoRA bank (node scale), its router, each
+    task's multiplier [K] and the uncond policy. `key` names it in SamplingRoutes."""
+
+    def __init__(self, banks: dict[int, LayerLoRABank], router: CondRouter, multipliers: torch.Tensor, uncond: str):
+        self.key = uuid.uuid4().hex
+        self.banks, self.router, self.multipliers, self.uncond = banks, router, multipliers, uncond
+
+
+class LayerCall:
+    """One attn2 layer's state while its transformer block runs: per adapter, the tasks with a nonzero weight in
+    this batch and their row weights. Read by the layer's four LoRAProjections."""
+
+    def __init__(self, layer: int, adapters: tuple[LibraryAdapter, ...]):
+        self.layer, self.adapters = layer, adapters
+        self.routes: SamplingRoutes | None = None
+        self.active: list[tuple[LibraryAdapter, tuple[int, ...], torch.Tensor]] = []
+
+    def open(self, routes: SamplingRoutes, uuids: list, batch: int, device: torch.device) -> None:
+        self.routes = routes
+        self.active = [entry for entry in (self._active(routes, adapter, uuids, batch, device)
+                                           for adapter in self.adapters) if entry is not None]
+
+    def _active(self, routes, adapter, uuids, batch, device):
+        def make():
+            weights = routes.row_weights(adapter.key, self.layer, uuids, batch)
+            tasks = tuple(weights.ne(0).any(dim=0).nonzero().flatten().tolist())
+            return (adapter, tasks, weights[:, list(tasks)].to(device)) if tasks else None
+        return routes.cached(("rows", adapter.key, self.layer, tuple(uuids), batch, device), make)
+
+    def close(self) -> None:
+        self.routes, self.active = None, []
+
+    def delta(self, proj: str, x: torch.Tensor) -> torch.Tensor | None:
+        total = None
+        for adapter, tasks, weights in self.active:
+            bank = adapter.banks[self.layer]
+            down, up = self.routes.cached((adapter.key, self.layer, proj, tasks, x.device, x.dtype),
+                                          lambda: bank.select(proj, list(tasks), x.device, x.dtype))
+            delta = low_rank_delta(x, down, up, weights, bank.rank, bank.scale)
+            total = delta if total is None else total + delta
+        return total
+
+
+class LoRAProjection:
+    """An attn2 projection's forward plus the open LayerCall's LoRA delta."""
+
+    def __init__(self, forward, proj: str, call: LayerCall):
+        self.forward, self.proj, self.call = forward, proj, call
+
+    def __call__(self, x):
+        out = self.forward(x)
+        delta = self.call.delta(self.proj, x) if self.call.active else None
+        return out if delta is None else out + delta
+
+
+class RoutedTransformerBlock:
+    """A BasicTransformerBlock's forward that routes its attn2 per cond (see the module docstring)."""
+
+    def __init__(self, forward, call: LayerCall):
+        self.forward, self.call = forward, call
+        self.warned = False
+
+    def __call__(self, x, context=None, transformer_options={}):
+        routes, uuids = transformer_options.get(ROUTES_KEY), transformer_options.get("uuids")
+        if routes is None or not uuids or context is None:
+            if not self.warned:
+                logging.warning("CIDM: the model was called outside a ComfyUI sampler (no cond uuids); the concept "
+                                "LoRAs of Elastic Aggregate LoRAs are not applied to this call")
+                self.warned = True
+            return self.forward(x, context=context, transformer_options=transformer_options)
+        context = routes.layer_context(self.call.layer, uuids, context)
+        self.call.open(routes, uuids, x.shape[0], x.device)
+        try:
+            return self.forward(x, context=context, transformer_options=transformer_options)
+        finally:
+            self.call.close()
+
+
+class RoutingWrapper:
+    """WrappersMP.OUTER_SAMPLE: once per sampling run, the adapter's task weights for every cond of the guider."""
+
+    def __init__(self, adapter: LibraryAdapter, num_layers: int):
+        self.adapter, self.num_layers = adapter, num_layers
+
+    def __call__(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        options = guider.model_options.setdefault("transformer_options", {})
+        routes = options.setdefault(ROUTES_KEY, SamplingRoutes())
+        conds = [CondEntry(cond["uuid"], kind, cond.get(PROMPT_KEY), cond.get("cross_attn"))
+                 for kind, entries in guider.conds.items() for cond in entries or []]
+        routes.add_conds(conds)
+        routes.weights[self.adapter.key] = route_conds(self.adapter.router, conds, self.adapter.multipliers,
+                                                       self.num_layers, self.adapter.uncond)
+        return executor(*args, **kwargs)
+
+
+def _unwrapped(patcher, key: str):
+    """The host's own forward at `key`, under any CIDM patch of this or an earlier sampling run."""
+    current = patcher.get_model_object(key)
+    return current.forward if isinstance(current, (RoutedTransformerBlock, LoRAProjection)) else current
+
+
+def add_library_patch(model, banks: dict[int, LayerLoRABank], router: CondRouter, multipliers: torch.Tensor,
+                      uncond: str):
+    """A clone of `model` that also applies this library's LoRAs, routed per cond; the libraries of earlier
+    Elastic Aggregate nodes on `model` keep applying."""
     patched = model.clone()
+    adapter = LibraryAdapter(banks, router, multipliers, uncond)
     layers = cross_attention_layers(unet_of(model))
     for layer in layers:
-        original = patched.get_model_object(UNET_PREFIX + layer.path)
-        wrapper = ComfyCrossAttention(original, layer, banks[layer.index], router, len(layers))
-        patched.add_object_patch(UNET_PREFIX + layer.path, wrapper)
+        block_key = f"{UNET_PREFIX}{layer.path.rsplit('.', 1)[0]}.forward"
+        earlier = patched.object_patches.get(block_key)
+        adapters = (earlier.call.adapters if isinstance(earlier, RoutedTransformerBlock) else ()) + (adapter,)
+        call = LayerCall(layer.index, adapters)
+        patched.add_object_patch(block_key, RoutedTransformerBlock(_unwrapped(patched, block_key), call))
+        for proj in PROJECTIONS:
+            key = f"{UNET_PREFIX}{layer.path}.{proj}.forward"
+            patched.add_object_patch(key, LoRAProjection(_unwrapped(patched, key), proj, call))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ROUTING_WRAPPER_KEY,
+                                 RoutingWrapper(adapter, len(layers)))
     return patched

@@ -8,9 +8,10 @@ import logging
 import torch
 
 from ...cidm.errors import CIDMInputError
-from ...cidm.tokens import TOKEN_PATTERN
+from ...cidm.tokens import TOKEN_PATTERN, token_embedding_fingerprint
 
 TOKENS_PER_LAYER = 77
+TEXT_ENCODER_KEY = "text_encoder"  # the library's base_model entry: the fingerprint of the CLIP it was trained with
 # Single-BPE words used as placeholders for concept tokens while tokenizing; the first one absent from the prompt
 # is used, so a user's own words are never mistaken for a concept token.
 SENTINEL_WORDS = ("sks", "xqz", "zwx", "qxv")
@@ -106,3 +107,17 @@ def _out_of_place_residuals(text_model: torch.nn.Module):
     finally:
         for layer in layers:
             del layer.forward
+
+
+def text_encoder_fingerprint(encoder: ComfyLayerwiseEncoder) -> str:
+    """A short hash of the CLIP's first token-embedding rows: which text encoder a library was trained with."""
+    return token_embedding_fingerprint(encoder.text_model.get_input_embeddings().weight)
+
+
+def check_text_encoder(library, fingerprint: str) -> None:
+    """Raises CIDMInputError naming `clip` when the library records another text encoder (libraries written before
+    the fingerprint was recorded are not checked)."""
+    expected = library.base_model.get(TEXT_ENCODER_KEY)
+    if expected is not None and expected != fingerprint:
+        raise CIDMInputError("clip", f"library {library.name} was trained with text encoder {expected}, this CLIP is "
+                                     f"{fingerprint}; connect the CLIP of the checkpoint the library was trained on")

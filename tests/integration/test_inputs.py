@@ -21,7 +21,7 @@ def train_graph_with(images=None, **options):
     return graph
 
 
-@pytest.mark.parametrize("name", ["alpha", "lora_lr", "orthogonal_weight", "clora_lambda"])
+@pytest.mark.parametrize("name", ["multiplier", "lora_lr", "orthogonal_weight", "clora_lambda"])
 def test_train_refuses_nan_float_inputs(comfy, name):
     error = comfy.run_expecting_error(train_graph_with(**{name: math.nan}).prompt())
     assert f"{name}: must be a finite number" in error

@@ -37,7 +37,7 @@ def test_sequences_name_the_item():
         require_finite(weights=[1.0, math.nan])
 
 
-@pytest.mark.parametrize("field", ["lora_lr", "embedding_lr", "alpha", "noise_offset"])
+@pytest.mark.parametrize("field", ["lora_lr", "embedding_lr", "multiplier", "noise_offset"])
 @pytest.mark.parametrize("bad", BAD)
 def test_training_config_refuses_non_finite(field, bad):
     with pytest.raises(CIDMInputError) as caught:

@@ -35,7 +35,7 @@ def append(library: ConceptLibrary, concept: str, tokens: list[str], seed: int, 
         tokens=tokens,
         method="cidm",
         rank=2,
-        alpha=2.0,
+        multiplier=2.0,
         steps=10,
         seed=seed,
         hyperparameters={"lr": 1e-4},
@@ -397,7 +397,7 @@ def test_append_rechecks_names_under_the_lock(library_with_one_task):
 
 
 # Training that can be run again (issue 15, item 2) ----------------------------------------------------------------
-SETTINGS = {"tokens": ["<dog1>", "<dog2>"], "method": "cidm", "rank": 2, "alpha": 2.0, "steps": 10, "seed": 1,
+SETTINGS = {"tokens": ["<dog1>", "<dog2>"], "method": "cidm", "rank": 2, "multiplier": 2.0, "steps": 10, "seed": 1,
             "lr": 1e-4}
 
 
@@ -521,7 +521,7 @@ def test_task_file_with_matching_hash_but_unusable_tensors_is_refused(library_wi
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_manifest_with_a_non_finite_number_is_refused(library_with_one_task, number):
     path = library_with_one_task.root / "manifest.json"
-    path.write_text(path.read_text().replace('"alpha": 2.0', f'"alpha": {number}'))
+    path.write_text(path.read_text().replace('"multiplier": 2.0', f'"multiplier": {number}'))
     with pytest.raises(CIDMInputError, match="corrupt: it holds .*, which is not a finite number") as error:
         ConceptLibrary.open(library_with_one_task.root)
     assert error.value.input_name == "library"
@@ -540,7 +540,7 @@ def test_non_finite_task_data_is_never_written(library):
     with pytest.raises(ValueError, match="tokens.embeddings' holds NaN or infinite"):
         append(library, "dog", ["<dog1>", "<dog2>"], seed=1, data=data)
     with pytest.raises(ValueError):
-        append(library, "dog", ["<dog1>", "<dog2>"], seed=1, alpha=float("nan"))
+        append(library, "dog", ["<dog1>", "<dog2>"], seed=1, multiplier=float("nan"))
     assert ConceptLibrary.open(library.root).tasks == [] and not list(library.root.glob("task_*"))
 
 
@@ -564,3 +564,13 @@ def test_corrupt_resume_state_says_to_untick_resume(library, damage, message):
         library.load_resume_state("dog")
     assert error.value.input_name == "resume"
     assert "untick resume" in str(error.value) and str(path) in str(error.value)
+
+
+def test_a_manifest_written_with_the_old_alpha_field_reads_as_the_multiplier(tmp_path):
+    library = ConceptLibrary.create(tmp_path / "old", BASE_MODEL)
+    append(library, "dog", ["<dog1>"], seed=0, multiplier=1.5)
+    manifest = json.loads(library.manifest_path.read_text())
+    for task in manifest["tasks"]:
+        task["alpha"] = task.pop("multiplier")
+    library.manifest_path.write_text(json.dumps(manifest))
+    assert ConceptLibrary.open(tmp_path / "old").tasks[0].multiplier == 1.5

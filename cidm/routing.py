@@ -1,0 +1,160 @@
+"""Per-prompt routing carried through a host's batching: which layer contexts and which task weights every row of
+every attention call gets.
+
+Transport (ComfyUI, `nodes/host/attention.py`; measured on v0.3.75, see `comfy/sampler_helpers.py:convert_cond` and
+`comfy/samplers.py:_calc_cond_batch`):
+
+- A CIDM prompt is an ordinary conditioning: a [1, T, D] tensor (T = 77) that any model samples sensibly from
+  (`ordinary_context`), so the host batches it with any negative as it batches stock prompts. The layer-wise
+  contexts and the concept tokens the prompt names ride beside it, in the cond's dict under `PROMPT_KEY`, as a
+  `LayerwisePrompt`. The host copies that dict into every cond it derives (area, mask, timestep range) and gives
+  each cond a uuid.
+- Once per sampling run, a wrapper around the sampler reads the guider's conds and builds one `SamplingRoutes`:
+  per cond uuid, its `LayerwisePrompt` (or None for a stock prompt) and, per adapter (one per LoRA library patch),
+  its task weights [L, K] (`route_conds`: the named/elastic/one-hot/fixed router, times each task's multiplier).
+- Every model call carries that object in `transformer_options[ROUTES_KEY]`, next to the host's
+  `transformer_options["uuids"]`: one uuid per chunk of the batch, the chunks being equal slices of the batch
+  rows, in the order of `cond_or_uncond`.
+
+Reuse (e.g. region-aware cross-attention): inside any attention call with `transformer_options` `to`,
+
+    routes = to[ROUTES_KEY]; uuids = to["uuids"]
+    routes.prompt(uuid)                        -> LayerwisePrompt | None (layer contexts [L, T, D], named tokens)
+    routes.layer_context(l, uuids, context)    -> the batch's context for layer l, CIDM chunks replaced
+    routes.row_weights(adapter, l, uuids, B)   -> [B, K] task weights per row (0 = that task is not computed)
+    routes.cached(key, make)                   -> a value made once per sampling run (device copies of factors)
+
+Unconditional rows ("match cond", the reference's policy): every cond under the guider's "negative" key gets, per
+task and layer, the largest weight any other cond of the same run gives that task, so classifier-free guidance
+sees the prompt difference and not a LoRA difference, however the host batches or splits cond and uncond. "own"
+routes every cond from its own prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Protocol
+
+import torch
+
+from .errors import CIDMInputError
+
+PROMPT_KEY = "cidm_prompt"
+ROUTES_KEY = "cidm_routes"
+UNCOND_POLICIES = ("match cond", "own")
+NEGATIVE = "negative"
+
+
+@dataclass(frozen=True)
+class LayerwisePrompt:
+    """What a CIDM prompt carries beside its ordinary tensor.
+
+    contexts: [L, T, D] float32 layer contexts, or None when every layer would see the same context (the prompt
+    names no concept), so the ordinary tensor is used unchanged. tokens: the concept tokens the prompt names."""
+
+    contexts: torch.Tensor | None
+    tokens: tuple[str, ...]
+    library: str
+
+    @property
+    def num_layers(self) -> int | None:
+        return None if self.contexts is None else self.contexts.shape[0]
+
+
+def ordinary_context(contexts: torch.Tensor) -> torch.Tensor:
+    """[1, T, D] for layer contexts [L, T, D]: their mean, which a model without the patch attends to."""
+    return contexts.mean(dim=0, keepdim=True)
+
+
+class CondRouter(Protocol):
+    """Task weights [L, K] of one cond, from its LayerwisePrompt (None for a stock prompt) and its ordinary context
+    [T, D]."""
+
+    def route(self, prompt: LayerwisePrompt | None, context: torch.Tensor, num_layers: int) -> torch.Tensor:
+        ...
+
+
+@dataclass(frozen=True)
+class CondEntry:
+    """One cond of a sampling run as the guider holds it: its uuid, the guider's key ("positive", "negative", ...),
+    its LayerwisePrompt (or None) and its ordinary context [1, T, D] (or None)."""
+
+    uuid: Hashable
+    kind: str
+    prompt: LayerwisePrompt | None
+    context: torch.Tensor | None
+
+
+def route_conds(router: CondRouter, conds: list[CondEntry], multipliers: torch.Tensor, num_layers: int,
+                uncond: str = "match cond") -> dict[Hashable, torch.Tensor]:
+    """uuid -> [L, K] weights (router weight × task multiplier) for every cond of one sampling run."""
+    if uncond not in UNCOND_POLICIES:
+        raise CIDMInputError("uncond_weights", f"unknown policy {uncond!r}; supported: {', '.join(UNCOND_POLICIES)}")
+    for entry in conds:
+        if entry.prompt is not None and entry.prompt.num_layers not in (None, num_layers):
+            raise CIDMInputError("conditioning", f"the prompt was encoded for {entry.prompt.num_layers} layers, the "
+                                                 f"model has {num_layers}; encode it with this model's library")
+    table = {}
+    for entry in conds:
+        context = entry.context[0].float() if entry.context is not None else None
+        table[entry.uuid] = router.route(entry.prompt, context, num_layers) * multipliers
+    positives = [table[e.uuid] for e in conds if e.kind != NEGATIVE]
+    if uncond == "match cond" and positives:
+        paired = torch.stack(positives).amax(dim=0)
+        for entry in conds:
+            if entry.kind == NEGATIVE:
+                table[entry.uuid] = paired
+    return table
+
+
+@dataclass
+class SamplingRoutes:
+    """One sampling run's routing, reachable from every attention call (see the module docstring)."""
+
+    prompts: dict[Hashable, LayerwisePrompt | None] = field(default_factory=dict)
+    weights: dict[Hashable, dict[Hashable, torch.Tensor]] = field(default_factory=dict)  # adapter -> uuid -> [L, K]
+    _cache: dict[Hashable, Any] = field(default_factory=dict)
+
+    def add_conds(self, conds: list[CondEntry]) -> None:
+        self.prompts.update({entry.uuid: entry.prompt for entry in conds})
+
+    def prompt(self, uuid: Hashable) -> LayerwisePrompt | None:
+        return self.prompts.get(uuid)
+
+    def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def _known(self, uuids: list) -> None:
+        unknown = [u for u in uuids if u not in self.prompts]
+        if unknown:
+            raise CIDMInputError("conditioning", "a cond reached the model that the sampler did not hold when "
+                                                 "sampling started; CIDM cannot route it")
+
+    def layer_context(self, layer: int, uuids: list, context: torch.Tensor) -> torch.Tensor:
+        """The batch context [B, T, D] for layer `layer`: chunks of CIDM prompts get that layer's context, repeated
+        along the tokens to T (attention over identical copies is the same attention); other chunks are untouched,
+        so a stock negative is seen whole by every layer."""
+        self._known(uuids)
+        prompts = [self.prompts[u] for u in uuids]
+        if all(p is None or p.contexts is None for p in prompts):
+            return context
+        chunks = list(context.chunk(len(uuids)))
+        for index, prompt in enumerate(prompts):
+            if prompt is None or prompt.contexts is None:
+                continue
+            own = prompt.contexts[layer]
+            repeats, remainder = divmod(context.shape[1], own.shape[0])
+            if remainder:
+                raise CIDMInputError("conditioning", f"a batch context of {context.shape[1]} tokens cannot hold a "
+                                                     f"{own.shape[0]}-token layer context")
+            chunks[index] = own.to(context).repeat(repeats, 1).expand(chunks[index].shape[0], -1, -1)
+        return torch.cat(chunks)
+
+    def row_weights(self, adapter: Hashable, layer: int, uuids: list, batch: int) -> torch.Tensor:
+        """[batch, K] task weights of layer `layer`, one row per batch row (chunks are equal slices)."""
+        self._known(uuids)
+        per_cond = self.weights[adapter]
+        rows = torch.stack([per_cond[u][layer] for u in uuids])  # [chunks, K]
+        return rows.repeat_interleave(batch // len(uuids), dim=0)
