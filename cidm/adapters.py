@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CIDMInputError
 from .layers import PROJECTIONS, CrossAttentionLayer
 
 LayerFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # proj -> (down [r,in], up [out,r])
@@ -68,6 +69,24 @@ class LayerLoRABank:
         down, up = self.stacked(proj)
         return low_rank_delta(x, down.to(device=x.device, dtype=x.dtype), up.to(device=x.device, dtype=x.dtype),
                               weights, self.rank, self.scale)
+
+    @classmethod
+    def combined(cls, banks: list[LayerLoRABank]) -> LayerLoRABank:
+        """One bank of scale 1 holding the frozen tasks of `banks` in order (their scales belong in the weights).
+
+        Raises CIDMInputError naming `library` when the banks' ranks differ."""
+        ranks = {bank.rank for bank in banks if bank.num_frozen}
+        if len(ranks) > 1:
+            raise CIDMInputError("library", f"the chained libraries' LoRAs have ranks {sorted(ranks)}; region-aware "
+                                            "attention mixes them per token and needs one rank")
+        merged = cls([], 1.0)
+        filled = [bank for bank in banks if bank.num_frozen]
+        merged.num_frozen = merged.num_tasks = sum(bank.num_frozen for bank in filled)
+        merged.rank = ranks.pop() if ranks else 0
+        if filled:
+            merged.frozen_down = {p: torch.cat([b.frozen_down[p] for b in filled], dim=0) for p in PROJECTIONS}
+            merged.frozen_up = {p: torch.cat([b.frozen_up[p] for b in filled], dim=1) for p in PROJECTIONS}
+        return merged
 
     def select(self, proj: str, tasks: list[int], device: torch.device, dtype: torch.dtype):
         """(down [k·r, in], up [out, k·r]) of the frozen tasks `tasks` only, on `device` in `dtype`: what one

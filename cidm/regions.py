@@ -251,11 +251,14 @@ class RegionPlan:
     attend region by region. `mirror_ids` are the negative's: their rows get the same regions, masks and concepts
     but attend to their own (negative) context, so classifier-free guidance sees the prompt difference only, never a
     LoRA difference (as `match cond` does for whole images). Rows of any other cond attend as usual.
-    `contexts[u]` is region u's conditioning tensor [1, T, D] (packed layer-wise or plain) and `masks[u]` its canvas
-    mask [H, W]."""
+    `contexts[u]` is region u's conditioning tensor [1, T, D], `region_ids[u]` the host's id of its cond (through
+    which the host's routing gives its layer contexts and concepts, cidm.routing) and `masks[u]` its canvas mask
+    [H, W]."""
 
-    def __init__(self, contexts: list[torch.Tensor], masks: list[torch.Tensor], cond_ids, mirror_ids):
+    def __init__(self, contexts: list[torch.Tensor], masks: list[torch.Tensor], cond_ids, mirror_ids,
+                 region_ids: list | None = None):
         self.contexts, self.masks = contexts, masks
+        self.region_ids = list(region_ids) if region_ids is not None else [None] * len(contexts)
         self.cond_ids, self.mirror_ids = set(cond_ids), set(mirror_ids)
         self._shares: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -273,12 +276,12 @@ class RegionPlan:
         """The branches of every row of a batch made of len(ids) equal chunks, one per host id.
 
         contexts [B, T, D] and weights [B, K] (or None) are the rows' own layer contexts and routing;
-        `layer_context(tensor)` selects this layer's slice of a region's conditioning, `route(context)` gives its
-        task weights [1, K] (or None)."""
+        `layer_context(tensor, region_id)` gives this layer's context of a region's conditioning [1, T, D],
+        `route(context, region_id)` its task weights [1, K] (or None)."""
         shares = self.shares(*size).to(contexts.device)
         global_share = 1 - shares.sum(dim=0)
-        region_contexts = [layer_context(c.to(contexts))[0] for c in self.contexts]
-        routed = [route(c[None]) for c in region_contexts]
+        region_contexts = [layer_context(c.to(contexts), rid)[0] for c, rid in zip(self.contexts, self.region_ids)]
+        routed = [route(c[None], rid) for c, rid in zip(region_contexts, self.region_ids)]
         per_chunk = contexts.shape[0] // len(ids)
         rows = []
         for row in range(contexts.shape[0]):

@@ -95,7 +95,8 @@ class RegionGuider(comfy.samplers.CFGGuider):
             self.plan = RegionPlan([single_prompt(region.conditioning, i) for i, region in enumerate(regions)],
                                    [region.mask for region in regions],
                                    [c["uuid"] for c in self.original_conds["positive"]],
-                                   [c["uuid"] for c in self.original_conds["negative"]])
+                                   [c["uuid"] for c in self.original_conds["negative"]],
+                                   [self.original_conds[f"region_{i}"][0]["uuid"] for i in range(len(regions))])
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         if self.plan is not None:

@@ -18,6 +18,7 @@ trainable bank, on the training denoiser's clone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 
@@ -70,10 +71,11 @@ class LayerCall:
     def __init__(self, layer: int, adapters: tuple[LibraryAdapter, ...]):
         self.layer, self.adapters = layer, adapters
         self.routes: SamplingRoutes | None = None
+        self.uuids, self.batch, self._bank = None, 0, None
         self.active: list[tuple[LibraryAdapter, tuple[int, ...], torch.Tensor]] = []
 
     def open(self, routes: SamplingRoutes, uuids: list, batch: int, device: torch.device) -> None:
-        self.routes = routes
+        self.routes, self.uuids, self.batch = routes, uuids, batch
         self.active = [entry for entry in (self._active(routes, adapter, uuids, batch, device)
                                            for adapter in self.adapters) if entry is not None]
 
@@ -85,7 +87,38 @@ class LayerCall:
         return routes.cached(("rows", adapter.key, self.layer, tuple(uuids), batch, device), make)
 
     def close(self) -> None:
-        self.routes, self.active = None, []
+        self.routes, self.uuids, self.active = None, None, []
+
+    # For attention code that mixes the LoRAs itself (region-aware attention, nodes/host/regions.py) ----------
+    @property
+    def bank(self) -> LayerLoRABank:
+        """Every adapter's tasks of this layer in one bank of scale 1; the weights below carry the scales."""
+        if self._bank is None:
+            self._bank = LayerLoRABank.combined([adapter.banks[self.layer] for adapter in self.adapters])
+        return self._bank
+
+    def row_weights(self) -> torch.Tensor:
+        """[B, K_all] weights of the open batch's rows over `bank`'s tasks."""
+        return torch.cat([self.routes.row_weights(a.key, self.layer, self.uuids, self.batch) * a.banks[self.layer].scale
+                          for a in self.adapters], dim=1)
+
+    def cond_weights(self, uuid) -> torch.Tensor:
+        """[K_all] weights of one cond of the run (e.g. a region's prompt) over `bank`'s tasks."""
+        return torch.cat([self.routes.weights[a.key][uuid][self.layer] * a.banks[self.layer].scale
+                          for a in self.adapters])
+
+    def cond_context(self, uuid, context: torch.Tensor) -> torch.Tensor:
+        """This layer's context [1, T, D] of one cond whose ordinary context is `context` [1, T, D]."""
+        return self.routes.layer_context(self.layer, [uuid], context)
+
+    @contextlib.contextmanager
+    def lora_suspended(self):
+        """The projections add no LoRA inside: the caller applies `bank` itself."""
+        active, self.active = self.active, []
+        try:
+            yield
+        finally:
+            self.active = active
 
     def delta(self, proj: str, x: torch.Tensor) -> torch.Tensor | None:
         total = None
@@ -96,6 +129,12 @@ class LayerCall:
             delta = low_rank_delta(x, down, up, weights, bank.rank, bank.scale)
             total = delta if total is None else total + delta
         return total
+
+
+def layer_call(attn2) -> LayerCall | None:
+    """The LayerCall of an attn2 module patched by add_library_patch (None for a model without CIDM concepts)."""
+    forward = getattr(attn2.to_q, "forward", None)
+    return forward.call if isinstance(forward, LoRAProjection) else None
 
 
 class LoRAProjection:

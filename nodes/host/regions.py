@@ -1,22 +1,28 @@
-"""Region-aware cross-attention in ComfyUI: an attn2 object patch over whatever attn2 the model has (ComfyUI's own
-CrossAttention, or the pack's ConceptCrossAttention from Elastic Aggregate LoRAs), on a clone of the MODEL.
+"""Region-aware cross-attention in ComfyUI: an attn2 object patch over the model's attn2 (ComfyUI's own
+CrossAttention, whose projections Elastic Aggregate LoRAs may have patched), on a clone of the MODEL.
 
 The sampling run's RegionPlan rides in `transformer_options` (set by the guider for its own calls only); the rows
 of a UNet batch are matched to conds by ComfyUI's per-cond `uuids` (comfy/samplers.py:_calc_cond_batch, v0.3.75),
-so the plan survives however ComfyUI batches cond and uncond. Without a plan for the batch the patch calls the
-wrapped module unchanged."""
+so the plan survives however ComfyUI batches cond and uncond. The concepts come from the routing transport of
+`nodes/host/attention.py` (cidm/routing.py): each cond's layer context and task weights, looked up by its uuid, and
+the layer's LoRA bank, which this patch mixes per token and region while the projections' own LoRA is suspended.
+Without a plan for the batch the patch calls the wrapped module unchanged."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
-from ...cidm.adapters import ConceptCrossAttention, LayerLoRABank, select_layer_context
+from ...cidm.adapters import LayerLoRABank
 from ...cidm.layers import cross_attention_layers
 from ...cidm.regions import RegionPlan, region_cross_attention
+from .attention import layer_call
 from .model import UNET_PREFIX, unet_of
 
 PLAN_KEY = "cidm_region_plan"
+NO_CONCEPTS = LayerLoRABank([], 1.0)
 
 
 class RegionCrossAttention(torch.nn.Module):
@@ -29,19 +35,7 @@ class RegionCrossAttention(torch.nn.Module):
             self.add_module(name, child)
         object.__setattr__(self, "inner", inner)
         self.heads = inner.heads
-        concepts = isinstance(inner, ConceptCrossAttention)
-        object.__setattr__(self, "bank", inner.bank if concepts else LayerLoRABank([], 1.0))
-
-    def layer_context(self, context: torch.Tensor) -> torch.Tensor:
-        inner = self.inner
-        if isinstance(inner, ConceptCrossAttention):
-            return select_layer_context(context, inner.layer.index, inner.num_layers, inner.tokens_per_layer)
-        return context
-
-    def route(self, context: torch.Tensor, cond_or_uncond=None) -> torch.Tensor | None:
-        if not self.bank.num_tasks:
-            return None
-        return self.inner.router(self.inner.layer.index, context, cond_or_uncond)
+        object.__setattr__(self, "bank", NO_CONCEPTS)
 
     def attend(self, q, k, v, heads, transformer_options=None):
         return optimized_attention(q, k, v, heads, attn_precision=getattr(self.inner, "attn_precision", None),
@@ -52,11 +46,18 @@ class RegionCrossAttention(torch.nn.Module):
         ids = transformer_options.get("uuids")
         if plan is None or context is None or value is not None or mask is not None or not plan.applies_to(ids):
             return self.inner(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
-        contexts = self.layer_context(context)
-        weights = self.route(contexts, transformer_options.get("cond_or_uncond"))
+        call = layer_call(self)
+        concepts = call is not None and call.routes is not None
+        object.__setattr__(self, "bank", call.bank if concepts else NO_CONCEPTS)
         size = tuple(transformer_options["activations_shape"][-2:])
-        rows = plan.rows(ids, contexts, weights, size, self.layer_context, self.route)
-        return region_cross_attention(self, x, rows, self.attend, transformer_options=transformer_options)
+        if concepts:
+            rows = plan.rows(ids, context, call.row_weights(), size,
+                             lambda region, region_id: call.cond_context(region_id, region),
+                             lambda _, region_id: call.cond_weights(region_id)[None])
+        else:
+            rows = plan.rows(ids, context, None, size, lambda region, _: region, lambda *_: None)
+        with call.lora_suspended() if concepts else contextlib.nullcontext():
+            return region_cross_attention(self, x, rows, self.attend, transformer_options=transformer_options)
 
 
 def with_region_attention(model):
