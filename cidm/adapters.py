@@ -74,7 +74,9 @@ class LayerLoRABank:
     def combined(cls, banks: list[LayerLoRABank]) -> LayerLoRABank:
         """One bank of scale 1 holding the frozen tasks of `banks` in order (their scales belong in the weights).
 
-        Raises CIDMInputError naming `library` when the banks' ranks differ."""
+        Raises:
+            CIDMInputError: ("library") when the banks' ranks differ.
+        """
         ranks = {bank.rank for bank in banks if bank.num_frozen}
         if len(ranks) > 1:
             raise CIDMInputError("library", f"the chained libraries' LoRAs have ranks {sorted(ranks)}; region-aware "

@@ -113,7 +113,11 @@ class ConstantRouter:
 
 
 def layer_contexts(prompt: LayerwisePrompt | None, context: torch.Tensor | None, num_layers: int) -> torch.Tensor:
-    """[L, T, D]: the prompt's layer contexts, or its one ordinary context [T, D] for every layer."""
+    """[L, T, D]: the prompt's layer contexts, or its one ordinary context [T, D] for every layer.
+
+    Raises:
+        CIDMInputError: ("conditioning") for a cond with neither.
+    """
     if prompt is not None and prompt.contexts is not None:
         return prompt.contexts.float()
     if context is None:

@@ -24,10 +24,10 @@ Reuse (e.g. region-aware cross-attention): inside any attention call with `trans
     routes.row_weights(adapter, l, uuids, B)   -> [B, K] task weights per row (0 = that task is not computed)
     routes.cached(key, make)                   -> a value made once per sampling run (device copies of factors)
 
-Unconditional rows ("match cond", the reference's policy): every cond under the guider's "negative" key gets, per
-task and layer, the largest weight any other cond of the same run gives that task, so classifier-free guidance
-sees the prompt difference and not a LoRA difference, however the host batches or splits cond and uncond. "own"
-routes every cond from its own prompt.
+Unconditional rows ("match cond", the official CIDM code's policy, JiahuaDong/CIFC@9819aa8
+`lib/models/edlora.py`): every cond under the guider's "negative" key gets, per task and layer, the largest weight
+any other cond of the same run gives that task, so classifier-free guidance sees the prompt difference and not a
+LoRA difference, however the host batches or splits cond and uncond. "own" routes every cond from its own prompt.
 """
 
 from __future__ import annotations
@@ -87,7 +87,12 @@ class CondEntry:
 
 def route_conds(router: CondRouter, conds: list[CondEntry], multipliers: torch.Tensor, num_layers: int,
                 uncond: str = "match cond") -> dict[Hashable, torch.Tensor]:
-    """uuid -> [L, K] weights (router weight × task multiplier) for every cond of one sampling run."""
+    """uuid -> [L, K] weights (router weight × task multiplier) for every cond of one sampling run.
+
+    Raises:
+        CIDMInputError: ("uncond_weights") for an unknown policy; ("conditioning") for a prompt encoded for another
+            layer count than `num_layers`.
+    """
     if uncond not in UNCOND_POLICIES:
         raise CIDMInputError("uncond_weights", f"unknown policy {uncond!r}; supported: {', '.join(UNCOND_POLICIES)}")
     for entry in conds:
@@ -135,7 +140,12 @@ class SamplingRoutes:
     def layer_context(self, layer: int, uuids: list, context: torch.Tensor) -> torch.Tensor:
         """The batch context [B, T, D] for layer `layer`: chunks of CIDM prompts get that layer's context, repeated
         along the tokens to T (attention over identical copies is the same attention); other chunks are untouched,
-        so a stock negative is seen whole by every layer."""
+        so a stock negative is seen whole by every layer.
+
+        Raises:
+            CIDMInputError: ("conditioning") for a cond the run did not register, or a batch context whose length
+                is not a multiple of the layer context's.
+        """
         self._known(uuids)
         prompts = [self.prompts[u] for u in uuids]
         if all(p is None or p.contexts is None for p in prompts):
