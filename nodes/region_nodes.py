@@ -128,8 +128,17 @@ def single_prompt(conditioning, index: int):
 
 
 def region_guider(model, positive, negative, regions, cfg: float, alpha: float, attention: bool) -> RegionGuider:
+    """Raises CIDMInputError naming the input for non-finite numbers, and naming `model` when region-aware
+    attention cannot run: an attn2 replace patch (IPAdapter and the like) makes ComfyUI's BasicTransformerBlock
+    call the projections itself and skip attn2's forward, where the regions are applied."""
     require_finite(cfg=cfg, alpha=alpha)
     regions = list(regions or [])
+    if attention and regions and model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(
+            "attn2"):
+        raise CIDMInputError("model", "another node replaced the cross-attention (an attn2 replace patch, as "
+                                      "IPAdapter sets); region-aware attention cannot run inside it. Turn "
+                                      "region_attention off and use alpha < 1 (region noise estimation), or sample "
+                                      "without that patch")
     guider = RegionGuider(with_region_attention(model) if attention and regions else model)
     guider.set_regions(positive, negative, regions, alpha, attention)
     guider.set_cfg(cfg)

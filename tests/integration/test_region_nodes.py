@@ -1,5 +1,7 @@
 """Region Condition, Context-Controlled KSampler and Guider in the real server."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -272,3 +274,41 @@ def test_region_attention_on_the_sixteen_layer_checkpoint(comfy, negative_kind):
     if negative_kind == "cidm":
         np.testing.assert_allclose(found["everywhere"], found["none"], atol=1e-3 * np.abs(found["none"]).max())
     assert np.abs(found["two"] - found["none"]).mean() > 1e-2, "region-aware attention had no effect"
+
+
+def unet_calls(comfy, tag: str) -> list[dict]:
+    """The UNet calls CIDMTest_CountUNetCalls logged under `tag` (tests/host_nodes)."""
+    pattern = rf"CIDM-TEST-UNET {tag} batch=(\d+) cond_or_uncond=\[([\d, ]+)\] tokens=(-?\d+) shape=(\S+)"
+    return [{"batch": int(batch), "cond_or_uncond": kinds, "shape": shape}
+            for batch, kinds, _, shape in re.findall(pattern, comfy.log())]
+
+
+def test_region_attention_is_one_batched_unet_call_per_step(comfy):
+    scene = Scene(width=128, height=64)
+    scene.model = scene.graph.add("CIDMTest_CountUNetCalls", model=scene.model, tag="attention_only")[0]
+    scene.ours("attention_only", regions=scene.two_regions()[0], alpha=1.0)
+    comfy.run(scene.graph.prompt())
+    calls = unet_calls(comfy, "attention_only")
+    assert len(calls) == SAMPLING["steps"] and all(c["batch"] == 2 and c["shape"] == "8x16" for c in calls), calls
+
+
+def test_region_noise_estimation_runs_each_region_on_its_area_crop(comfy):
+    scene = Scene(width=128, height=64)  # latent 8 × 16
+    scene.model = scene.graph.add("CIDMTest_CountUNetCalls", model=scene.model, tag="crops")[0]
+    left = scene.region("a dog", width=0.25)
+    right = scene.region("a duck", previous=left[0], x=0.5, width=0.5, height=0.5)
+    scene.ours("crops", regions=right[0], alpha=0.1, region_attention=False)
+    comfy.run(scene.graph.prompt())
+    calls = unet_calls(comfy, "crops")
+    per_step = sorted((c["shape"], c["batch"]) for c in calls[:len(calls) // SAMPLING["steps"]])
+    # the global cond and uncond at full size; the left region on an 8 × 8 crop, the upper-right on 8 × 8 as well
+    assert per_step == [("8x16", 2), ("8x8", 2)], calls
+    assert len(calls) == 2 * SAMPLING["steps"]
+
+
+def test_region_attention_under_an_attn2_replace_patch_is_a_clear_error(comfy):
+    scene = Scene()
+    scene.model = scene.graph.add("CIDMTest_Attn2Replace", model=scene.model)[0]
+    scene.ours("never_written", regions=scene.two_regions()[0], alpha=1.0)
+    error = comfy.run_expecting_error(scene.graph.prompt())
+    assert "model:" in error and "region_attention" in error, error

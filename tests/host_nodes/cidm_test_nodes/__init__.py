@@ -1,6 +1,7 @@
 """Test-only ComfyUI nodes, linked into the test server's custom_nodes (never shipped with the pack).
 
-- CIDMTest_CountUNetCalls logs every UNet call of a model (batch, cond_or_uncond, context length) under a tag.
+- CIDMTest_CountUNetCalls logs every UNet call of a model (batch, cond_or_uncond, context length, latent size)
+  under a tag.
 - CIDMTest_Attn2Replace sets an attn2 replace patch on every cross-attention block, as IPAdapter does with
   `set_model_attn2_replace`; the patch is plain attention over the projected q/k/v, so it alone changes nothing.
 - CIDMTest_SaveLatent writes a LATENT's samples to output/<tag>.safetensors for exact comparisons.
@@ -29,8 +30,9 @@ class CountUNetCalls:
 
         def counted(apply_model, args):
             context = args["c"].get("c_crossattn")
-            logging.info("CIDM-TEST-UNET %s batch=%d cond_or_uncond=%s tokens=%d", tag, args["input"].shape[0],
-                         list(args["cond_or_uncond"]), -1 if context is None else context.shape[1])
+            logging.info("CIDM-TEST-UNET %s batch=%d cond_or_uncond=%s tokens=%d shape=%s", tag,
+                         args["input"].shape[0], list(args["cond_or_uncond"]), -1 if context is None else context.shape[1],
+                         "x".join(str(n) for n in args["input"].shape[2:]))
             return apply_model(args["input"], args["timestep"], **args["c"])
 
         patched.set_model_unet_function_wrapper(counted)
