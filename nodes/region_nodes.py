@@ -13,6 +13,7 @@ from comfy_api.latest import io, ui
 
 from ..cidm.errors import CIDMInputError, require_finite
 from ..cidm.plots import region_layout
+from ..cidm.routing import PROMPT_KEY
 from ..cidm.regions import BOX_UNITS, RegionPlan, RegionSpec, blend_region_predictions, crop_box, make_regions
 from .host.regions import PLAN_KEY, with_region_attention
 
@@ -21,9 +22,10 @@ RegionsType = io.Custom("CIDM_REGIONS")
 
 
 def region_label(conditioning) -> str:
-    """The concepts a region's prompt names, as CIDM Text Encode records them ('' for other conditionings)."""
-    names = [name for _, extra in conditioning for name in extra.get("cidm_concepts", ())]
-    return ", ".join(dict.fromkeys(f"<{name}>" for name in names))
+    """The concept tokens a region's prompt names, as CIDM Text Encode records them (cidm.routing.LayerwisePrompt;
+    '' for other conditionings)."""
+    prompts = [extra.get(PROMPT_KEY) for _, extra in conditioning]
+    return " ".join(dict.fromkeys(token for prompt in prompts if prompt is not None for token in prompt.tokens))
 
 
 class RegionCondition(io.ComfyNode):

@@ -178,6 +178,9 @@ def test_two_regions_with_two_concepts_write_the_image_and_the_layout(comfy, lib
         graph.add("SaveImage", images=graph.add("VAEDecode", samples=sampled[0], vae=checkpoint[2])[0],
                   filename_prefix=name)
     graph.add("SaveImage", images=right[1], filename_prefix="layout")
+    plain_label = graph.add("CIDM_RegionCondition", conditioning=graph.add("CLIPTextEncode", clip=checkpoint[1],
+                            text="a photo of a dog")[0], x=0.0, y=0.0, width=0.5, height=1.0, strength=1.0)
+    graph.add("SaveImage", images=plain_label[1], filename_prefix="plain_layout")
     written = {name: found[0] for name, found in images(comfy, comfy.run(graph.prompt())).items()}
     assert written["composed"].shape == written["stock"].shape == (64, 128, 3)
     assert np.abs(written["composed"] - written["stock"]).mean() > 0.5, "region prompts had no effect"
@@ -185,6 +188,9 @@ def test_two_regions_with_two_concepts_write_the_image_and_the_layout(comfy, lib
     assert layout.shape == (256, 512, 3)
     left_colour, right_colour = layout[128, 128], layout[128, 384]
     assert (left_colour != right_colour).any() and (left_colour != 245).any() and (right_colour != 245).any()
+    label_box = (slice(2, 17), slice(2, 160))  # the label is drawn at the box's top-left corner
+    assert not np.array_equal(layout[label_box], written["plain_layout"][label_box]), \
+        "the layout does not name the region's concepts"
 
 
 @pytest.mark.parametrize("box, mask_value, input_name, words", [
