@@ -188,11 +188,11 @@ def method_comparison(info: dict) -> Workflow:
     concepts = CONCEPTS[:2]
     wf = Workflow(info)
     wf.note(0, "Method comparison\n\nThe same two concepts (dog, then duck toy), with the same options, trained "
-               "in sequence by three methods, each into its own library: cidm (consolidation loss + elastic "
-               "weight aggregation), c-lora (Smith et al.: overlap penalty, old tasks merged) and finetune (no "
+               "in sequence by three methods, each into its own library: cidm (consolidation loss; each prompt "
+               "gets the concepts it names), c-lora (Smith et al.: overlap penalty, old tasks merged) and finetune (no "
                "regularizer). Each column then samples one prompt naming both concepts with the same seed.\n\n"
                "c-lora and finetune were trained with the old tasks summed into the model, so they are sampled "
-               "that way (fixed weights 1, 1); cidm uses its elastic aggregation.", title="Read me", height=300)
+               "that way (fixed weights 1, 1); cidm applies the concepts the prompt names (named routing).", title="Read me", height=300)
     ckpt = checkpoint(wf)
     options = concept_options(wf, 1, concepts)
     for column, method in enumerate(("cidm", "c-lora", "finetune"), start=2):
