@@ -52,6 +52,16 @@ class LayerLoRABank:
         # [K·r, in] and [out, K·r]: task-major blocks of r rows / columns.
         self.frozen_down = {p: torch.cat([t[p][0] for t in tasks], dim=0) for p in PROJECTIONS} if tasks else {}
         self.frozen_up = {p: torch.cat([t[p][1] for t in tasks], dim=1) for p in PROJECTIONS} if tasks else {}
+        self._placed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def frozen_on(self, proj: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) of the frozen tasks on `device` in `dtype`, copied there once and kept: a training step or a
+        sampling step then makes no host-to-device copy of them."""
+        key = (proj, torch.device(device), dtype)
+        if key not in self._placed:
+            self._placed[key] = (self.frozen_down[proj].to(device=device, dtype=dtype),
+                                 self.frozen_up[proj].to(device=device, dtype=dtype))
+        return self._placed[key]
 
     def stacked(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.trainable is None:
@@ -60,15 +70,17 @@ class LayerLoRABank:
         if not self.num_frozen:
             return down, up
         # Re-stacked every call so gradients reach the trainable factors on every step.
-        return (torch.cat([self.frozen_down[proj].to(down), down], dim=0),
-                torch.cat([self.frozen_up[proj].to(up), up], dim=1))
+        frozen_down, frozen_up = self.frozen_on(proj, down.device, down.dtype)
+        return torch.cat([frozen_down, down], dim=0), torch.cat([frozen_up, up], dim=1)
 
     def delta(self, proj: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """scale · Σ_t w[b,t] B_t A_t x for x [B, N, in] and weights [B, K] (one mix per sample), or [B, N, K]
         (one mix per token: region-aware attention, cidm.regions.region_cross_attention)."""
-        down, up = self.stacked(proj)
-        return low_rank_delta(x, down.to(device=x.device, dtype=x.dtype), up.to(device=x.device, dtype=x.dtype),
-                              weights, self.rank, self.scale)
+        if self.trainable is None:
+            down, up = self.frozen_on(proj, x.device, x.dtype)
+        else:
+            down, up = (t.to(device=x.device, dtype=x.dtype) for t in self.stacked(proj))
+        return low_rank_delta(x, down, up, weights, self.rank, self.scale)
 
     @classmethod
     def combined(cls, banks: list[LayerLoRABank]) -> LayerLoRABank:

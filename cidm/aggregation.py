@@ -112,6 +112,18 @@ class ConstantRouter:
         return self.weights.expand(num_layers, -1).clone()
 
 
+class RowRouter:
+    """Weights computed beforehand for every row of a batch [B, L, K] (each prompt routed once by any mode's
+    `route`, an uncond row given its cond row's weights by the caller), served per layer as the diffusers
+    backend's per-call Router."""
+
+    def __init__(self, weights: torch.Tensor):
+        self.weights = weights
+
+    def __call__(self, layer_index: int, context: torch.Tensor, cond_or_uncond: list[int] | None) -> torch.Tensor:
+        return self.weights[:, layer_index].to(context)
+
+
 def layer_contexts(prompt: LayerwisePrompt | None, context: torch.Tensor | None, num_layers: int) -> torch.Tensor:
     """[L, T, D]: the prompt's layer contexts, or its one ordinary context [T, D] for every layer.
 

@@ -189,6 +189,19 @@ class AttentionBranch:
     share: torch.Tensor
 
 
+def row_branches(context: torch.Tensor, weights: torch.Tensor | None, shares: torch.Tensor,
+                 regions: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> list[AttentionBranch]:
+    """The branches of one batch row: the row's own context [T, D] and task weights [K] (or None) over the global
+    share 1 − Σ_u shares[u], then region u's (context [T, D], weights [K] or None) over shares[u] ([U, h·w],
+    region_weights). A region context None is a mirror row's (the negative's): it keeps its own context under the
+    region's concepts, so classifier-free guidance sees the prompt difference only."""
+    branches = [AttentionBranch(context, weights, 1 - shares.sum(dim=0))]
+    for (region_context, region_weights_), share in zip(regions, shares):
+        branches.append(AttentionBranch(context if region_context is None else region_context, region_weights_,
+                                        share))
+    return branches
+
+
 def token_task_weights(rows: list[list[AttentionBranch]], num_tasks: int, like: torch.Tensor) -> torch.Tensor:
     """[B, N, K]: each image token's task weights, Σ_branches share[n] · weights (the to_q / to_out LoRA mix)."""
     out = torch.zeros(len(rows), rows[0][0].share.numel(), num_tasks, dtype=like.dtype, device=like.device)
@@ -279,7 +292,6 @@ class RegionPlan:
         `layer_context(tensor, region_id)` gives this layer's context of a region's conditioning [1, T, D],
         `route(context, region_id)` its task weights [1, K] (or None)."""
         shares = self.shares(*size).to(contexts.device)
-        global_share = 1 - shares.sum(dim=0)
         region_contexts = [layer_context(c.to(contexts), rid)[0] for c, rid in zip(self.contexts, self.region_ids)]
         routed = [route(c[None], rid) for c, rid in zip(region_contexts, self.region_ids)]
         per_chunk = contexts.shape[0] // len(ids)
@@ -288,10 +300,10 @@ class RegionPlan:
             chunk_id = ids[row // per_chunk]
             own = weights[row] if weights is not None else None
             if chunk_id not in self.cond_ids and chunk_id not in self.mirror_ids:
-                rows.append([AttentionBranch(contexts[row], own, torch.ones_like(global_share))])
+                rows.append([AttentionBranch(contexts[row], own, torch.ones_like(shares[0]))])
                 continue
             mirror = chunk_id not in self.cond_ids
-            rows.append([AttentionBranch(contexts[row], own, global_share)] + [
-                AttentionBranch(contexts[row] if mirror else context, None if w is None else w[0], share)
-                for context, w, share in zip(region_contexts, routed, shares)])
+            rows.append(row_branches(contexts[row], own, shares, [
+                (None if mirror else context, None if w is None else w[0])
+                for context, w in zip(region_contexts, routed)]))
         return rows

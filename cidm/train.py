@@ -273,6 +273,12 @@ class ConceptTrainer:
         return self.latents[indices], prompts
 
     def train_step(self) -> float:
+        """One optimizer step; returns the diffusion loss.
+
+        Raises:
+            CIDMInputError: ("lora_lr") when the loss is not finite: the step is not taken, so the factors and any
+                saved state stay as they were.
+        """
         latents, prompts = self._batch()
         device = self.denoiser.device
         latents = latents.to(device)
@@ -287,6 +293,9 @@ class ConceptTrainer:
         diffusion_loss = F.mse_loss(prediction.float(), target.float())
         current = {key: (down, up) for key, (down, up) in self.lora.items()}
         loss = diffusion_loss + self.consolidator.loss(current, self.step)
+        if not bool(torch.isfinite(loss)):
+            raise CIDMInputError("lora_lr", f"training diverged at step {self.step + 1}: the loss is "
+                                            f"{float(loss.detach())}; lower lora_lr or embedding_lr and train again")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -298,6 +307,11 @@ class ConceptTrainer:
         return diffusion_loss.item()
 
     def run(self, callbacks: TrainingCallbacks) -> TrainedTask:
+        """Trains from the current step to `config.steps` and returns the task.
+
+        Raises:
+            CIDMInputError: ("lora_lr") when training diverges (train_step).
+        """
         banks = _layer_banks(self.layers, self.active_old, self.lora, self.config.multiplier)
         router = ConstantRouter([1.0] * (len(self.active_old) + 1))
         with self.denoiser.adapted(banks, router), torch.enable_grad():

@@ -3,20 +3,20 @@ every task.
 
 Everything that learns or composes goes through the same cidm code as the ComfyUI nodes: `ConceptTrainer` (with
 `TrainingConfig.method` choosing the consolidator via `make_consolidator`), the previous tasks' LoRA factors passed
-as `old_tasks`, and at sampling time `make_router` + `LayerLoRABank` under `DiffusersDenoiser.adapted`. Only the
-sampler (DDIM with classifier-free guidance) and the judging are the benchmark's own.
+as `old_tasks`, and at sampling time the product's routers (`make_router`: `named`, the default, `elastic`, `fixed`;
+each prompt routed once, `RowRouter` serving the weights per layer) and `LayerLoRABank` under
+`DiffusersDenoiser.adapted`. Compositions use the Context-Controlled KSampler's default, region-aware
+cross-attention (`cidm.regions.region_cross_attention` through `CIDMRegionAttnProcessor`), one UNet call per step.
+Only the sampler (DDIM with classifier-free guidance) and the judging are the benchmark's own.
 
 After task t, for every learned concept c, M samples on each of K prompts "a <c> {shape} on a {bg} background"
-("a <c> on a {bg} background" for C-LoRA, which keeps the class word out; K backgrounds, including the one no training image used) give acc[t][c] (the oracle names c), strict[t][c]
-(named with p ≥ 0.9), context[t][c] (the background is right), the mean EWA weight on c's own task, and, for a
-same-shape pair, the weight on and oracle rate of the partner. Baselines: the upper bound (each concept's own
-independently trained LoRA, alone: routing by an oracle) and the composition upper bound (two such LoRAs, each
-tile's region branch under its own only), control prompts (the closest generic object, which must not come out as
-the concept), and Q5 (ordinary prompts with every concept aggregated, against the base).
-
-Compositions use region noise estimation (`cidm.regions.blend_region_predictions`, α = 0.1). Region-aware
-cross-attention (`cidm.regions.region_cross_attention`, the Context-Controlled KSampler's default since 67a942a) has
-no diffusers-side processor yet, so the toy world does not measure it.
+("a <c> on a {bg} background" for C-LoRA, which keeps the class word out; K backgrounds, including the one no
+training image used) give acc[t][c] (the oracle names c), strict[t][c] (named with p ≥ 0.9), context[t][c] (the
+background is right), the mean routing weight on c's own task, and, for a same-shape pair, the weight on and oracle
+rate of the partner. Baselines: the upper bound (each concept's own independently trained LoRA, alone: routing by
+an oracle) and the composition upper bound (two such LoRAs, each region under its own only), control prompts (the
+closest generic object, which must not come out as the concept), and Q5 (ordinary prompts with every concept
+aggregated, against the base).
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cidm.adapters import LayerLoRABank, select_layer_context
-from cidm.aggregation import ConstantRouter, ElasticRouter, make_router
-from cidm.backends.diffusers_backend import DiffusersDenoiser, DiffusersLayerwiseEncoder
+from cidm.adapters import LayerLoRABank
+from cidm.aggregation import ConstantRouter, RowRouter, make_router
+from cidm.backends.diffusers_backend import DiffusersDenoiser, DiffusersLayerwiseEncoder, RegionBatch
 from cidm.consolidation import CONSOLIDATORS, METHODS
 from cidm.data import TrainingSet
 from cidm.layers import PROJECTIONS
-from cidm.regions import blend_region_predictions
+from cidm.regions import box_mask
+from cidm.routing import LayerwisePrompt
 from cidm.tokens import ConceptVocabulary, vocabulary_from_tasks
 from cidm.train import ConceptSpec, ConceptTrainer, TrainedTask, TrainingCallbacks, TrainingConfig
 
@@ -53,7 +54,11 @@ UPPER_BOUND = "upper bound"
 # text encoder's embeddings have their own scale, so the threshold is set relative to it.
 FREEZE_AT_NORM_RATIO = 1.4
 SAMPLING_BATCH = 64
-REGION_ALPHA = 0.1  # the Context-Controlled KSampler's default, the paper's value
+HALVES = ((0.0, 0.5), (0.5, 0.5))
+# Region layouts of a two-tile composition, each region (left, width) as canvas fractions, full height; judged tile by
+# tile. Issue #14: left/right, plus overlapping and unequal boxes.
+LAYOUTS = {"left/right": HALVES, "overlapping": ((0.0, 0.625), (0.375, 0.625)),
+           "unequal": ((0.0, 0.375), (0.375, 0.625))}
 REGION_PREFIX = "regions:"  # marks composition samples among a kept run's samples
 
 
@@ -70,6 +75,7 @@ class ProtocolConfig:
     sampling_steps: int = 10
     guidance: float = 4.0
     seed: int = 0
+    layouts: tuple[str, ...] = tuple(LAYOUTS)
 
 
 @dataclass
@@ -120,10 +126,11 @@ def make_encoder(base: models.BaseModel, num_layers: int) -> DiffusersLayerwiseE
 
 
 class Composer:
-    """One base model with a set of learned concepts: encodes prompts, samples, and reports EWA weights."""
+    """One base model with a set of learned concepts: encodes prompts, routes each prompt once with the product's
+    router of `mode` (cidm.aggregation.make_router), samples, and reports routing weights."""
 
-    def __init__(self, setup: Setup, learned: list[LearnedConcept], config: ProtocolConfig, mode: str = "elastic"):
-        self.config = config
+    def __init__(self, setup: Setup, learned: list[LearnedConcept], config: ProtocolConfig, mode: str = "named"):
+        self.config, self.mode = config, mode
         self.denoiser = make_denoiser(setup.base)
         self.encoder = make_encoder(setup.base, len(self.denoiser.layers))
         self.vocabulary: ConceptVocabulary = vocabulary_from_tasks(
@@ -131,80 +138,88 @@ class Composer:
         tasks = [c.task for c in learned]
         self.banks = {layer.index: LayerLoRABank([{p: t.lora[(layer.index, p)] for p in PROJECTIONS} for t in tasks],
                                                  config.training.multiplier) for layer in self.denoiser.layers}
-        features = [t.features for t in tasks]
-        self.router = make_router(mode, features, fixed_weights=[1.0] * len(tasks)) if tasks else None
+        self.router = make_router(mode, [t.features for t in tasks], fixed_weights=[1.0] * len(tasks),
+                                  task_tokens=[c.tokens for c in learned]) if tasks else None
+        self._encoded: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.uncond = self.context("")
 
+    def encoded(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(packed layer-wise context [L·T, D], routing weights [L, K] or None without concepts) of a prompt that
+        may name learned concepts as <name>; computed once per prompt."""
+        if prompt not in self._encoded:
+            expanded = self.vocabulary.expand(prompt)
+            with torch.no_grad():
+                layers = self.encoder.encode(expanded, self.vocabulary.embeddings)
+            weights = None if self.router is None else self.router.route(
+                LayerwisePrompt(layers.float(), tuple(self.vocabulary.tokens_in(expanded)), "toyworld"), None,
+                len(self.denoiser.layers))
+            self._encoded[prompt] = layers.reshape(-1, layers.shape[-1]), weights
+        return self._encoded[prompt]
+
     def context(self, prompt: str) -> torch.Tensor:
-        """The packed layer-wise context [L·T, D] of a prompt that may name learned concepts as <name>."""
-        with torch.no_grad():
-            encoded = self.encoder.encode(self.vocabulary.expand(prompt), self.vocabulary.embeddings)
-        return encoded.reshape(-1, encoded.shape[-1])
+        return self.encoded(prompt)[0]
+
+    def task_weights(self, prompt: str) -> torch.Tensor:
+        """The router's weights [K] for a prompt, averaged over the cross-attention layers."""
+        return self.encoded(prompt)[1].mean(dim=0)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """DDIM + classifier-free guidance; the same seed gives the same starting noise whatever the method."""
-        return self._sample([prompts], seeds, models.LATENT_SHAPE, lambda guided: guided[0])
+        return self._sample(prompts, [], seeds, models.LATENT_SHAPE)
 
     @torch.no_grad()
-    def sample_regions(self, prompts: list[tuple[str, str, str]], seeds: list[int],
-                       routers: list | None = None) -> torch.Tensor:
-        """Two tiles side by side ([N, 32, 64, 3]): a global prompt, and one prompt per tile as its region. Guidance
-        per branch, then cidm's region blend with the Context-Controlled KSampler's default α. `routers`, one per
-        branch (global, left, right), route each branch on its own (the global one also routes the uncond);
-        None: the composer's router for all rows."""
+    def sample_regions(self, prompts: list[tuple[str, ...]], seeds: list[int],
+                       boxes: tuple[tuple[float, float], ...] = HALVES) -> torch.Tensor:
+        """Two tiles side by side ([N, 32, 64, 3]) by the product's region-aware cross-attention (one UNet call per
+        step): each prompt tuple is a global prompt, then one prompt per region; region u spans the canvas
+        fractions boxes[u] = (left, width), full height. Each region's image tokens attend to its own prompt
+        through only the concepts that prompt names (with `named` routing: oracle routing per region)."""
         channels, height, width = models.LATENT_SHAPE
-        left = torch.zeros(height, 2 * width)
-        left[:, :width] = 1
-        return self._sample([list(branch) for branch in zip(*prompts)], seeds, (channels, height, 2 * width),
-                            lambda guided: blend_region_predictions(guided[0], guided[1:], [left, 1 - left],
-                                                                    REGION_ALPHA), routers)
+        masks = [box_mask(left, 0.0, extent, 1.0, size=(height, 2 * width)) for left, extent in boxes]
+        return self._sample([p[0] for p in prompts], [[p[1 + u] for p in prompts] for u in range(len(boxes))],
+                            seeds, (channels, height, 2 * width), masks)
 
-    def _sample(self, branches: list[list[str]], seeds: list[int], shape: tuple[int, ...],
-                combine: Callable[[list[torch.Tensor]], torch.Tensor], routers: list | None = None) -> torch.Tensor:
+    def _sample(self, prompts: list[str], regions: list[list[str]], seeds: list[int], shape: tuple[int, ...],
+                masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         chunks = []
         for start in range(0, len(seeds), SAMPLING_BATCH):
-            contexts = [torch.stack([self.context(p) for p in prompts[start:start + SAMPLING_BATCH]])
-                        for prompts in branches]
-            noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s))
-                     for s in seeds[start:start + SAMPLING_BATCH]]
-            chunks.append(self._denoise(torch.stack(noise), contexts, combine, routers))
+            batch = slice(start, start + SAMPLING_BATCH)
+            noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds[batch]]
+            chunks.append(self._denoise(torch.stack(noise), prompts[batch], [r[batch] for r in regions], masks))
         return torch.cat(chunks)
 
-    def _predict(self, latents: torch.Tensor, timestep: torch.Tensor, rows: list[torch.Tensor],
-                 router) -> tuple[torch.Tensor, ...]:
-        """One model call for these context rows, labelled 0, 1, 2… as ComfyUI labels positive, negative and
-        further conds (so the router gives the uncond the first row's weights)."""
-        adapted = self.denoiser.adapted(self.banks, router) if router else contextlib.nullcontext()
-        with adapted:
-            return self.denoiser.predict(torch.cat([latents] * len(rows)), timestep.expand(len(latents) * len(rows)),
-                                         torch.cat(rows), cond_or_uncond=list(range(len(rows))) if router else None
-                                         ).chunk(len(rows))
+    def _rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(contexts [2B, L·T, D], weights [2B, L, K] or None) of the cond rows, then the uncond rows; an uncond row
+        gets its cond row's weights ("match cond")."""
+        encoded = [self.encoded(p) for p in prompts]
+        contexts = torch.stack([c for c, _ in encoded] + [self.uncond] * len(prompts))
+        if self.router is None:
+            return contexts, None
+        weights = torch.stack([w for _, w in encoded])
+        return contexts, torch.cat([weights, weights])
 
-    def _denoise(self, latents: torch.Tensor, branches: list[torch.Tensor],
-                 combine: Callable[[list[torch.Tensor]], torch.Tensor], routers: list | None = None) -> torch.Tensor:
-        """Per step the first cond branch, the uncond, then the other branches: in one batch under the composer's
-        router, or with `routers` the first two under routers[0] and each other branch under its own."""
+    def _denoise(self, latents: torch.Tensor, prompts: list[str], regions: list[list[str]],
+                 masks: list[torch.Tensor] | None) -> torch.Tensor:
+        """Cond and uncond rows in one model call per step, then classifier-free guidance."""
         scheduler = models.sampling_scheduler(self.denoiser.scheduler, self.config.sampling_steps)
-        rows = [branches[0], self.uncond.expand_as(branches[0]), *branches[1:]]
-        for timestep in scheduler.timesteps:
-            if routers is None:
-                predictions = self._predict(latents, timestep, rows, self.router)
-            else:
-                predictions = self._predict(latents, timestep, rows[:2], routers[0])
-                for row, router in zip(rows[2:], routers[1:]):
-                    predictions += self._predict(latents, timestep, [row], router)
-            uncond = predictions[1]
-            guided = [uncond + self.config.guidance * (p - uncond) for p in (predictions[0], *predictions[2:])]
-            latents = scheduler.step(combine(guided), timestep, latents).prev_sample
+        contexts, weights = self._rows(prompts)
+        adapted = contextlib.nullcontext()
+        if weights is not None or regions:
+            batch = None
+            if regions:
+                routed = [self._rows(r) for r in regions]
+                batch = RegionBatch(masks, [c for c, _ in routed], [w for _, w in routed],
+                                    [False] * len(prompts) + [True] * len(prompts), tuple(latents.shape[-2:]))
+            router = RowRouter(weights) if weights is not None else ConstantRouter([])
+            adapted = self.denoiser.adapted(self.banks, router, batch)
+        with adapted:
+            for timestep in scheduler.timesteps:
+                cond, uncond = self.denoiser.predict(torch.cat([latents] * 2), timestep.expand(2 * len(latents)),
+                                                     contexts).chunk(2)
+                latents = scheduler.step(uncond + self.config.guidance * (cond - uncond), timestep,
+                                         latents).prev_sample
         return models.to_images(latents)
-
-    def task_weights(self, prompt: str) -> torch.Tensor:
-        """The router's weights [K] for a prompt's cond row, averaged over the cross-attention layers."""
-        context = self.context(prompt)[None]
-        count, per_layer = len(self.denoiser.layers), self.encoder.tokens_per_layer
-        return torch.stack([self.router(layer, select_layer_context(context, layer, count, per_layer), None)[0]
-                            for layer in range(count)]).mean(dim=0)
 
 
 def _rate(flags) -> float:
@@ -226,11 +241,11 @@ def judge_concept(composer: Composer, item: LearnedConcept, partner: str | None,
               "context": _rate([p == bg for p, bg in zip(verdict.predictions["background"], backgrounds)]),
               "garbage": _rate([n == GARBAGE for n in named]),
               "partner_rate": _rate([n == partner for n in named]) if partner else None}
-    if isinstance(composer.router, ElasticRouter):
+    if composer.router is not None:
         learned = list(composer.vocabulary.concept_tokens)
         weights = torch.stack([composer.task_weights(item.caption(bg)) for bg in config.backgrounds]).mean(dim=0)
-        scores["ewa_right"] = float(weights[learned.index(concept.name)])
-        scores["ewa_partner"] = float(weights[learned.index(partner)]) if partner else None
+        scores["weight_right"] = float(weights[learned.index(concept.name)])
+        scores["weight_partner"] = float(weights[learned.index(partner)]) if partner else None
     return scores, images
 
 
@@ -252,26 +267,36 @@ def composition_prompts(first: LearnedConcept, second: LearnedConcept, backgroun
     return world.scene_caption(phrases, background), first.caption(background), second.caption(background)
 
 
-PairSampler = Callable[[LearnedConcept, LearnedConcept, list[tuple[str, str, str]], list[int]], torch.Tensor]
+PairSampler = Callable[[LearnedConcept, LearnedConcept, list[tuple[str, str, str]], list[int],
+                        tuple[tuple[float, float], ...]], torch.Tensor]
 
 
 def judge_regions(pairs: list[tuple[LearnedConcept, LearnedConcept]], sample_pair: PairSampler,
                   config: ProtocolConfig, oracle: Oracle) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Two-concept compositions: is each concept drawn in its own tile (judged tile by tile)? `sample_pair` draws a
-    pair's [N, 32, 64, 3] samples for its (global, left, right) prompts."""
+    """Two-concept compositions, per layout of `config.layouts` and pair: is each concept drawn in its own tile
+    (judged tile by tile), and how often does a tile show the other concept (bleed)? `sample_pair` draws a pair's
+    [N, 32, 64, 3] samples for its (global, left, right) prompts and region boxes. Samples are kept for the
+    left/right layout."""
     scores, samples = {}, {}
-    for a, b in pairs:
-        prompts = [composition_prompts(a, b, bg) for bg in config.backgrounds for _ in range(config.samples_per_prompt)]
-        images = sample_pair(a, b, prompts, [config.seed * 1000 + i for i in range(len(prompts))])
-        tiles = images.shape[2] // 2
-        left, right = (judge(oracle, tile).predictions["concept"] for tile in (images[:, :, :tiles],
-                                                                              images[:, :, tiles:]))
-        name = f"{a.concept.name}+{b.concept.name}"
-        scores[name] = {"both": _rate([x == a.concept.name and y == b.concept.name for x, y in zip(left, right)]),
-                        "left": _rate([x == a.concept.name for x in left]),
-                        "right": _rate([y == b.concept.name for y in right]),
-                        "same_shape": a.concept.look.shape == b.concept.look.shape}
-        samples[name] = images
+    for layout in config.layouts:
+        scores[layout] = {}
+        for a, b in pairs:
+            prompts = [composition_prompts(a, b, bg) for bg in config.backgrounds
+                       for _ in range(config.samples_per_prompt)]
+            images = sample_pair(a, b, prompts, [config.seed * 1000 + i for i in range(len(prompts))],
+                                 LAYOUTS[layout])
+            tiles = images.shape[2] // 2
+            left, right = (judge(oracle, tile).predictions["concept"] for tile in (images[:, :, :tiles],
+                                                                                  images[:, :, tiles:]))
+            first, second = a.concept.name, b.concept.name
+            name = f"{first}+{second}"
+            scores[layout][name] = {
+                "both": _rate([x == first and y == second for x, y in zip(left, right)]),
+                "left": _rate([x == first for x in left]), "right": _rate([y == second for y in right]),
+                "bleed": _rate([x == second or y == first for x, y in zip(left, right)]),
+                "same_shape": a.concept.look.shape == b.concept.look.shape}
+            if LAYOUTS[layout] == HALVES:
+                samples[name] = images
     return scores, samples
 
 
@@ -369,19 +394,19 @@ def summary(stages: list[dict[str, dict]], names: list[str]) -> dict:
         return _rate([final[n][key] for n in final if final[n].get(key) is not None])
 
     return {"final_acc": mean("acc"), "final_strict": mean("strict"), "final_context": mean("context"),
-            "final_garbage": mean("garbage"), "final_ewa_right": mean("ewa_right"),
-            "final_ewa_partner": mean("ewa_partner"), "final_partner_rate": mean("partner_rate"),
+            "final_garbage": mean("garbage"), "final_weight_right": mean("weight_right"),
+            "final_weight_partner": mean("weight_partner"), "final_partner_rate": mean("partner_rate"),
             "forgetting": forgetting(stages, names),
-            **{key: matrix(stages, names, key) for key in ("acc", "strict", "context", "ewa_right", "ewa_partner",
-                                                         "partner_rate")}}
+            **{key: matrix(stages, names, key) for key in ("acc", "strict", "context", "weight_right",
+                                                         "weight_partner", "partner_rate")}}
 
 
 def composition_modes(method: str) -> tuple[str, ...]:
-    """How a method's tasks are composed at sampling time, the first as trained. Methods that train a task on top of
-    the earlier ones (c-lora, finetune) sum all tasks at weight 1, as in the C-LoRA paper; cidm routes with EWA, and
-    is also judged with one-hot routing (the argmax of the same scores, a mode of Elastic Aggregate), which tells a
-    routing failure from a consolidation failure."""
-    return ("fixed",) if CONSOLIDATORS[method].uses_old_in_forward else ("elastic", "one-hot")
+    """How a method's tasks are composed at sampling time, the first as reported. Methods that train a task on top
+    of the earlier ones (c-lora, finetune) sum all tasks at weight 1, as in the C-LoRA paper; cidm routes with the
+    product's default, `named` (the tasks the prompt names, at full strength), and is also judged with the paper's
+    `elastic` weights (EWA), the same LoRAs under the paper's router."""
+    return ("fixed",) if CONSOLIDATORS[method].uses_old_in_forward else ("named", "elastic")
 
 
 def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[[str], None]) -> MethodRun:
@@ -406,10 +431,10 @@ def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[
     scores["control"] = control_rates(composer, [c.concept for c in learned], config, setup.oracle)
     scores["generic"] = generic_accuracy(composer, config, setup.oracle)
     scores["regions"], region_samples = judge_regions(
-        region_pairs(learned, setup.world), lambda a, b, prompts, seeds: composer.sample_regions(prompts, seeds),
-        config, setup.oracle)
+        region_pairs(learned, setup.world),
+        lambda a, b, prompts, seeds, boxes: composer.sample_regions(prompts, seeds, boxes), config, setup.oracle)
     scores["composition"] = modes[0]
-    scores["other_compositions"] = {mode: {**summary(stages[mode], names),
+    scores["other_compositions"] = {mode: {**summary(stages[mode], names), "composition": mode,
                                            "generic": generic_accuracy(composers[mode], config, setup.oracle)}
                                     for mode in modes[1:]}
     scores["seconds"] = time.monotonic() - started
@@ -419,13 +444,12 @@ def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[
 
 
 def oracle_routed_pair(setup: Setup, config: ProtocolConfig) -> PairSampler:
-    """Samples a pair with the two concepts' own LoRAs, routed by an oracle: each tile's region branch applies only
-    its own concept's LoRA, the global branch (which names both) both of them."""
-    def sample(a: LearnedConcept, b: LearnedConcept, prompts: list[tuple[str, str, str]],
-               seeds: list[int]) -> torch.Tensor:
-        composer = Composer(setup, [a, b], config, mode="fixed")
-        routers = [ConstantRouter([1.0, 1.0]), ConstantRouter([1.0, 0.0]), ConstantRouter([0.0, 1.0])]
-        return composer.sample_regions(prompts, seeds, routers)
+    """Samples a pair with the two concepts' own LoRAs (trained alone) under `named` routing: each region applies
+    only the concept its prompt names, the global prompt (which names both) both of them; oracle routing per
+    region."""
+    def sample(a: LearnedConcept, b: LearnedConcept, prompts: list[tuple[str, str, str]], seeds: list[int],
+               boxes: tuple[tuple[float, float], ...]) -> torch.Tensor:
+        return Composer(setup, [a, b], config, mode="named").sample_regions(prompts, seeds, boxes)
     return sample
 
 

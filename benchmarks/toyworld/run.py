@@ -55,17 +55,20 @@ def protocol_key(base_config, oracle_config, protocol_config) -> str:
     return digest.hexdigest()[:16]
 
 
-def configurations(smoke: bool, world_seed: int) -> tuple:
-    """(base, oracle, protocol): the oracle knows the world seed's concepts; the base model is the same for all."""
+def configurations(smoke: bool, world_seed: int, methods: tuple[str, ...] | None = None) -> tuple:
+    """(base, oracle, protocol): the oracle knows the world seed's concepts; the base model is the same for all.
+    `methods` (default: all) does not change where finished runs are kept."""
     base_config, oracle_config, protocol_config = SMOKE if smoke else FULL
+    if methods:
+        protocol_config = dataclasses.replace(protocol_config, methods=tuple(methods))
     return base_config, dataclasses.replace(oracle_config, world_seed=world_seed), protocol_config
 
 
-def setup(smoke: bool, cache: Path, threads: int | None, log,
-          world_seed: int = 0) -> tuple[protocol.Setup, tuple, Path]:
+def setup(smoke: bool, cache: Path, threads: int | None, log, world_seed: int = 0,
+          methods: tuple[str, ...] | None = None) -> tuple[protocol.Setup, tuple, Path]:
     """The base model and oracle, the three configurations (base, oracle, protocol) and the folder where finished
     methods are kept."""
-    configs = base_config, oracle_config, protocol_config = configurations(smoke, world_seed)
+    configs = base_config, oracle_config, protocol_config = configurations(smoke, world_seed, methods)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(protocol_config.seed)
@@ -84,9 +87,10 @@ def run_only(names: list[str], smoke: bool, cache: Path = models.CACHE, threads:
 
 
 def run(smoke: bool, out: Path, cache: Path = models.CACHE, threads: int | None = None,
-        log=print, world_seed: int = 0) -> tuple[dict, dict[str, protocol.MethodRun]]:
+        log=print, world_seed: int = 0,
+        methods: tuple[str, ...] | None = None) -> tuple[dict, dict[str, protocol.MethodRun]]:
     started = time.monotonic()
-    context, (base_config, _, protocol_config), finished = setup(smoke, cache, threads, log, world_seed)
+    context, (base_config, _, protocol_config), finished = setup(smoke, cache, threads, log, world_seed, methods)
     results, runs = protocol.run_protocol(context, protocol_config, log, finished)
     results["oracle"] = oracle.held_out_accuracy(context.oracle, context.world, 60 if smoke else 600,
                                                  ORACLE_CHECK_SEED)
@@ -112,6 +116,8 @@ def main() -> None:
                         help="run only these (methods, or upper-bound) and keep them in the cache without writing "
                         "results; on a machine with free cores, split the runs over processes this way, then run "
                         "the plain command to collect them")
+    parser.add_argument("--methods", nargs="+", choices=protocol.METHODS,
+                        help="report only these methods (default: all), beside the upper bound")
     args = parser.parse_args()
     threads = args.threads or (1 if args.smoke else None)
     if args.only:
@@ -119,7 +125,7 @@ def main() -> None:
         print(f"kept in {run_only(names, args.smoke, args.cache, threads, world_seed=args.world_seed)}")
         return
     out = args.out or (args.cache / "smoke-results" if args.smoke else RESULTS / f"world-{args.world_seed}")
-    results, _ = run(args.smoke, out, args.cache, threads, world_seed=args.world_seed)
+    results, _ = run(args.smoke, out, args.cache, threads, world_seed=args.world_seed, methods=args.methods)
     print(f"results in {out} (results.md, results.json, PNGs) after {results['seconds'] / 60:.1f} min")
 
 

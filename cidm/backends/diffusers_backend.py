@@ -4,14 +4,17 @@ noise scheduler and a CLIP-style text encoder. Used for library work outside Com
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from ..adapters import ConceptCrossAttention, LayerLoRABank
+from ..adapters import ConceptCrossAttention, LayerLoRABank, scaled_dot_product_heads, select_layer_context
 from ..errors import CIDMInputError
 from ..layers import cross_attention_layers, get_submodule
+from ..regions import region_cross_attention, region_weights, row_branches
 from ..tokens import TOKEN_PATTERN
 
 SENTINEL_WORDS = ("sks", "xqz", "zwx", "qxv")
@@ -29,6 +32,73 @@ class CIDMAttnProcessor:
                  **kwargs):
         out = self.concept_attention.forward_layer(hidden_states, encoder_hidden_states,
                                                    cond_or_uncond=cond_or_uncond)
+        return out / attn.rescale_output_factor
+
+
+@dataclass
+class RegionBatch:
+    """The regions of every row of one UNet batch of B rows, for region-aware cross-attention
+    (cidm.regions.region_cross_attention) in a diffusers UNet.
+
+    masks: U canvas masks [H, W] in [0, 1] (any resolution; shares per attention resolution by region_weights).
+    contexts: U tensors [B, L·T, D]: region u's packed layer contexts for each row (what a row's region attends to).
+    weights: U tensors [B, L, K]: region u's task weights for each row, per layer.
+    mirror: B flags: a mirror row (the negative of classifier-free guidance) keeps its own context in every region
+        but takes the region's concepts, so guidance sees the prompt difference only.
+    latent_size: (H, W) of the UNet input, from which each layer's attention grid is derived."""
+
+    masks: list[torch.Tensor]
+    contexts: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    mirror: list[bool]
+    latent_size: tuple[int, int]
+    _shares: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def grid(self, tokens: int) -> tuple[int, int]:
+        """(h, w) of an attention layer with `tokens` image tokens (the UNet halves both sides per level).
+
+        Raises:
+            CIDMInputError: ("latent") when no power-of-two downscale of the latent size has that many tokens.
+        """
+        height, width = self.latent_size
+        factor = round(math.sqrt(height * width / tokens))
+        if factor < 1 or height % factor or width % factor or (height // factor) * (width // factor) != tokens:
+            raise CIDMInputError("latent", f"a {height}×{width} latent has no attention grid of {tokens} tokens")
+        return height // factor, width // factor
+
+    def shares(self, tokens: int) -> torch.Tensor:
+        """[U, tokens]: each region's share of every image token at this resolution (computed once)."""
+        size = self.grid(tokens)
+        if size not in self._shares:
+            self._shares[size] = region_weights(self.masks, *size).reshape(len(self.masks), -1)
+        return self._shares[size]
+
+
+class CIDMRegionAttnProcessor:
+    """A diffusers attention processor for attn2 that runs region-aware cross-attention: each image token attends
+    to its regions' layer contexts through only their concepts' LoRAs, outside every region to the row's own
+    prompt under the router's weights (one instance per layer; the regions ride in a RegionBatch)."""
+
+    def __init__(self, attention: nn.Module, layer, bank: LayerLoRABank, router, num_layers: int,
+                 tokens_per_layer: int, regions: RegionBatch):
+        self.concept_attention = ConceptCrossAttention(attention, layer, bank, router, num_layers, tokens_per_layer)
+        self.regions = regions
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, cond_or_uncond=None,
+                 **kwargs):
+        module = self.concept_attention
+        index, count, per_layer = module.layer.index, module.num_layers, module.tokens_per_layer
+        context = select_layer_context(encoder_hidden_states, index, count, per_layer)
+        weights = module.router(index, context, cond_or_uncond) if module.bank.num_tasks else None
+        shares = self.regions.shares(hidden_states.shape[1]).to(hidden_states)
+        rows = []
+        for row in range(hidden_states.shape[0]):
+            regions = [(None if self.regions.mirror[row]
+                        else select_layer_context(contexts[row:row + 1], index, count, per_layer)[0],
+                        region_weights_[row, index] if module.bank.num_tasks else None)
+                       for contexts, region_weights_ in zip(self.regions.contexts, self.regions.weights)]
+            rows.append(row_branches(context[row], None if weights is None else weights[row], shares, regions))
+        out = region_cross_attention(module, hidden_states, rows, scaled_dot_product_heads)
         return out / attn.rescale_output_factor
 
 
@@ -91,7 +161,10 @@ class DiffusersDenoiser:
         return self.scheduler.get_velocity(latents, noise, level.to(latents.device))
 
     @contextlib.contextmanager
-    def adapted(self, banks, router):
+    def adapted(self, banks, router, regions: RegionBatch | None = None):
+        """Every attn2 runs the layer's LoRA bank (`banks[layer index]`) under `router`; with `regions`,
+        region-aware cross-attention (CIDMRegionAttnProcessor) instead. The UNet's own processors come back on
+        exit."""
         concept_layers = {layer.path: layer for layer in self.layers}
         originals = {}
         try:
@@ -100,9 +173,12 @@ class DiffusersDenoiser:
                     continue
                 originals[path] = attention.processor
                 layer = concept_layers.get(path)
-                attention.set_processor(
-                    CIDMAttnProcessor(attention, layer, banks[layer.index], router, len(self.layers),
-                                      self.tokens_per_layer) if layer else LabelIgnoringProcessor(attention.processor))
+                if layer is None:
+                    attention.set_processor(LabelIgnoringProcessor(attention.processor))
+                    continue
+                arguments = (attention, layer, banks[layer.index], router, len(self.layers), self.tokens_per_layer)
+                attention.set_processor(CIDMAttnProcessor(*arguments) if regions is None
+                                        else CIDMRegionAttnProcessor(*arguments, regions))
             yield
         finally:
             for path, processor in originals.items():

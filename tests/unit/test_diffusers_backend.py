@@ -11,8 +11,8 @@ from diffusers.models import attention_processor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from cidm.adapters import LayerLoRABank
-from cidm.aggregation import make_router
-from cidm.backends.diffusers_backend import DiffusersDenoiser, DiffusersLayerwiseEncoder
+from cidm.aggregation import RowRouter, make_router
+from cidm.backends.diffusers_backend import DiffusersDenoiser, DiffusersLayerwiseEncoder, RegionBatch
 from cidm.consolidation import ConsolidationWeights
 from cidm.data import TrainingSet
 from cidm.errors import CIDMInputError
@@ -136,6 +136,68 @@ def test_cond_uncond_layout_reaches_the_router_and_the_other_processors_quietly(
     assert seen and all(layout == [0, 1] for layout in seen)
     assert not warnings
     assert {name: type(processor) for name, processor in unet.attn_processors.items()} == originals
+
+
+def test_a_diverging_training_stops_with_an_error_naming_the_learning_rate(tiny_world):
+    """The first non-finite loss stops training before the optimizer step, so no factor turns NaN."""
+    tokenizer, text_encoder, unet = tiny_world
+    denoiser = DiffusersDenoiser(unet, DDPMScheduler(num_train_timesteps=1000), tokens_per_layer=TOKENS)
+    trainer = ConceptTrainer(denoiser, DiffusersLayerwiseEncoder(tokenizer, text_encoder, len(denoiser.layers)),
+                             images((1.0, 1.0, 0.0)), ConceptSpec("sun", ["<sun1>"], [None]), [],
+                             TrainingConfig(steps=4, lora_lr=1e-2))
+    healthy = denoiser.target
+    calls = []
+
+    def diverging(*args):
+        calls.append(1)
+        target = healthy(*args)
+        return target * float("nan") if len(calls) == 3 else target
+
+    with mock.patch.object(denoiser, "target", diverging), pytest.raises(CIDMInputError, match="lora_lr") as error:
+        trainer.run(TrainingCallbacks())
+    assert "diverged at step 3" in str(error.value)
+    assert trainer.step == 2 and all(bool(torch.isfinite(t).all()) for pair in trainer.lora.values() for t in pair)
+
+
+def random_banks(denoiser, tasks: int, seed: int) -> dict[int, LayerLoRABank]:
+    generator = torch.Generator().manual_seed(seed)
+    return {layer.index: LayerLoRABank([{p: (torch.randn(2, i, generator=generator) * 0.3,
+                                             torch.randn(o, 2, generator=generator) * 0.3)
+                                         for p, (o, i) in layer.projection_shapes().items()} for _ in range(tasks)],
+                                       1.0) for layer in denoiser.layers}
+
+
+def test_region_attention_processor_gives_each_region_its_prompt_and_concepts(tiny_world):
+    """A region over the whole canvas replaces the row's prompt and routing in every layer; a mirror row keeps its
+    own context under the region's concepts; a region covering nothing changes nothing. On a 16×32 latent (the
+    attention grids 16×32 and 8×16 are derived from the token counts)."""
+    _, _, unet = tiny_world
+    denoiser = DiffusersDenoiser(unet, DDPMScheduler(num_train_timesteps=1000), tokens_per_layer=TOKENS)
+    banks = random_banks(denoiser, tasks=2, seed=3)
+    layers = len(denoiser.layers)
+    generator = torch.Generator().manual_seed(4)
+    noisy = torch.randn(2, 3, 16, 32, generator=generator)
+    level = torch.tensor([500, 500])
+    own, region = (torch.randn(2, layers * TOKENS, WIDTH, generator=generator) for _ in range(2))
+    own_weights = torch.tensor([1.0, 0.0]).expand(2, layers, 2)
+    region_weights = torch.tensor([0.0, 1.0]).expand(2, layers, 2)
+
+    def predict(context, weights, regions=None):
+        with torch.no_grad(), denoiser.adapted(banks, RowRouter(weights), regions):
+            return denoiser.predict(noisy, level, context)
+
+    everywhere, nowhere = torch.ones(8, 16), torch.zeros(8, 16)
+    whole = RegionBatch([everywhere], [region], [region_weights], [False, True], (16, 32))
+    out = predict(own, own_weights, whole)
+    expected_cond = predict(region, region_weights)[0]
+    expected_mirror = predict(own, region_weights)[1]
+    assert torch.allclose(out[0], expected_cond, atol=1e-5), "a cond row attends to its region's prompt"
+    assert torch.allclose(out[1], expected_mirror, atol=1e-5), "a mirror row keeps its context, takes the concepts"
+    assert not torch.allclose(out[0], predict(own, own_weights)[0], atol=1e-3)
+    empty = predict(own, own_weights, RegionBatch([nowhere], [region], [region_weights], [False, False], (16, 32)))
+    assert torch.allclose(empty, predict(own, own_weights), atol=1e-5)
+    with pytest.raises(CIDMInputError, match="latent"):
+        RegionBatch([everywhere], [region], [region_weights], [False, False], (16, 32)).grid(100)
 
 
 @pytest.mark.parametrize("damage", ["missing tensor", "wrong shape", "wrong dtype", "step past the end"])

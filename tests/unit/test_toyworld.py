@@ -93,20 +93,24 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
         assert len(scores["acc"]) == tasks and all(len(row) == tasks for row in scores["acc"])
         assert all(scores["acc"][t][c] is None for t in range(tasks) for c in range(t + 1, tasks))
         assert all(0 <= scores["acc"][t][c] <= 1 for t in range(tasks) for c in range(t + 1))
-        # composed as trained: EWA for cidm, the sum of all tasks for the methods that train on top of the old ones
-        assert scores["composition"] == ("elastic" if method.startswith("cidm") else "fixed")
-        assert list(scores["other_compositions"]) == (["one-hot"] if method.startswith("cidm") else [])
-        if scores["composition"] == "elastic":
-            assert 0 <= scores["ewa_right"][-1][0] <= 1
-        assert list(scores["regions"]) == ["zarp+quil"]
-        assert all(0 <= scores["regions"]["zarp+quil"][key] <= 1 for key in ("both", "left", "right"))
+        # cidm under the product's named routing (and the paper's elastic beside it); the methods that train on
+        # top of the old tasks as the sum of all tasks
+        assert scores["composition"] == ("named" if method.startswith("cidm") else "fixed")
+        assert list(scores["other_compositions"]) == (["elastic"] if method.startswith("cidm") else [])
+        if scores["composition"] == "named":
+            # the zarp prompt names zarp only: weight 1 on it, 0 on its partner quil
+            assert scores["weight_right"][-1] == [1.0, 1.0] and scores["weight_partner"][-1] == [0.0, 0.0]
+        for layout in protocol.LAYOUTS:
+            assert list(scores["regions"][layout]) == ["zarp+quil"]
+            assert all(0 <= scores["regions"][layout]["zarp+quil"][key] <= 1
+                       for key in ("both", "left", "right", "bleed"))
     assert len(written["upper bound"]["acc"]) == tasks
-    assert list(written["upper bound"]["regions"]) == ["zarp+quil"], "the composition upper bound"
-    assert "| composition upper bound |" in (out / "results.md").read_text()
+    assert list(written["upper bound"]["regions"]["left/right"]) == ["zarp+quil"], "the composition upper bound"
+    assert "| composition upper bound | unequal |" in (out / "results.md").read_text()
     assert written["same_shape_pairs"], "the smoke tasks are a same-shape pair, so EWA is tested on one"
     assert (out / "acc-cidm.png").exists() and (out / "samples-cidm.png").exists() and (out / "curves.png").exists()
     assert all(f"| Q{q} " in (out / "results.md").read_text() for q in (1, 2, 4, 5))
-    assert (out / "acc-cidm-one-hot.png").exists() and "| cidm, one-hot |" in (out / "results.md").read_text()
+    assert (out / "acc-cidm-elastic.png").exists() and "| cidm, elastic |" in (out / "results.md").read_text()
     assert (out / "regions-cidm.png").exists() and "Two-concept compositions" in (out / "results.md").read_text()
 
 
