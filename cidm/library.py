@@ -331,6 +331,22 @@ def _comparable(value):
     return json.loads(json.dumps(value, allow_nan=False))
 
 
+def _differences(recorded: dict, inputs: dict) -> list[tuple[str, object, object]]:
+    """(key, recorded value, new value) for every input that differs from what was recorded, dict values key by key
+    ("consolidation.clora"); keys that were not recorded are not compared."""
+    found = []
+    for key, value in inputs.items():
+        if key not in recorded or recorded[key] == value:
+            continue
+        old = recorded[key]
+        if isinstance(old, dict) and isinstance(value, dict):
+            found += [(f"{key}.{sub}", old.get(sub), value.get(sub)) for sub in sorted(set(old) | set(value))
+                      if old.get(sub) != value.get(sub)]
+        else:
+            found.append((key, old, value))
+    return found
+
+
 def _shown(value, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 1] + "…"
@@ -546,12 +562,14 @@ class ConceptLibrary:
                 raise CIDMInputError("tokens", f"{token} is already used by task {task.index} ({task.concept}) of "
                                                f"library {self.name} as {kind} (ignoring case); choose another token")
 
-    def trained_task(self, concept: str, inputs: dict) -> TaskRecord | None:
+    def trained_task(self, concept: str, inputs: dict, input_names: dict[str, str] | None = None) -> TaskRecord | None:
         """The task that already holds `concept` when it was trained with the same `inputs`, so a re-run can reuse
         it; None when the library has no such concept.
 
         `inputs` maps record fields (tokens, method, rank, multiplier, steps, seed) and hyperparameter keys to the
-        values a new run would store; keys an older task did not record are not compared.
+        values a new run would store; keys an older task did not record are not compared. A dict value is compared
+        key by key, as "key.subkey". `input_names` maps those keys to what the caller calls them (a node's input
+        names), for the error.
 
         Raises:
             CIDMInputError: ("concept") naming every input that differs and how to proceed.
@@ -562,8 +580,9 @@ class ConceptLibrary:
         recorded = {**task.hyperparameters, **{key: value for key, value in task.to_json().items()
                                                if key not in ("hyperparameters", "index", "file", "sha256",
                                                               "created", "concept")}}
-        changed = [f"{key} {_shown(recorded[key])} -> {_shown(value)}" for key, value in _comparable(inputs).items()
-                   if key in recorded and recorded[key] != value]
+        names = input_names or {}
+        changed = [f"{names.get(key, key)} {_shown(old)} -> {_shown(new)}"
+                   for key, old, new in _differences(recorded, _comparable(inputs))]
         if changed:
             raise CIDMInputError(
                 "concept",

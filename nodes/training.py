@@ -57,6 +57,10 @@ def gather_examples(images: list[torch.Tensor], folder: str):
 
 # Settings that change how a training runs but not what it learns: a re-run may differ in them and still reuse.
 RUN_SETTINGS = ("save_every", "gradient_checkpointing")
+# Recorded settings under the names of the inputs that set them (Concept Training Options, Train Concept Increment).
+INPUT_NAMES = {"seed": "training_seed", "consolidation.orthogonal": "orthogonal_weight",
+               "consolidation.shared": "shared_weight", "consolidation.clora": "clora_lambda",
+               "training_data": "images (their pixels or captions)"}
 
 
 def task_settings(config: TrainingConfig, resolution: int, class_words: list[str], training_set) -> dict:
@@ -91,7 +95,7 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     if library is not None:
         library.check_base_model(info["fingerprint"], info["num_layers"])
         check_text_encoder(library, info[TEXT_ENCODER_KEY])
-        reused = library.trained_task(concept, {"tokens": token_list, **settings})
+        reused = library.trained_task(concept, {"tokens": token_list, **settings}, INPUT_NAMES)
         if reused is not None:
             return reuse(library, reused, node_id)
         library.check_new_task(concept, token_list)

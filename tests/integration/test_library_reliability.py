@@ -42,7 +42,7 @@ def test_changed_input_for_an_existing_concept_names_what_changed(comfy):
     comfy.run(train_graph("changed", "dog", folder).prompt())
     before = snapshot(library_root(comfy, "changed"))
     error = comfy.run_expecting_error(train_graph("changed", "dog", folder, steps=4, training_seed=2).prompt())
-    assert "concept:" in error and "steps 3 -> 4" in error and "seed 0 -> 2" in error, error
+    assert "concept:" in error and "steps 3 -> 4" in error and "training_seed 0 -> 2" in error, error
     assert "new name" in error
     assert snapshot(library_root(comfy, "changed")) == before
 

@@ -417,6 +417,17 @@ def test_changed_input_of_an_existing_concept_names_what_changed(library_with_on
         library_with_one_task.trained_task("dog", {**SETTINGS, "tokens": ("<dog1>",)})
 
 
+def test_changed_inputs_are_named_as_the_caller_names_them_and_dicts_key_by_key(tmp_path):
+    library = ConceptLibrary.create(tmp_path / "pets", BASE_MODEL)
+    recorded = {"seed": 1, "consolidation": {"orthogonal": 0.1, "clora": 1.0}}
+    append(library, "dog", ["<dog1>"], seed=1, hyperparameters=recorded)
+    names = {"seed": "training_seed", "consolidation.clora": "clora_lambda"}
+    with pytest.raises(CIDMInputError) as error:
+        library.trained_task("dog", {"seed": 2, "consolidation": {"orthogonal": 0.1, "clora": 10.0}}, names)
+    assert "training_seed 1 -> 2; clora_lambda 1.0 -> 10.0" in str(error.value)
+    assert "orthogonal" not in str(error.value), "an unchanged setting of a group is not listed"
+
+
 # What is on disk decides (issue 16, kind 1) -----------------------------------------------------------------------
 def test_content_id_identifies_what_the_library_holds(tmp_path):
     first = ConceptLibrary.create(tmp_path / "a" / "pets", BASE_MODEL)
