@@ -12,7 +12,7 @@ import comfy.model_management
 import comfy.utils
 from server import PromptServer
 
-from ..cidm.consolidation import METHODS
+from ..cidm.consolidation import CONSOLIDATORS, METHODS
 from ..cidm.data import build_training_set, examples_from_image_batch, load_concept_folder
 from ..cidm.errors import CIDMInputError
 from ..cidm.library import ConceptLibrary, TaskData, TaskRecord, validate_name, validate_tokens
@@ -87,7 +87,8 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     check_trainable(model)
     encoder = ComfyLayerwiseEncoder(clip, info["num_layers"])
     info[TEXT_ENCODER_KEY] = text_encoder_fingerprint(encoder)
-    words = class_words.split()
+    # Methods that keep the class word out (c-lora) start every token random: their class words are not recorded.
+    words = class_words.split() if CONSOLIDATORS[config.method].class_word_in_prompt else []
     training_set = build_training_set(gather_examples(images, folder), resolution, config.seed)
     settings = task_settings(config, resolution, words, training_set)
     library = ConceptLibrary.open(root) if ref.content is not None else None

@@ -59,7 +59,8 @@ def _inputs() -> list:
         io.String.Input("tokens", default=d.tokens, tooltip="Concept tokens, e.g. '<dog1> <dog2>'. Empty: two "
                         "tokens <name1> <name2> from the concept name."),
         io.String.Input("class_words", default=d.class_words, tooltip="Words that initialise tokens 2.. (token 1 "
-                        "starts random), e.g. 'teddy bear' for three tokens. Empty: all tokens start random."),
+                        "starts random), e.g. 'teddy bear' for three tokens. Empty: all tokens start random. Ignored by "
+                        "c-lora, whose tokens all start random."),
         io.Combo.Input("template", options=["object", "style"], default=d.template,
                        tooltip="Caption templates for images without a .txt caption: objects ('a photo of a "
                                "...') or styles ('a painting in the style of ...')."),

@@ -32,6 +32,7 @@ def test_two_concepts_in_sequence_leave_task_one_untouched(comfy, trained_librar
     assert [t["concept"] for t in manifest["tasks"]] == ["dog", "duck"]
     assert [t["method"] for t in manifest["tasks"]] == ["cidm", "c-lora"]
     assert manifest["tasks"][1]["tokens"] == ["<duck1>", "<duck2>", "<duck3>"]
+    assert manifest["tasks"][1]["hyperparameters"]["class_words"] == [], "c-lora ignores the class words given"
     first = [name for name in trained_library if name.startswith("task_001")]
     assert first and all(snapshot(root)[name] == trained_library[name] for name in first)
     sizes = [p.stat().st_size for p in root.glob("task_*.safetensors")]
