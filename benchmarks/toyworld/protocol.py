@@ -241,7 +241,7 @@ def judge_concept(composer: Composer, item: LearnedConcept, partner: str | None,
               "context": _rate([p == bg for p, bg in zip(verdict.predictions["background"], backgrounds)]),
               "garbage": _rate([n == GARBAGE for n in named]),
               "partner_rate": _rate([n == partner for n in named]) if partner else None}
-    if composer.router is not None:
+    if composer.router is not None and composer.mode != "fixed":  # fixed weights are 1 everywhere: nothing to show
         learned = list(composer.vocabulary.concept_tokens)
         weights = torch.stack([composer.task_weights(item.caption(bg)) for bg in config.backgrounds]).mean(dim=0)
         scores["weight_right"] = float(weights[learned.index(concept.name)])
