@@ -276,8 +276,8 @@ class ConceptTrainer:
         """One optimizer step; returns the diffusion loss.
 
         Raises:
-            CIDMInputError: ("lora_lr") when the loss is not finite: the step is not taken, so the factors and any
-                saved state stay as they were.
+            CIDMInputError: ("lora_lr") when the loss or a gradient is not finite: the step is not taken, so the
+                factors and any saved state stay as they were.
         """
         latents, prompts = self._batch()
         device = self.denoiser.device
@@ -298,6 +298,10 @@ class ConceptTrainer:
                                             f"{float(loss.detach())}; lower lora_lr or embedding_lr and train again")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        gradients = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradients and not bool(torch.stack([g.isfinite().all() for g in gradients]).all()):
+            raise CIDMInputError("lora_lr", f"training diverged at step {self.step + 1}: a gradient is not finite; "
+                                            "lower lora_lr or embedding_lr and train again")
         self.optimizer.step()
         self.schedule.step()
         self.step += 1

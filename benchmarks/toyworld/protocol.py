@@ -54,11 +54,13 @@ UPPER_BOUND = "upper bound"
 # text encoder's embeddings have their own scale, so the threshold is set relative to it.
 FREEZE_AT_NORM_RATIO = 1.4
 SAMPLING_BATCH = 64
-HALVES = ((0.0, 0.5), (0.5, 0.5))
-# Region layouts of a two-tile composition, each region (left, width) as canvas fractions, full height; judged tile by
-# tile. Issue #14: left/right, plus overlapping and unequal boxes.
-LAYOUTS = {"left/right": HALVES, "overlapping": ((0.0, 0.625), (0.375, 0.625)),
-           "unequal": ((0.0, 0.375), (0.375, 0.625))}
+HALVES = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 0.5, 1.0))
+# Region layouts of a two-tile composition, each region (left, top, width, height) as canvas fractions; judged tile
+# by tile (issue #14: left/right, plus overlapping and unequal boxes). Overlapping: the middle quarter of the canvas
+# is shared by both regions. Unequal: the second region is a smaller box inside its tile (56 % of it); the rest of
+# that tile attends to the global prompt.
+LAYOUTS = {"left/right": HALVES, "overlapping": ((0.0, 0.0, 0.625, 1.0), (0.375, 0.0, 0.625, 1.0)),
+           "unequal": ((0.0, 0.0, 0.5, 1.0), (0.5625, 0.125, 0.375, 0.75))}
 REGION_PREFIX = "regions:"  # marks composition samples among a kept run's samples
 
 
@@ -170,13 +172,13 @@ class Composer:
 
     @torch.no_grad()
     def sample_regions(self, prompts: list[tuple[str, ...]], seeds: list[int],
-                       boxes: tuple[tuple[float, float], ...] = HALVES) -> torch.Tensor:
+                       boxes: tuple[tuple[float, float, float, float], ...] = HALVES) -> torch.Tensor:
         """Two tiles side by side ([N, 32, 64, 3]) by the product's region-aware cross-attention (one UNet call per
         step): each prompt tuple is a global prompt, then one prompt per region; region u spans the canvas
-        fractions boxes[u] = (left, width), full height. Each region's image tokens attend to its own prompt
+        fractions boxes[u] = (left, top, width, height). Each region's image tokens attend to its own prompt
         through only the concepts that prompt names (with `named` routing: oracle routing per region)."""
         channels, height, width = models.LATENT_SHAPE
-        masks = [box_mask(left, 0.0, extent, 1.0, size=(height, 2 * width)) for left, extent in boxes]
+        masks = [box_mask(*box, size=(height, 2 * width)) for box in boxes]
         return self._sample([p[0] for p in prompts], [[p[1 + u] for p in prompts] for u in range(len(boxes))],
                             seeds, (channels, height, 2 * width), masks)
 
@@ -268,7 +270,7 @@ def composition_prompts(first: LearnedConcept, second: LearnedConcept, backgroun
 
 
 PairSampler = Callable[[LearnedConcept, LearnedConcept, list[tuple[str, str, str]], list[int],
-                        tuple[tuple[float, float], ...]], torch.Tensor]
+                        tuple[tuple[float, float, float, float], ...]], torch.Tensor]
 
 
 def judge_regions(pairs: list[tuple[LearnedConcept, LearnedConcept]], sample_pair: PairSampler,
@@ -448,7 +450,7 @@ def oracle_routed_pair(setup: Setup, config: ProtocolConfig) -> PairSampler:
     only the concept its prompt names, the global prompt (which names both) both of them; oracle routing per
     region."""
     def sample(a: LearnedConcept, b: LearnedConcept, prompts: list[tuple[str, str, str]], seeds: list[int],
-               boxes: tuple[tuple[float, float], ...]) -> torch.Tensor:
+               boxes: tuple[tuple[float, float, float, float], ...]) -> torch.Tensor:
         return Composer(setup, [a, b], config, mode="named").sample_regions(prompts, seeds, boxes)
     return sample
 

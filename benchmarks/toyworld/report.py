@@ -158,9 +158,10 @@ def regions_table(methods: dict, upper: dict) -> list[str]:
     lines = ["", "## Two-concept compositions", "",
              "Two regions, each with its own concept prompt, the global prompt naming both (\"a <a> star on the left "
              "and a <b> circle on the right on a white background\"), by region-aware cross-attention (the "
-             "Context-Controlled KSampler's default, one UNet call per step). Layouts (regions as canvas fractions, "
-             "full height): left/right halves; overlapping [0, 0.625] and [0.375, 1]; unequal [0, 0.375] and "
-             "[0.375, 1]; judged by the left and right 32×32 tiles. both: the oracle names the right concept in each "
+             "Context-Controlled KSampler's default, one UNet call per step). Layouts (regions as canvas fractions): "
+             "left/right halves; overlapping, [0, 0.625] and [0.375, 1] across, full height; unequal, the left "
+             "half and a box of 56 % of the right tile (x 0.5625–0.9375, y 0.125–0.875), the rest of that tile "
+             "under the global prompt; judged by the left and right 32×32 tiles. both: the oracle names the right concept in each "
              "tile; bleed: a tile shows the other concept. Composition upper bound: the two concepts' own LoRAs "
              "(trained alone), each region under its own concept's LoRA only (named routing). Goal (#14): both ≥ "
              "0.9 × the composition upper bound, bleed ≤ 0.05.", "",

@@ -158,6 +158,13 @@ def test_a_diverging_training_stops_with_an_error_naming_the_learning_rate(tiny_
     assert "diverged at step 3" in str(error.value)
     assert trainer.step == 2 and all(bool(torch.isfinite(t).all()) for pair in trainer.lora.values() for t in pair)
 
+    # A finite loss whose gradient is not finite stops too, before the optimizer turns the factors into NaN.
+    up = next(iter(trainer.lora.values()))[1]
+    up.register_hook(lambda gradient: gradient * float("inf"))
+    with pytest.raises(CIDMInputError, match="diverged at step 3: a gradient is not finite"):
+        trainer.run(TrainingCallbacks())
+    assert trainer.step == 2 and all(bool(torch.isfinite(t).all()) for pair in trainer.lora.values() for t in pair)
+
 
 def random_banks(denoiser, tasks: int, seed: int) -> dict[int, LayerLoRABank]:
     generator = torch.Generator().manual_seed(seed)
