@@ -136,7 +136,8 @@ def questions(results: dict) -> list[str]:
     lines.append("| Q2 final acc ordering (context acc) | cidm > c-lora > finetune | " + " > ".join(
         f"{m} {_number(methods[m]['final_acc'])} ({_number(methods[m]['final_context'])})" for m in ordering) + " |")
     for name, scores in compositions({"cidm": cidm} if cidm else {}).items():
-        goal = "1 / 0" if scores["composition"] == "named" else "≥ 0.9 / ≥ 0.8 (right, pairs)"
+        goal = ("1 / 0 (named: read from the prompt's tokens, so this checks the bookkeeping)"
+                if scores["composition"] == "named" else "≥ 0.9 / ≥ 0.8 (right, pairs)")
         lines.append(f"| Q4 {name}: routing weight on the right concept, all / same-shape pairs; on the partner | "
                      f"{goal} | {_number(scores['final_weight_right'])} / "
                      f"{_number(mean_over(scores['weight_right'][-1], paired))}; "

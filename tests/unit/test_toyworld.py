@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.toyworld import concepts, models, protocol, report, run, world
+from benchmarks.toyworld import concepts, learnability, models, protocol, report, run, world
 from cidm.backends.diffusers_backend import DiffusersDenoiser
 from cidm.consolidation import CONSOLIDATORS
 from cidm.train import ConceptTrainer
@@ -218,3 +218,17 @@ def test_a_stopped_base_build_resumes_to_the_same_model(tmp_path, monkeypatch):
         first, second = getattr(whole, module).state_dict(), getattr(resumed, module).state_dict()
         assert all(torch.equal(first[k], second[k]) for k in first)
     assert all(p.dtype == torch.float32 and torch.equal(p, p.half().float()) for p in whole.unet.parameters())
+
+
+def test_learnability_probe_trains_one_concept_with_changed_settings_or_a_generic_look(smoke):
+    out, _, _ = smoke
+    threads = torch.get_num_threads()
+    try:
+        setup, (_, _, config), _ = run.setup(True, out.parent / "cache", 1, lambda _: None, 0)
+        red_circle = world.Look(shape="circle", pattern="solid", colour="red", second=None, period=0.5)
+        scores, verdict, item, images = learnability.probe(setup, config, "quil", {"steps": "3"}, red_circle)
+    finally:
+        torch.set_num_threads(threads)
+    assert item.concept.name == "quil" and item.concept.look == red_circle and len(item.task.losses) == 3
+    assert len(verdict.predictions["shape"]) == len(images) == len(config.backgrounds) * config.samples_per_prompt
+    assert 0 <= scores["acc"] <= 1
