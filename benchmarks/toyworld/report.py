@@ -189,6 +189,32 @@ def regions_table(methods: dict, upper: dict) -> list[str]:
     return lines
 
 
+PREVIOUS = Path(__file__).resolve().parents[1] / "results" / "toyworld" / "results.json"  # world v1, seed 0
+
+
+def previous_line(results: dict, previous: Path = PREVIOUS) -> list[str]:
+    """One line comparing these results with the previous committed run (world v1): final mean accuracy of the
+    upper bound and of each method both runs have, and "both in place" of their left/right compositions."""
+    if not previous.is_file():
+        return []
+    before = json.loads(previous.read_text(encoding="utf-8"))
+
+    def both(scores: dict) -> float | None:
+        pairs = scores.get("regions", {})
+        pairs = pairs.get("left/right", pairs)  # v1 kept one layout, unnamed
+        values = [p["both"] for p in pairs.values()]
+        return float(np.mean(values)) if values else None
+
+    cells = [f"upper bound {_number(before[UPPER_BOUND]['final_acc'])} → {_number(results[UPPER_BOUND]['final_acc'])}"]
+    for name in results["methods"]:
+        if name in before["methods"]:
+            old, new = before["methods"][name], results["methods"][name]
+            cells.append(f"{name} {_number(old['final_acc'])} ({old['composition']}) → {_number(new['final_acc'])} "
+                         f"({new['composition']}), both in place {_number(both(old))} → {_number(both(new))}")
+    return ["", f"Compared with the previous run (world v1, seed 0, `{previous.relative_to(previous.parents[3])}`): "
+            "final mean accuracy " + "; ".join(cells) + "."]
+
+
 def markdown(results: dict) -> str:
     methods, upper = results["methods"], results[UPPER_BOUND]
     base = results["base"]
@@ -230,6 +256,7 @@ def markdown(results: dict) -> str:
         + f". Learnability (goal: every concept ≥ {LEARNABLE_EACH}, mean ≥ {LEARNABLE_MEAN}): lowest "
         f"{_number(min(upper['acc']))}, mean {_number(upper['final_acc'])}, "
         + ("met." if learnable(upper["acc"]) else "missed.")]
+    lines += previous_line(results)
     lines += regions_table(methods, upper)
     for name, scores in compositions(methods).items():
         lines += ["", f"## {name}: acc[task][concept]", "",

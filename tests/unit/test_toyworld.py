@@ -112,6 +112,7 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
     assert all(f"| Q{q} " in (out / "results.md").read_text() for q in (1, 2, 4, 5))
     assert (out / "acc-cidm-elastic.png").exists() and "| cidm, elastic |" in (out / "results.md").read_text()
     assert (out / "regions-cidm.png").exists() and "Two-concept compositions" in (out / "results.md").read_text()
+    assert "Compared with the previous run (world v1, seed 0" in (out / "results.md").read_text()
 
 
 def test_retention_compares_each_old_concept_with_itself_just_after_its_task():
