@@ -42,14 +42,15 @@ class RegionBatch:
 
     masks: U canvas masks [H, W] in [0, 1] (any resolution; shares per attention resolution by region_weights).
     contexts: U tensors [B, L·T, D]: region u's packed layer contexts for each row (what a row's region attends to).
-    weights: U tensors [B, L, K]: region u's task weights for each row, per layer.
+    weights: U tensors [B, L, K]: region u's task weights for each row, per layer (None entries when the UNet has no
+        concept LoRAs).
     mirror: B flags: a mirror row (the negative of classifier-free guidance) keeps its own context in every region
         but takes the region's concepts, so guidance sees the prompt difference only.
     latent_size: (H, W) of the UNet input, from which each layer's attention grid is derived."""
 
     masks: list[torch.Tensor]
     contexts: list[torch.Tensor]
-    weights: list[torch.Tensor]
+    weights: list[torch.Tensor | None]
     mirror: list[bool]
     latent_size: tuple[int, int]
     _shares: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
@@ -88,16 +89,16 @@ class CIDMRegionAttnProcessor:
                  **kwargs):
         module = self.concept_attention
         index, count, per_layer = module.layer.index, module.num_layers, module.tokens_per_layer
+        concepts = module.bank.num_tasks > 0
         context = select_layer_context(encoder_hidden_states, index, count, per_layer)
-        weights = module.router(index, context, cond_or_uncond) if module.bank.num_tasks else None
+        weights = module.router(index, context, cond_or_uncond) if concepts else None
+        region_contexts = [select_layer_context(c, index, count, per_layer) for c in self.regions.contexts]
+        region_weights_ = [w[:, index] if concepts else None for w in self.regions.weights]
         shares = self.regions.shares(hidden_states.shape[1]).to(hidden_states)
-        rows = []
-        for row in range(hidden_states.shape[0]):
-            regions = [(None if self.regions.mirror[row]
-                        else select_layer_context(contexts[row:row + 1], index, count, per_layer)[0],
-                        region_weights_[row, index] if module.bank.num_tasks else None)
-                       for contexts, region_weights_ in zip(self.regions.contexts, self.regions.weights)]
-            rows.append(row_branches(context[row], None if weights is None else weights[row], shares, regions))
+        rows = [row_branches(context[row], None if weights is None else weights[row], shares,
+                             [(None if self.regions.mirror[row] else c[row], None if w is None else w[row])
+                              for c, w in zip(region_contexts, region_weights_)])
+                for row in range(hidden_states.shape[0])]
         out = region_cross_attention(module, hidden_states, rows, scaled_dot_product_heads)
         return out / attn.rescale_output_factor
 
