@@ -143,7 +143,7 @@ class Composer:
         self.router = make_router(mode, [t.features for t in tasks], fixed_weights=[1.0] * len(tasks),
                                   task_tokens=[c.tokens for c in learned]) if tasks else None
         self._encoded: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.uncond = self.context("")
+        self.uncond = self.encoded("")[0]
 
     def encoded(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(packed layer-wise context [L·T, D], routing weights [L, K] or None without concepts) of a prompt that
@@ -157,9 +157,6 @@ class Composer:
                 len(self.denoiser.layers))
             self._encoded[prompt] = layers.reshape(-1, layers.shape[-1]), weights
         return self._encoded[prompt]
-
-    def context(self, prompt: str) -> torch.Tensor:
-        return self.encoded(prompt)[0]
 
     def task_weights(self, prompt: str) -> torch.Tensor:
         """The router's weights [K] for a prompt, averaged over the cross-attention layers."""
