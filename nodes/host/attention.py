@@ -71,7 +71,7 @@ class LayerCall:
     def __init__(self, layer: int, adapters: tuple[LibraryAdapter, ...]):
         self.layer, self.adapters = layer, adapters
         self.routes: SamplingRoutes | None = None
-        self.uuids, self.batch, self._bank = None, 0, None
+        self.uuids, self.batch = None, 0
         self.active: list[tuple[LibraryAdapter, tuple[int, ...], torch.Tensor]] = []
 
     def open(self, routes: SamplingRoutes, uuids: list, batch: int, device: torch.device) -> None:
@@ -92,10 +92,10 @@ class LayerCall:
     # For attention code that mixes the LoRAs itself (region-aware attention, nodes/host/regions.py) ----------
     @property
     def bank(self) -> LayerLoRABank:
-        """Every adapter's tasks of this layer in one bank of scale 1; the weights below carry the scales."""
-        if self._bank is None:
-            self._bank = LayerLoRABank.combined([adapter.banks[self.layer] for adapter in self.adapters])
-        return self._bank
+        """Every adapter's tasks of this layer in one bank of scale 1; the weights below carry the scales. Made once
+        per sampling run, so its device copies (LayerLoRABank.frozen_on) go with the run."""
+        banks = [adapter.banks[self.layer] for adapter in self.adapters]
+        return self.routes.cached(("bank", self.layer), lambda: LayerLoRABank.combined(banks))
 
     def row_weights(self) -> torch.Tensor:
         """[B, K_all] weights of the open batch's rows over `bank`'s tasks."""
