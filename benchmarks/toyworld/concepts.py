@@ -1,23 +1,19 @@
 """The concepts of a toy world, drawn from a world seed: names, looks, and a control object per concept.
 
-A concept is an object the generic world (`world.py`) never draws: a generic shape whose texture (stripes, dots or
-checks) is in two different named colours, where a generic object's texture is a darker shade of its one colour, and
-checks have no word at all. Every look is made only of what the base model learned to render at 32×32 (shapes,
-colours, stripes, dots and checks of the generic texture period); the previous world's rings, split halves and
-borders, which no concept LoRA learned even alone, are gone.
+A concept is a two-colour look from the half the generic world never draws (`world.held_out`): a shape with stripes,
+dots or checks in two named colours, a combination the base model never saw, though it saw every one of its parts
+(the shape, the texture, the colour pair) on generic objects.
 
 Every world has 10 concepts: four same-shape pairs (the two differ in both colours) and two concepts of their own
-shape, so telling a pair apart takes more than the class word. Each concept has a control: the closest generic
-object (same shape, one of its two colours, its texture where that is a generic one), which prompting for must not
-produce the concept.
+shape, so telling a pair apart takes more than the class word. Each concept has a control: the closest one-colour
+generic object (same shape and texture, one of its two colours), which prompting for must not produce the concept.
 
-World seed 0 keeps the first world's names, shapes and order; the five concepts whose textures were never learned
-get learnable looks (bulo, mirt, lomb, pell, fent, dask: see `SEED_0`). Other seeds draw everything.
+World seed 0 keeps the first world's names, shapes, first colours and order (see `SEED_0`). Other seeds draw
+everything.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +23,6 @@ from cidm.backends.diffusers_backend import SENTINEL_WORDS
 from . import world
 from .world import Look, Sample
 
-CONCEPT_TEXTURES = ("striped", "dotted", "checked")
-MIN_COLOUR_DISTANCE = 150.0  # RGB distance between a concept's two colours: no orange on yellow, blue on purple
 PAIRS, SINGLES = 4, 2  # same-shape pairs and concepts of their own shape: 10 concepts
 CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
 
@@ -61,14 +55,7 @@ class ConceptWorld:
 
 
 def _control(look: Look, rng: np.random.Generator) -> Look:
-    pattern = look.pattern if look.pattern in world.PATTERNS else str(rng.choice(["solid", "striped"]))
-    return Look(look.shape, pattern, str(rng.choice([look.colour, look.second])))
-
-
-def _colour_pairs() -> list[tuple[str, str]]:
-    rgb = {name: np.array(value, dtype=np.float32) for name, value in world.COLOURS.items()}
-    return [(a, b) for a, b in itertools.permutations(world.COLOURS, 2)
-            if np.linalg.norm(rgb[a] - rgb[b]) >= MIN_COLOUR_DISTANCE]
+    return Look(look.shape, look.pattern, str(rng.choice([look.colour, look.second])))
 
 
 def _name(rng: np.random.Generator, taken: set[str]) -> str:
@@ -80,11 +67,11 @@ def _name(rng: np.random.Generator, taken: set[str]) -> str:
 
 def draw_world(seed: int) -> ConceptWorld:
     """Ten concepts drawn from `seed`: four same-shape pairs whose two members differ in both colours, then two
-    singles, in the first world's order (a pair's members are consecutive tasks, so the first two tasks are a
+    singles, each with a texture that puts its look in the held-out half, in the first world's order (a pair's members are consecutive tasks, so the first two tasks are a
     same-shape pair)."""
     rng = np.random.default_rng([seed, 7])
     shapes = [str(s) for s in rng.permutation(world.SHAPES)]
-    colour_pairs = _colour_pairs()
+    colour_pairs = world.colour_pairs()
     taken = {*world.vocabulary(), *SENTINEL_WORDS}
     looks = []
     for index, shape in enumerate(shapes[:PAIRS + SINGLES]):
@@ -94,7 +81,9 @@ def draw_world(seed: int) -> ConceptWorld:
             first, second = colour_pairs[int(rng.integers(len(colour_pairs)))]
             if all(first not in pair and second not in pair for pair in chosen):
                 chosen.append((first, second))
-        looks += [Look(shape, str(rng.choice(CONCEPT_TEXTURES)), first, second) for first, second in chosen]
+        for first, second in chosen:
+            textures = [t for t in world.TWO_COLOUR_PATTERNS if world.held_out(Look(shape, t, first, second))]
+            looks.append(Look(shape, str(rng.choice(textures)), first, second))
     concepts = []
     for look in looks:
         name = _name(rng, taken)
@@ -103,19 +92,19 @@ def draw_world(seed: int) -> ConceptWorld:
     return ConceptWorld(seed, tuple(concepts))
 
 
-# The first world's names, shapes, colours and task order. zarp, quil, tesk and grop were learned alone (0.94, 1.00,
-# 0.50, 0.83) and keep their looks; the others keep their colours and change texture: rings -> checks (bulo, dask),
-# split halves -> checks (lomb) or stripes (mirt, pell), a border -> dots (fent). Their controls follow the texture.
+# The first world's names, shapes, first colours and task order, with world v2's textures. Four second colours change
+# so that every look is in the held-out half and a pair still differs in both colours: zarp purple -> blue, quil
+# cyan -> green, tesk yellow -> green, pell red -> orange.
 SEED_0 = ConceptWorld(0, (
-    Concept("zarp", Look("star", "striped", "yellow", "purple"), Look("star", "striped", "yellow")),
-    Concept("quil", Look("star", "checked", "red", "cyan"), Look("star", "solid", "red")),
-    Concept("bulo", Look("circle", "checked", "red", "yellow"), Look("circle", "solid", "red")),
+    Concept("zarp", Look("star", "striped", "yellow", "blue"), Look("star", "striped", "yellow")),
+    Concept("quil", Look("star", "checked", "red", "green"), Look("star", "checked", "red")),
+    Concept("bulo", Look("circle", "checked", "red", "yellow"), Look("circle", "checked", "red")),
     Concept("mirt", Look("circle", "striped", "green", "orange"), Look("circle", "striped", "green")),
-    Concept("tesk", Look("hexagon", "striped", "blue", "yellow"), Look("hexagon", "striped", "blue")),
-    Concept("lomb", Look("hexagon", "checked", "purple", "cyan"), Look("hexagon", "solid", "purple")),
-    Concept("pell", Look("triangle", "striped", "blue", "red"), Look("triangle", "striped", "blue")),
+    Concept("tesk", Look("hexagon", "striped", "blue", "green"), Look("hexagon", "striped", "blue")),
+    Concept("lomb", Look("hexagon", "checked", "purple", "cyan"), Look("hexagon", "checked", "purple")),
+    Concept("pell", Look("triangle", "striped", "blue", "orange"), Look("triangle", "striped", "blue")),
     Concept("fent", Look("triangle", "dotted", "pink", "yellow"), Look("triangle", "dotted", "pink")),
-    Concept("dask", Look("square", "checked", "cyan", "pink"), Look("square", "solid", "cyan")),
+    Concept("dask", Look("square", "checked", "cyan", "pink"), Look("square", "checked", "cyan")),
     Concept("grop", Look("cross", "dotted", "orange", "green"), Look("cross", "dotted", "orange")),
 ))
 

@@ -5,12 +5,14 @@ The concept head has two classes besides the ten concepts: "generic" (a clean ob
 blobs an undertrained model draws (toyworld-feasibility.md), so concept rates must still be read together with the
 control false-positive rate and the strict (p > 0.9) rate that the protocol reports.
 
-Attribute heads are trained only where the attribute is defined: concepts have no generic colour or pattern, and
-garbage has no attribute at all (label -1 is ignored).
+Attribute heads are trained only where the attribute is defined: concepts have no generic colour or pattern, a
+two-colour generic object has a pattern but no one colour (stripes and checks in red and yellow are also yellow and
+red), and garbage has no attribute at all (label -1 is ignored).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +110,7 @@ def _labels(shape=IGNORE, colour=IGNORE, pattern=IGNORE, background=IGNORE, conc
 def _look_labels(classes: dict[str, list[str]], sample: world.Sample, concept: str) -> list[int]:
     generic = concept == GENERIC
     return _labels(classes["shape"].index(sample.look.shape),
-                   classes["colour"].index(sample.look.colour) if generic else IGNORE,
+                   classes["colour"].index(sample.look.colour) if generic and sample.look.second is None else IGNORE,
                    classes["pattern"].index(sample.look.pattern) if generic else IGNORE,
                    classes["background"].index(sample.background), classes["concept"].index(concept))
 
@@ -134,7 +136,7 @@ def training_data(config: OracleConfig) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(config.seed)
     concept_world = concepts.make_world(config.world_seed)
     classes = heads(concept_world)
-    samples = [(s, GENERIC) for s in world.generic_samples(config.generic, config.seed + 1)]
+    samples = [(s, GENERIC) for s in world.generic_samples(config.generic, config.seed + 1, os.cpu_count() or 1)]
     for concept in concept_world.concepts:
         per_background = max(1, config.per_concept // len(world.BACKGROUNDS))
         samples += [(s, concept.name) for s in concepts.concept_samples(concept, list(world.BACKGROUNDS),
@@ -193,8 +195,8 @@ def load_or_train_oracle(config: OracleConfig, cache: Path = CACHE, log: Callabl
 
 
 def held_out_accuracy(oracle: Oracle, concept_world: ConceptWorld, count: int, seed: int) -> dict[str, float]:
-    """Accuracy on fresh renders (a seed the oracle never saw): every head on generic objects, concept recall on
-    the world's concepts (any background), and how often garbage is called garbage."""
+    """Accuracy on fresh renders (a seed the oracle never saw): every head on generic objects (colour on one-colour
+    objects), concept recall on the world's concepts (any background), and how often garbage is called garbage."""
     generic = world.generic_samples(count, seed)
     renders = [(s, c.name) for c in concept_world.concepts
                for s in concepts.concept_samples(c, list(world.BACKGROUNDS), seed, max(1, count // 60))]
@@ -202,7 +204,8 @@ def held_out_accuracy(oracle: Oracle, concept_world: ConceptWorld, count: int, s
     truth = {"shape": [s.look.shape for s in generic], "colour": [s.look.colour for s in generic],
              "pattern": [s.look.pattern for s in generic], "background": [s.background for s in generic],
              "concept": [GENERIC] * len(generic)}
-    scores = {head: float(np.mean([p == t for p, t in zip(verdict.predictions[head], truth[head])])) for head in truth}
+    scores = {head: float(np.mean([p == t for p, t, s in zip(verdict.predictions[head], truth[head], generic)
+                                   if head != "colour" or s.look.second is None])) for head in truth}
     concept_verdict = judge(oracle, as_images([s for s, _ in renders]))
     scores["concept recall"] = float(np.mean([p == c for p, (_, c) in zip(concept_verdict.predictions["concept"],
                                                                              renders)]))

@@ -1,20 +1,26 @@
 """The generic toy world, deterministic from a seed: what the base model is trained on, and how anything is drawn.
 
-A generic object has one shape, one colour and a generic texture (solid, or stripes/dots in a darker shade of its
-colour); a base-training image shows one object ("a red striped hexagon on a navy background", 32×32) or two
-objects side by side, each in its own 32×32 half ("a red star on the left and a blue circle on the right on a navy
-background", 32×64), so the base model learns to compose the two tiles that the region compositions use.
+A generic object has one shape, one colour and a texture (solid, or stripes, dots or checks), the texture either
+in a darker shade of its colour ("a red striped hexagon") or, half the time, in a second named colour ("a red and
+yellow checked hexagon"). A base-training image shows one object (32×32) or two objects side by side, each in its
+own 32×32 half ("a red star on the left and a blue circle on the right on a navy background", 32×64), so the base
+model learns to compose the two tiles that the region compositions use.
 
-`render` draws any `Look`, including looks the generic world never produces: a second colour that is not the darker
-shade, or the wordless "checked" texture. Those are what concepts (`concepts.py`) are made of. This module does not
-know the concepts, so changing them never changes the base model's cache key (which hashes this file).
+Two-colour looks are split in two halves by `held_out`: the generic world draws only the first half; the concepts
+(`concepts.py`) are drawn from the second. Every texture, colour pair and shape occurs in the generic world, but no
+concept's combination of them does, so a concept is a new combination of what the base model can render (world v2
+without two-colour objects left two-colour concepts unlearnable: see the toy world's README, "Learnability"). This
+module does not know the concepts, so changing them never changes the base model's cache key (which hashes this
+file).
 
 Images are drawn at 4× and downsampled, so edges are antialiased. Arrays are uint8 [32, W, 3].
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import multiprocessing
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +34,10 @@ COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (245, 220, 
            "cyan": (40, 200, 220), "blue": (40, 80, 230), "purple": (140, 50, 190), "pink": (250, 130, 200)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128), "brown": (120, 75, 40),
                "navy": (20, 30, 90), "olive": (110, 120, 40)}
-PATTERNS = ("solid", "striped", "dotted")  # the generic textures (with a words in captions)
-TEXTURES = (*PATTERNS, "checked")  # what `render` can draw; "checked" has no word and no generic object uses it
+PATTERNS = ("solid", "striped", "dotted", "checked")  # every texture, each with its word in captions
+TWO_COLOUR_PATTERNS = PATTERNS[1:]  # the textures that can show a second named colour
+MIN_COLOUR_DISTANCE = 150.0  # RGB distance between a two-colour look's colours: no orange on yellow, blue on purple
+TWO_COLOUR_SHARE = 0.5  # of generic objects
 HELD_OUT_BACKGROUND = "olive"  # no concept training image uses it: a context the concept was never seen in
 TEXTURE_PERIOD = 0.5  # stripes, dots and checks, in object radii
 SIDES = ("left", "right")  # the tiles of a two-object scene
@@ -37,7 +45,7 @@ SIDES = ("left", "right")  # the tiles of a two-object scene
 
 @dataclass(frozen=True)
 class Look:
-    """What an object looks like: `second` is the texture's other colour (generic: a darker shade of `colour`);
+    """What an object looks like: `second` is the texture's other colour (None: a darker shade of `colour`);
     `period` is the texture's period in object radii."""
 
     shape: str
@@ -57,8 +65,10 @@ def caption(look: Look, background: str, with_pattern: bool = True) -> str:
 
 
 def object_phrase(look: Look, with_pattern: bool = True) -> str:
+    """"a red striped star", "a red and yellow striped star"; without the pattern word "a red and yellow star"."""
+    colours = look.colour if look.second is None else f"{look.colour} and {look.second}"
     pattern = f" {look.pattern}" if with_pattern else ""
-    return f"a {look.colour}{pattern} {look.shape}"
+    return f"a {colours}{pattern} {look.shape}"
 
 
 def scene_caption(phrases: tuple[str, str], background: str) -> str:
@@ -158,18 +168,57 @@ class Sample:
     background: str
 
 
+def colour_pairs() -> list[tuple[str, str]]:
+    """The ordered colour pairs a two-colour look can have: at least `MIN_COLOUR_DISTANCE` apart in RGB."""
+    rgb = {name: np.array(value, dtype=np.float32) for name, value in COLOURS.items()}
+    return [(a, b) for a, b in itertools.permutations(COLOURS, 2)
+            if np.linalg.norm(rgb[a] - rgb[b]) >= MIN_COLOUR_DISTANCE]
+
+
+def held_out(look: Look) -> bool:
+    """Whether a two-colour look belongs to the concepts' half, which the generic world never draws: a parity over
+    the indices of shape, texture and both colours. Fixing any three of them, the fourth alternates between the
+    halves, so every shape, texture and colour pair is drawn by the generic world on some objects. Symmetric in the
+    two colours, because stripes and checks in red and yellow look the same as in yellow and red."""
+    colours = list(COLOURS)
+    parity = SHAPES.index(look.shape) + PATTERNS.index(look.pattern) + colours.index(look.colour)
+    return (parity + colours.index(look.second)) % 2 == 1
+
+
 def random_look(rng: np.random.Generator) -> Look:
+    """A one-colour generic look (its texture in a darker shade)."""
     return Look(str(rng.choice(SHAPES)), str(rng.choice(PATTERNS)), str(rng.choice(list(COLOURS))))
 
 
-def generic_samples(count: int, seed: int) -> list[Sample]:
-    """Generic objects only: no concept's look can come out (their textures or colour pairs never occur)."""
+def random_generic_look(rng: np.random.Generator) -> Look:
+    """A one-colour look, or (`TWO_COLOUR_SHARE` of the time) a two-colour look outside the held-out half."""
+    if rng.random() >= TWO_COLOUR_SHARE:
+        return random_look(rng)
+    pairs = colour_pairs()
+    while True:
+        first, second = pairs[int(rng.integers(len(pairs)))]
+        look = Look(str(rng.choice(SHAPES)), str(rng.choice(TWO_COLOUR_PATTERNS)), first, second)
+        if not held_out(look):
+            return look
+
+
+def render_many(jobs: list[tuple[Look, str, Placement]], workers: int = 1) -> list[np.ndarray]:
+    """`render` over (look, background, placement) jobs, in `workers` processes when more than one (the same
+    images: rendering draws nothing at random)."""
+    if workers <= 1:
+        return [render(*job) for job in jobs]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.starmap(render, jobs, chunksize=256)
+
+
+def generic_samples(count: int, seed: int, workers: int = 1) -> list[Sample]:
+    """Generic objects only: no concept's look can come out (their combinations are `held_out`)."""
     rng = np.random.default_rng([seed, 1])
-    samples = []
+    jobs = []
     for _ in range(count):
-        look, background = random_look(rng), str(rng.choice(list(BACKGROUNDS)))
-        samples.append(Sample(render(look, background, random_placement(rng)), look, background))
-    return samples
+        look, background = random_generic_look(rng), str(rng.choice(list(BACKGROUNDS)))
+        jobs.append((look, background, random_placement(rng)))
+    return [Sample(image, look, background) for image, (look, background, _) in zip(render_many(jobs, workers), jobs)]
 
 
 @dataclass
@@ -181,19 +230,17 @@ class Scene:
     background: str
 
 
-def render_scene(looks: tuple[Look, Look], background: str, places: tuple[Placement, Placement]) -> np.ndarray:
-    """Each look drawn in its own 32×32 tile (left, right) on the shared background: [32, 64, 3]."""
-    return np.concatenate([render(look, background, place) for look, place in zip(looks, places)], axis=1)
-
-
-def generic_scenes(count: int, seed: int) -> list[Scene]:
+def generic_scenes(count: int, seed: int, workers: int = 1) -> list[Scene]:
     rng = np.random.default_rng([seed, 4])
-    scenes = []
+    drawn = []
     for _ in range(count):
-        looks, background = (random_look(rng), random_look(rng)), str(rng.choice(list(BACKGROUNDS)))
-        scenes.append(Scene(render_scene(looks, background, (random_placement(rng), random_placement(rng))),
-                            looks, background))
-    return scenes
+        looks = (random_generic_look(rng), random_generic_look(rng))
+        background = str(rng.choice(list(BACKGROUNDS)))
+        drawn.append((looks, background, (random_placement(rng), random_placement(rng))))
+    tiles = render_many([(look, background, place) for looks, background, places in drawn
+                         for look, place in zip(looks, places)], workers)
+    return [Scene(np.concatenate(tiles[2 * i:2 * i + 2], axis=1), looks, background)
+            for i, (looks, background, _) in enumerate(drawn)]
 
 
 def training_backgrounds(count: int = 5) -> list[str]:

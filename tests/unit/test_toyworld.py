@@ -35,9 +35,25 @@ def test_scenes_put_one_object_in_each_tile_and_say_which_is_where():
         colour = np.array(world.COLOURS[look.colour])
         assert (np.abs(tile.astype(int) - colour).sum(axis=-1) < 30).any(), "each tile shows its own object"
     caption = world.base_caption(scene, np.random.default_rng(1), drop_pattern=0.0, empty=0.0)
-    assert caption == (f"a {left.colour} {left.pattern} {left.shape} on the left and a {right.colour} "
-                       f"{right.pattern} {right.shape} on the right on a {scene.background} background")
+    assert caption == (f"{world.object_phrase(left)} on the left and {world.object_phrase(right)} on the right on a "
+                       f"{scene.background} background")
     assert set(caption.split()) <= set(world.vocabulary())
+
+
+def test_generic_world_draws_two_colour_textures_but_never_the_held_out_half():
+    looks = [s.look for s in world.generic_samples(2000, 0)]
+    two_colour = [look for look in looks if look.second is not None]
+    assert 0.4 < len(two_colour) / len(looks) < 0.6
+    assert not any(world.held_out(look) for look in two_colour)
+    assert {(look.colour, look.second) for look in two_colour} == set(world.colour_pairs()), "every colour pair"
+    assert {(look.shape, look.pattern) for look in two_colour} == {
+        (shape, pattern) for shape in world.SHAPES for pattern in world.TWO_COLOUR_PATTERNS}
+    red_yellow = world.Look("circle", "checked", "red", "yellow")
+    assert world.held_out(red_yellow) == world.held_out(world.Look("circle", "checked", "yellow", "red"))
+    assert world.held_out(red_yellow) != world.held_out(world.Look("square", "checked", "red", "yellow"))
+    assert world.object_phrase(red_yellow) == "a red and yellow checked circle"
+    longest = world.scene_caption((world.object_phrase(red_yellow),) * 2, "white")
+    assert len(models.build_tokenizer(models.BaseConfig().max_tokens)(longest).input_ids) <= models.BaseConfig().max_tokens
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 7, 11, 12345])
@@ -54,19 +70,20 @@ def test_every_world_has_same_shape_pairs_distinct_learnable_looks_and_generic_c
     generic = {s.look for s in world.generic_samples(300, 0)}
     for concept in drawn.concepts:
         look, control = concept.look, concept.control
-        assert look.pattern in concepts.CONCEPT_TEXTURES and look.second and look.second != look.colour
+        assert look.pattern in world.TWO_COLOUR_PATTERNS and (look.colour, look.second) in world.colour_pairs()
         assert not set(concept.name) - set("abcdefghijklmnopqrstuvwxyz")
-        assert look not in generic
-        assert control.second is None and control.pattern in world.PATTERNS and control.shape == look.shape
+        assert world.held_out(look) and look not in generic
+        assert control.second is None and control.pattern == look.pattern and control.shape == look.shape
         assert control.colour in (look.colour, look.second)
         assert set(concept.caption("white", class_word=False).split()) - set(world.vocabulary()) == {f"<{concept.name}>"}
 
 
-def test_world_seed_0_keeps_the_first_worlds_names_and_replaces_unlearned_textures():
+def test_world_seed_0_keeps_the_first_worlds_names_shapes_and_first_colours():
     first = concepts.make_world(0)
     assert first.names() == ["zarp", "quil", "bulo", "mirt", "tesk", "lomb", "pell", "fent", "dask", "grop"]
     assert first.same_shape_pairs() == [("zarp", "quil"), ("bulo", "mirt"), ("tesk", "lomb"), ("pell", "fent")]
-    assert {c.look.pattern for c in first.concepts} <= set(concepts.CONCEPT_TEXTURES)
+    assert [c.look.colour for c in first.concepts] == ["yellow", "red", "red", "green", "blue", "purple", "blue", "pink",
+                                                      "cyan", "orange"]
     assert concepts.make_world(1).names() != first.names()
 
 
