@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from common import BenchServer, Timing, common_arguments, print_table, seconds_per_step, unique, verdict, write_json
+from common import (BenchServer, Timing, basis, common_arguments, print_table, seconds_per_step, unique, verdict,
+                    write_json)
 from synthetic import synthesize_library
 
 CFG = 5.0  # > 1, so every step runs the positive and negative rows
@@ -28,6 +29,7 @@ def main() -> None:
     common_arguments(parser, resolution=256, steps=4, repeats=2)
     parser.add_argument("--mode", default="named", help="routing mode of Elastic Aggregate LoRAs")
     args = parser.parse_args()
+    on = basis(args)  # the Timing field the verdicts use: cpu, or wall on a GPU
 
     with BenchServer(args) as bench:
         synthesize_library(bench.ckpt_path, bench.workspace / "models" / "cidm" / LIBRARY, ["dog", "duck"])
@@ -69,13 +71,16 @@ def main() -> None:
         configurations = {"stock": sampler("stock")} | {name: sampler(name) for name in VARIANTS}
         per_step, steps = seconds_per_step(configurations, args.repeats)
 
-    print(f"checkpoint {args.layout}, {args.resolution}×{args.resolution}, euler, cfg {CFG}, batch 1, CPU, "
-          f"{args.threads} torch thread(s), routing {args.mode}; median of {len(steps['stock'])} steps per row")
-    ratios = print_table(per_step, {"stock": "stock KSampler"} | {name: name for name in VARIANTS}, "stock")
+    print(f"checkpoint {args.layout}, {args.resolution}×{args.resolution}, euler, cfg {CFG}, batch 1, "
+          f"{args.device.upper()}, {args.threads} torch thread(s), routing {args.mode}; median of "
+          f"{len(steps['stock'])} steps per row")
+    ratios = print_table(per_step, {"stock": "stock KSampler"} | {name: name for name in VARIANTS}, "stock", on)
     for name, goal in GOALS.items():
-        print(f"{name}: {ratios[name].cpu:.3f} (CPU), {ratios[name].wall:.3f} (wall)   {verdict(ratios[name].cpu, goal)}")
+        print(f"{name}: {ratios[name].cpu:.3f} (CPU), {ratios[name].wall:.3f} (wall)   "
+              f"{verdict(getattr(ratios[name], on), goal)}")
     write_json(args.json, {"layout": args.layout, "resolution": args.resolution, "steps": args.steps,
-                           "repeats": args.repeats, "threads": args.threads, "mode": args.mode,
+                           "repeats": args.repeats, "threads": args.threads, "device": args.device,
+                           "verdict_basis": on, "mode": args.mode,
                            "seconds_per_step": per_step, "ratio_to_stock": ratios, "goals": GOALS,
                            "step_seconds": steps})
 

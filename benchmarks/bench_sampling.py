@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import (BenchServer, Timing, common_arguments, print_table, seconds_per_step, unique, verdict,
+from common import (BenchServer, Timing, basis, common_arguments, print_table, seconds_per_step, unique, verdict,
                     write_json)
 from synthetic import synthesize_library
 
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--mode", default="named", help="routing mode of Elastic Aggregate LoRAs")
     args = parser.parse_args()
     task_counts = [int(n) for n in args.tasks.split(",")]
+    on = basis(args)  # the Timing field the verdicts use: cpu, or wall on a GPU
     largest = f"{max(task_counts)} tasks"
 
     with BenchServer(args) as bench:
@@ -75,16 +76,17 @@ def main() -> None:
     slopes = Timing(*(least_squares_slope(task_counts, [getattr(per_step[f"{count} tasks"], kind)
                                                         for count in task_counts]) / getattr(per_step["stock"], kind)
                       for kind in Timing._fields))
-    print(f"checkpoint {args.layout}, {args.resolution}×{args.resolution}, euler, cfg {CFG}, batch 1, CPU, "
-          f"{args.threads} torch thread(s); mode {args.mode}, one concept named; median of "
+    print(f"checkpoint {args.layout}, {args.resolution}×{args.resolution}, euler, cfg {CFG}, batch 1, "
+          f"{args.device.upper()}, {args.threads} torch thread(s); mode {args.mode}, one concept named; median of "
           f"{len(steps['stock'])} steps per row")
-    ratios = print_table(per_step, {name: name for name in per_step}, "stock")
+    ratios = print_table(per_step, {name: name for name in per_step}, "stock", on)
     print(f"ratio at {largest}: {ratios[largest].cpu:.3f} (CPU), {ratios[largest].wall:.3f} (wall)   "
-          f"{verdict(ratios[largest].cpu, 1.05)}")
+          f"{verdict(getattr(ratios[largest], on), 1.05)}")
     print(f"per added task (least squares over {args.tasks} tasks): {100 * slopes.cpu:+.3f} % of the stock step "
-          f"(CPU), {100 * slopes.wall:+.3f} % (wall)   {verdict(100 * slopes.cpu, 0.1, ' %')}")
+          f"(CPU), {100 * slopes.wall:+.3f} % (wall)   {verdict(100 * getattr(slopes, on), 0.1, ' %')}")
     write_json(args.json, {"layout": args.layout, "resolution": args.resolution, "steps": args.steps, "mode": args.mode,
-                           "repeats": args.repeats, "threads": args.threads, "seconds_per_step": per_step,
+                           "repeats": args.repeats, "threads": args.threads, "device": args.device,
+                           "verdict_basis": on, "seconds_per_step": per_step,
                            "ratio_to_stock": ratios, "slope_fraction_of_stock_per_task": slopes,
                            "step_seconds": steps})
 

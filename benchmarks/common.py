@@ -6,7 +6,9 @@ one per step), so model loading, VAE encoding, text encoding and saving, which h
 after the last, never enter it. The first step is left out too: it carries one-time work such as lazy allocation.
 Each interval is measured twice: in wall seconds, and in the CPU seconds the server process spent (Linux /proc).
 With the server on one torch thread (the default) the CPU time is the work alone, little disturbed by other jobs on
-the machine.
+the machine, so the verdicts use it. With `--device gpu` the server runs on CUDA, where its CPU seconds are mostly
+kernel launches and waiting, so the verdicts use wall seconds; the progress messages are sent from the host side
+after each step's kernels are queued, so single intervals jitter with the launch queue (medians of many steps).
 
 Timing whole prompts with N and 2N steps would cancel the overhead too, but that overhead is large and jittery
 (±4 s in a 20 s Train Concept Increment prompt on a busy 2-core machine), so its noise swamped the difference.
@@ -32,6 +34,7 @@ sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests"), str(REPO)]
 from comfy_host import ComfyServer, Graph, ensure_checkpoint  # noqa: E402
 
 LAYOUTS = ("mini", "sd15-blocks", "full")
+DEVICES = ("cpu", "gpu")
 _unique = itertools.count(1)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -56,7 +59,15 @@ def common_arguments(parser: argparse.ArgumentParser, resolution: int, steps: in
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in the server; with more than one, other jobs on the machine inflate "
                              "CPU time too (threads spin while waiting for each other)")
+    parser.add_argument("--device", default="cpu", choices=DEVICES,
+                        help="where the server samples: cpu (`--cpu`, verdicts on CPU seconds) or gpu (CUDA, "
+                             "verdicts on wall seconds)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+
+
+def basis(args: argparse.Namespace) -> str:
+    """The Timing field the verdicts use: CPU seconds on the CPU, wall seconds on a GPU."""
+    return "wall" if args.device == "gpu" else "cpu"
 
 
 class BenchServer:
@@ -68,7 +79,7 @@ class BenchServer:
         self.threads = args.threads
         self._scratch = tempfile.TemporaryDirectory(prefix="cidm-bench-")
         self.workspace = Path(self._scratch.name)
-        self.server = ComfyServer(self.workspace, {self.ckpt: ensure_checkpoint(args.layout)})
+        self.server = ComfyServer(self.workspace, {self.ckpt: ensure_checkpoint(args.layout)}, device=args.device)
         self.ckpt_path = self.workspace / "models" / "checkpoints" / self.ckpt
 
     def __enter__(self) -> "BenchServer":
@@ -122,15 +133,22 @@ def seconds_per_step(configurations: dict[str, Callable[[], list[Timing]]],
     return medians, steps
 
 
-def print_table(per_step: dict[str, Timing], labels: dict[str, str], reference: str) -> dict[str, Timing]:
-    """Prints per-step CPU and wall seconds with their ratios to the `reference` row; returns the ratios."""
+def print_table(per_step: dict[str, Timing], labels: dict[str, str], reference: str,
+                verdict_basis: str = "cpu") -> dict[str, Timing]:
+    """Prints per-step CPU and wall seconds with their ratios to the `reference` row; returns the ratios. With
+    `verdict_basis="wall"` the wall columns are marked * and a note under the table says the verdicts use them (CPU
+    seconds, the default basis, go unmarked as before)."""
     ratios = {name: Timing(*(value / base for value, base in zip(timing, per_step[reference])))
               for name, timing in per_step.items()}
     width = max(map(len, labels.values())) + 2
-    print(f"{'':<{width}}{'CPU s/step':>12}{'wall s/step':>12}{'CPU ratio':>11}{'wall ratio':>12}")
+    wall = "*" if verdict_basis == "wall" else ""
+    column = 12 + len(wall)
+    print(f"{'':<{width}}{'CPU s/step':>12}{wall + 'wall s/step':>{column}}{'CPU ratio':>11}{wall + 'wall ratio':>12}")
     for name, label in labels.items():
-        print(f"{label:<{width}}{per_step[name].cpu:12.3f}{per_step[name].wall:12.3f}{ratios[name].cpu:11.3f}"
+        print(f"{label:<{width}}{per_step[name].cpu:12.3f}{per_step[name].wall:{column}.3f}{ratios[name].cpu:11.3f}"
               f"{ratios[name].wall:12.3f}")
+    if wall:
+        print("* the verdicts use wall seconds (on a GPU the server's CPU seconds are launches and waiting)")
     return ratios
 
 

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import shutil
 import socket
 import subprocess
@@ -65,11 +66,17 @@ class WorkflowFailed(AssertionError):
 
 class ComfyServer:
     """`main.py --cpu` on a temporary base directory with the pack linked into custom_nodes; `env` adds to the
-    server's environment."""
+    server's environment. `device="gpu"` leaves out `--cpu` (ComfyUI then picks CUDA); arguments in the
+    environment variable CIDM_COMFY_ARGS are appended to the command line (such as `--front-end-root DIR` where
+    the frontend package is not installed)."""
 
-    def __init__(self, workspace: Path, checkpoints: dict[str, Path], env: dict[str, str] | None = None):
+    def __init__(self, workspace: Path, checkpoints: dict[str, Path], env: dict[str, str] | None = None,
+                 device: str = "cpu"):
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be cpu or gpu, not {device!r}")
         self.workspace = workspace
         self.env = env or {}
+        self.device = device
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workspace / "server.log"
@@ -89,9 +96,10 @@ class ComfyServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
-        command = [str(HOST_PYTHON), str(COMFY_ROOT / "main.py"), "--cpu", "--base-directory", str(self.workspace),
-                   "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
-                   "--disable-api-nodes"]
+        command = [str(HOST_PYTHON), str(COMFY_ROOT / "main.py"), *(["--cpu"] if self.device == "cpu" else []),
+                   "--base-directory", str(self.workspace), "--listen", "127.0.0.1", "--port", str(self.port),
+                   "--disable-auto-launch", "--disable-api-nodes"]
+        command += shlex.split(os.environ.get("CIDM_COMFY_ARGS", ""))
         log = open(self.log_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **self.env)
         self.process = subprocess.Popen(command, cwd=str(self.workspace), stdout=log, stderr=subprocess.STDOUT,
