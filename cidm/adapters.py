@@ -116,9 +116,19 @@ def low_rank_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weight
     """scale · Σ_t w[b,t] B_t A_t x for x [B, N, in], stacked factors down [K·r, in] / up [out, K·r] (task-major
     blocks of `rank`) and weights [B, K] (one mix per sample) or [B, N, K] (one mix per token: region-aware
     attention, cidm.regions.region_cross_attention); two matmuls whatever K is."""
-    hidden = F.linear(x, down)  # [B, N, K·r]
-    per_rank = weights.to(device=x.device, dtype=x.dtype).repeat_interleave(rank, dim=-1)  # [B, K·r] or [B, N, K·r]
-    return F.linear(hidden * (scale * (per_rank if per_rank.ndim == 3 else per_rank.unsqueeze(1))), up)
+    return apply_low_rank(x, down, up, rank_weights(weights, rank, scale, x))
+
+
+def rank_weights(weights: torch.Tensor, rank: int, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """scale · weights [B, K] or [B, N, K], each task's weight repeated over its `rank` columns, on `like`'s device
+    and dtype: [B, 1, K·r] or [B, N, K·r]. A sampling run makes it once per layer and batch (nodes/host)."""
+    per_rank = weights.to(device=like.device, dtype=like.dtype).repeat_interleave(rank, dim=-1)
+    return scale * (per_rank if per_rank.ndim == 3 else per_rank.unsqueeze(1))
+
+
+def apply_low_rank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, per_rank: torch.Tensor) -> torch.Tensor:
+    """(x Aᵀ ⊙ per_rank) Bᵀ for x [B, N, in], down [K·r, in], up [out, K·r] and per_rank from `rank_weights`."""
+    return F.linear(F.linear(x, down) * per_rank, up)
 
 
 class Router(Protocol):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .errors import CIDMInputError, require_finite
+from .routing import RunCache
 
 BOX_UNITS = ("fraction", "pixels")
 
@@ -152,11 +153,12 @@ def region_weights(masks: list[torch.Tensor], height: int, width: int) -> torch.
 
 
 def blend_region_predictions(global_prediction: torch.Tensor, region_predictions: list[torch.Tensor],
-                             masks: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """E* (module docstring) for predictions [B, C, h, w] and canvas masks [H, W] (any resolution)."""
+                             shares: torch.Tensor, alpha: float) -> torch.Tensor:
+    """E* (module docstring) for predictions [B, C, h, w] and the regions' shares [U, h, w] at that resolution
+    (`region_weights`, made once per sampling run by the caller, on the predictions' device)."""
     if not region_predictions:
         return global_prediction
-    weights = region_weights(masks, *global_prediction.shape[-2:]).to(global_prediction)[:, None, None]
+    weights = shares[:, None, None]
     regional = (weights * (alpha * global_prediction + (1 - alpha) * torch.stack(region_predictions))).sum(dim=0)
     return (1 - weights.sum(dim=0)) * global_prediction + regional
 
@@ -212,9 +214,54 @@ def token_task_weights(rows: list[list[AttentionBranch]], num_tasks: int, like: 
     return out
 
 
-def region_cross_attention(module, x: torch.Tensor, rows: list[list[AttentionBranch]],
+@dataclass(frozen=True)
+class BranchGroup:
+    """Branches whose contexts have the same length, attended in one batch: the batch row of each [G] (long), their
+    contexts [G, T, D], task weights [G, K] (zeros for a branch without concepts; None without a LoRA bank) and
+    shares of every image token [G, N, 1]."""
+
+    rows: torch.Tensor
+    context: torch.Tensor
+    weights: torch.Tensor | None
+    shares: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RegionAttentionInputs:
+    """What region-aware cross-attention needs besides the image tokens, on their device and in their dtype:
+    token_weights [B, N, K] (None without a LoRA bank) and the branch groups. Made once per layer and batch layout
+    of a sampling run (`prepare_region_attention`), so that a step makes no host-to-device copy and reads nothing
+    back to the host: on a GPU either drains the launch queue in every layer (benchmarks/results/gpu-h200.md)."""
+
+    token_weights: torch.Tensor | None
+    groups: tuple[BranchGroup, ...]
+
+
+def prepare_region_attention(rows: list[list[AttentionBranch]], num_tasks: int,
+                             like: torch.Tensor) -> RegionAttentionInputs:
+    """The inputs of `region_cross_attention` for a batch whose row b has the branches rows[b], on `like`'s device
+    and dtype; `num_tasks` is the LoRA bank's K (0: no bank). Branches with no share of any token are left out."""
+    groups: dict[int, list[tuple[int, AttentionBranch]]] = {}
+    for row, branches in enumerate(rows):
+        for branch in branches:
+            if bool((branch.share > 0).any()):
+                groups.setdefault(branch.context.shape[0], []).append((row, branch))
+    made = []
+    for members in groups.values():
+        weights = None
+        if num_tasks:
+            weights = torch.stack([torch.zeros(num_tasks, dtype=like.dtype, device=like.device)
+                                   if branch.weights is None else branch.weights.to(like) for _, branch in members])
+        made.append(BranchGroup(torch.tensor([row for row, _ in members], device=like.device),
+                                torch.stack([branch.context for _, branch in members]).to(like), weights,
+                                torch.stack([branch.share.reshape(-1) for _, branch in members]).to(like)[..., None]))
+    return RegionAttentionInputs(token_task_weights(rows, num_tasks, like) if num_tasks else None, tuple(made))
+
+
+def region_cross_attention(module, x: torch.Tensor, inputs: RegionAttentionInputs,
                            attention, **attention_kwargs) -> torch.Tensor:
-    """Region-aware cross-attention for x [B, N, C] (row b's branches in rows[b]); the output has x's shape.
+    """Region-aware cross-attention for x [B, N, C] (`inputs` from `prepare_region_attention`); the output has x's
+    shape.
 
     For image token n of row b, with branch shares s_u[n] (Σ_u s_u[n] = 1) and task weights w_u:
         q[n]   = W_q x[n] + Δ_q(x[n]; Σ_u s_u[n] w_u)
@@ -229,35 +276,24 @@ def region_cross_attention(module, x: torch.Tensor, rows: list[list[AttentionBra
     `module` provides to_q, to_k, to_v, to_out, heads and bank (LayerLoRABank); `attention(q, k, v, heads,
     **attention_kwargs)` is the host's multi-head attention on [G, N, heads·d] tensors."""
     bank = module.bank
-    lora = bank.num_tasks > 0
-    token_weights = token_task_weights(rows, bank.num_tasks, x) if lora else None
     q = module.to_q(x)
-    if lora:
-        q = q + bank.delta("to_q", x, token_weights)
-    groups: dict[int, list[tuple[int, AttentionBranch]]] = {}
-    for row, branches in enumerate(rows):
-        for branch in branches:
-            if bool((branch.share > 0).any()):
-                groups.setdefault(branch.context.shape[0], []).append((row, branch))
+    if inputs.token_weights is not None:
+        q = q + bank.delta("to_q", x, inputs.token_weights)
     mixed = torch.zeros_like(q)
-    for members in groups.values():
-        index = torch.tensor([row for row, _ in members], device=x.device)
-        context = torch.stack([branch.context for _, branch in members]).to(x)
-        k, v = module.to_k(context), module.to_v(context)
-        if lora:
-            weights = torch.stack([torch.zeros(bank.num_tasks) if branch.weights is None else branch.weights
-                                   for _, branch in members]).to(x)
-            k, v = k + bank.delta("to_k", context, weights), v + bank.delta("to_v", context, weights)
-        attended = attention(q[index], k, v, module.heads, **attention_kwargs)
-        shares = torch.stack([branch.share.reshape(-1) for _, branch in members]).to(x)[..., None]
-        mixed.index_add_(0, index, attended * shares)
+    for group in inputs.groups:
+        k, v = module.to_k(group.context), module.to_v(group.context)
+        if group.weights is not None:
+            k = k + bank.delta("to_k", group.context, group.weights)
+            v = v + bank.delta("to_v", group.context, group.weights)
+        attended = attention(q[group.rows], k, v, module.heads, **attention_kwargs)
+        mixed.index_add_(0, group.rows, attended * group.shares)
     out = module.to_out[0](mixed)
-    if lora:
-        out = out + bank.delta("to_out.0", mixed, token_weights)
+    if inputs.token_weights is not None:
+        out = out + bank.delta("to_out.0", mixed, inputs.token_weights)
     return module.to_out[1](out) if len(module.to_out) > 1 else out
 
 
-class RegionPlan:
+class RegionPlan(RunCache):
     """The regions of one sampling run, as region-aware cross-attention needs them in every layer.
 
     `cond_ids` are the host's ids of the global positive cond entries (ComfyUI: the cond dicts' uuids): their rows
@@ -273,16 +309,14 @@ class RegionPlan:
         self.contexts, self.masks = contexts, masks
         self.region_ids = list(region_ids) if region_ids is not None else [None] * len(contexts)
         self.cond_ids, self.mirror_ids = set(cond_ids), set(mirror_ids)
-        self._shares: dict[tuple[int, int], torch.Tensor] = {}
 
     def applies_to(self, ids) -> bool:
         return any(i in self.cond_ids or i in self.mirror_ids for i in ids or ())
 
     def shares(self, height: int, width: int) -> torch.Tensor:
         """[U, height·width]: region_weights at one attention resolution (computed once per resolution)."""
-        if (height, width) not in self._shares:
-            self._shares[(height, width)] = region_weights(self.masks, height, width).reshape(len(self.masks), -1)
-        return self._shares[(height, width)]
+        return self.cached(("shares", height, width),
+                           lambda: region_weights(self.masks, height, width).reshape(len(self.masks), -1))
 
     def rows(self, ids: list, contexts: torch.Tensor, weights: torch.Tensor | None, size: tuple[int, int],
              layer_context, route) -> list[list[AttentionBranch]]:

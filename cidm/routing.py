@@ -22,7 +22,7 @@ Reuse (e.g. region-aware cross-attention): inside any attention call with `trans
     routes.prompt(uuid)                        -> LayerwisePrompt | None (layer contexts [L, T, D], named tokens)
     routes.layer_context(l, uuids, context)    -> the batch's context for layer l, CIDM chunks replaced
     routes.row_weights(adapter, l, uuids, B)   -> [B, K] task weights per row (0 = that task is not computed)
-    routes.cached(key, make)                   -> a value made once per sampling run (device copies of factors)
+    routes.cached(key, make)                   -> a value made once per sampling run (device copies, RunCache)
 
 Unconditional rows ("match cond", the official CIDM code's policy, JiahuaDong/CIFC@9819aa8
 `lib/models/edlora.py`): every cond under the guider's "negative" key gets, per task and layer, the largest weight
@@ -112,24 +112,31 @@ def route_conds(router: CondRouter, conds: list[CondEntry], multipliers: torch.T
     return table
 
 
+class RunCache:
+    """Values made once per sampling run and then reused by every step: device copies of host tensors and prepared
+    attention inputs. On a GPU, a host-to-device copy or a read-back inside a step waits for the launch queue to
+    drain, in every layer (benchmarks/results/gpu-h200.md)."""
+
+    def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value made by `make()` the first time `key` was asked for."""
+        made = self.__dict__.setdefault("_made", {})
+        if key not in made:
+            made[key] = make()
+        return made[key]
+
+
 @dataclass
-class SamplingRoutes:
+class SamplingRoutes(RunCache):
     """One sampling run's routing, reachable from every attention call (see the module docstring)."""
 
     prompts: dict[Hashable, LayerwisePrompt | None] = field(default_factory=dict)
     weights: dict[Hashable, dict[Hashable, torch.Tensor]] = field(default_factory=dict)  # adapter -> uuid -> [L, K]
-    _cache: dict[Hashable, Any] = field(default_factory=dict)
 
     def add_conds(self, conds: list[CondEntry]) -> None:
         self.prompts.update({entry.uuid: entry.prompt for entry in conds})
 
     def prompt(self, uuid: Hashable) -> LayerwisePrompt | None:
         return self.prompts.get(uuid)
-
-    def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
 
     def _known(self, uuids: list) -> None:
         unknown = [u for u in uuids if u not in self.prompts]
@@ -151,16 +158,22 @@ class SamplingRoutes:
         if all(p is None or p.contexts is None for p in prompts):
             return context
         chunks = list(context.chunk(len(uuids)))
-        for index, prompt in enumerate(prompts):
+        for index, (uuid, prompt) in enumerate(zip(uuids, prompts)):
             if prompt is None or prompt.contexts is None:
                 continue
-            own = prompt.contexts[layer]
-            repeats, remainder = divmod(context.shape[1], own.shape[0])
-            if remainder:
-                raise CIDMInputError("conditioning", f"a batch context of {context.shape[1]} tokens cannot hold a "
-                                                     f"{own.shape[0]}-token layer context")
-            chunks[index] = own.to(context).repeat(repeats, 1).expand(chunks[index].shape[0], -1, -1)
+            own = self.cached(("layer context", uuid, layer, context.shape[1], context.device, context.dtype),
+                              lambda: self._repeated(prompt.contexts[layer], context))
+            chunks[index] = own.expand(chunks[index].shape[0], -1, -1)
         return torch.cat(chunks)
+
+    @staticmethod
+    def _repeated(own: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """A layer context [T', D] repeated along the tokens to the batch context's length T, on its device."""
+        repeats, remainder = divmod(context.shape[1], own.shape[0])
+        if remainder:
+            raise CIDMInputError("conditioning", f"a batch context of {context.shape[1]} tokens cannot hold a "
+                                                 f"{own.shape[0]}-token layer context")
+        return own.to(context).repeat(repeats, 1)
 
     def row_weights(self, adapter: Hashable, layer: int, uuids: list, batch: int) -> torch.Tensor:
         """[batch, K] task weights of layer `layer`, one row per batch row (chunks are equal slices)."""

@@ -13,8 +13,9 @@ from comfy_api.latest import io, ui
 
 from ..cidm.errors import CIDMInputError, require_finite
 from ..cidm.plots import region_layout
-from ..cidm.routing import PROMPT_KEY
-from ..cidm.regions import BOX_UNITS, RegionPlan, RegionSpec, blend_region_predictions, crop_box, make_regions
+from ..cidm.routing import PROMPT_KEY, RunCache
+from ..cidm.regions import (BOX_UNITS, RegionPlan, RegionSpec, blend_region_predictions, crop_box, make_regions,
+                            region_weights)
 from .host.regions import PLAN_KEY, with_region_attention
 
 CATEGORY = "CIDM/regions"
@@ -76,7 +77,7 @@ class RegionCondition(io.ComfyNode):
         return io.NodeOutput(regions, layout, ui=ui.PreviewImage(layout, cls=cls))
 
 
-class RegionGuider(comfy.samplers.CFGGuider):
+class RegionGuider(comfy.samplers.CFGGuider, RunCache):
     """ComfyUI's CFGGuider with regions (ComfyUI v0.3.75).
 
     Region-aware cross-attention: the guider's calls carry a cidm RegionPlan in transformer_options, read by the
@@ -109,14 +110,18 @@ class RegionGuider(comfy.samplers.CFGGuider):
         positive, negative = self.conds.get("positive"), self.conds.get("negative")
         if math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False):
             negative = None
-        crops = [[dict(c, area=crop_box(region.mask, *x.shape[-2:])) for c in self.conds.get(f"region_{i}", [])]
-                 for i, region in enumerate(self.regions)]
+        size, masks = tuple(x.shape[-2:]), [region.mask for region in self.regions]
+        # Crop boxes and blend shares depend on the latent size only: made once, not read back from the device
+        # or copied to it in every step (cidm.routing.RunCache).
+        boxes = self.cached(("crop boxes", size), lambda: [crop_box(mask, *size) for mask in masks])
+        crops = [[dict(c, area=box) for c in self.conds.get(f"region_{i}", [])] for i, box in enumerate(boxes)]
         conds = [positive, negative] + crops
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out = fn({"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep, "input": x,
                       "sigma": timestep, "model": self.inner_model, "model_options": model_options})
-        cond = blend_region_predictions(out[0], out[2:], [region.mask for region in self.regions], self.alpha)
+        shares = self.cached(("blend shares", size, x.device, x.dtype), lambda: region_weights(masks, *size).to(x))
+        cond = blend_region_predictions(out[0], out[2:], shares, self.alpha)
         return comfy.samplers.cfg_function(self.inner_model, cond, out[1], self.cfg, x, timestep,
                                            model_options=model_options, cond=positive, uncond=negative)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -14,7 +14,8 @@ from torch import nn
 from ..adapters import ConceptCrossAttention, LayerLoRABank, scaled_dot_product_heads, select_layer_context
 from ..errors import CIDMInputError
 from ..layers import cross_attention_layers, get_submodule
-from ..regions import region_cross_attention, region_weights, row_branches
+from ..regions import prepare_region_attention, region_cross_attention, region_weights, row_branches
+from ..routing import RunCache
 from ..tokens import TOKEN_PATTERN
 
 SENTINEL_WORDS = ("sks", "xqz", "zwx", "qxv")
@@ -36,7 +37,7 @@ class CIDMAttnProcessor:
 
 
 @dataclass
-class RegionBatch:
+class RegionBatch(RunCache):
     """The regions of every row of one UNet batch of B rows, for region-aware cross-attention
     (cidm.regions.region_cross_attention) in a diffusers UNet.
 
@@ -46,14 +47,14 @@ class RegionBatch:
         concept LoRAs).
     mirror: B flags: a mirror row (the negative of classifier-free guidance) keeps its own context in every region
         but takes the region's concepts, so guidance sees the prompt difference only.
-    latent_size: (H, W) of the UNet input, from which each layer's attention grid is derived."""
+    latent_size: (H, W) of the UNet input, from which each layer's attention grid is derived.
+    One RegionBatch serves one sampling run: what the attention layers derive from it is cached (RunCache)."""
 
     masks: list[torch.Tensor]
     contexts: list[torch.Tensor]
     weights: list[torch.Tensor | None]
     mirror: list[bool]
     latent_size: tuple[int, int]
-    _shares: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def grid(self, tokens: int) -> tuple[int, int]:
         """(h, w) of an attention layer with `tokens` image tokens (the UNet halves both sides per level).
@@ -70,9 +71,7 @@ class RegionBatch:
     def shares(self, tokens: int) -> torch.Tensor:
         """[U, tokens]: each region's share of every image token at this resolution (computed once)."""
         size = self.grid(tokens)
-        if size not in self._shares:
-            self._shares[size] = region_weights(self.masks, *size).reshape(len(self.masks), -1)
-        return self._shares[size]
+        return self.cached(("shares", size), lambda: region_weights(self.masks, *size).reshape(len(self.masks), -1))
 
 
 class CIDMRegionAttnProcessor:
@@ -89,17 +88,24 @@ class CIDMRegionAttnProcessor:
                  **kwargs):
         module = self.concept_attention
         index, count, per_layer = module.layer.index, module.num_layers, module.tokens_per_layer
-        concepts = module.bank.num_tasks > 0
-        context = select_layer_context(encoder_hidden_states, index, count, per_layer)
-        weights = module.router(index, context, cond_or_uncond) if concepts else None
-        region_contexts = [select_layer_context(c, index, count, per_layer) for c in self.regions.contexts]
-        region_weights_ = [w[:, index] if concepts else None for w in self.regions.weights]
-        shares = self.regions.shares(hidden_states.shape[1]).to(hidden_states)
-        rows = [row_branches(context[row], None if weights is None else weights[row], shares,
-                             [(None if self.regions.mirror[row] else c[row], None if w is None else w[row])
-                              for c, w in zip(region_contexts, region_weights_)])
-                for row in range(hidden_states.shape[0])]
-        out = region_cross_attention(module, hidden_states, rows, scaled_dot_product_heads)
+
+        def prepare():
+            concepts = module.bank.num_tasks > 0
+            context = select_layer_context(encoder_hidden_states, index, count, per_layer)
+            weights = module.router(index, context, cond_or_uncond) if concepts else None
+            region_contexts = [select_layer_context(c, index, count, per_layer) for c in self.regions.contexts]
+            region_weights_ = [w[:, index] if concepts else None for w in self.regions.weights]
+            shares = self.regions.shares(hidden_states.shape[1]).to(hidden_states)
+            rows = [row_branches(context[row], None if weights is None else weights[row], shares,
+                                 [(None if self.regions.mirror[row] else c[row], None if w is None else w[row])
+                                  for c, w in zip(region_contexts, region_weights_)])
+                    for row in range(hidden_states.shape[0])]
+            return prepare_region_attention(rows, module.bank.num_tasks, hidden_states)
+
+        # The batch's prompts are the same in every step of the run that owns this RegionBatch.
+        inputs = self.regions.cached(("region attention", index, *hidden_states.shape[:2], hidden_states.device,
+                                      hidden_states.dtype), prepare)
+        out = region_cross_attention(module, hidden_states, inputs, scaled_dot_product_heads)
         return out / attn.rescale_output_factor
 
 

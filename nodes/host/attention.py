@@ -27,7 +27,7 @@ import torch
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention, optimized_attention_masked
 
-from ...cidm.adapters import ConceptCrossAttention, LayerLoRABank, low_rank_delta
+from ...cidm.adapters import ConceptCrossAttention, LayerLoRABank, apply_low_rank, rank_weights
 from ...cidm.layers import PROJECTIONS, cross_attention_layers
 from ...cidm.routing import PROMPT_KEY, ROUTES_KEY, CondEntry, CondRouter, SamplingRoutes, route_conds
 from .model import UNET_PREFIX, unet_of
@@ -121,12 +121,17 @@ class LayerCall:
             self.active = active
 
     def delta(self, proj: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The active adapters' LoRA delta for projection `proj` of input x [B, N, in]: factors and per-rank weights
+        come from the run's cache (on x's device, in its dtype), so a step copies nothing from the host."""
         total = None
         for adapter, tasks, weights in self.active:
             bank = adapter.banks[self.layer]
             down, up = self.routes.cached((adapter.key, self.layer, proj, tasks, x.device, x.dtype),
                                           lambda: bank.select(proj, list(tasks), x.device, x.dtype))
-            delta = low_rank_delta(x, down, up, weights, bank.rank, bank.scale)
+            per_rank = self.routes.cached(("rank weights", adapter.key, self.layer, tuple(self.uuids), self.batch,
+                                           x.device, x.dtype),
+                                          lambda: rank_weights(weights, bank.rank, bank.scale, x))
+            delta = apply_low_rank(x, down, up, per_rank)
             total = delta if total is None else total + delta
         return total
 

@@ -17,7 +17,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ...cidm.adapters import LayerLoRABank
 from ...cidm.layers import cross_attention_layers
-from ...cidm.regions import RegionPlan, region_cross_attention
+from ...cidm.regions import RegionPlan, prepare_region_attention, region_cross_attention
 from .attention import layer_call
 from .model import UNET_PREFIX, unet_of
 
@@ -29,8 +29,9 @@ class RegionCrossAttention(torch.nn.Module):
     """Wraps one attn2. The wrapped module's projections are re-exposed under their own names (so stock LoRA weight
     patches still find them) and the module itself is kept unregistered."""
 
-    def __init__(self, inner: torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, layer: int):
         super().__init__()
+        self.layer = layer
         for name, child in inner.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "inner", inner)
@@ -50,14 +51,23 @@ class RegionCrossAttention(torch.nn.Module):
         concepts = call is not None and call.routes is not None
         object.__setattr__(self, "bank", call.bank if concepts else NO_CONCEPTS)
         size = tuple(transformer_options["activations_shape"][-2:])
-        if concepts:
-            rows = plan.rows(ids, context, call.row_weights(), size,
-                             lambda region, region_id: call.cond_context(region_id, region),
-                             lambda _, region_id: call.cond_weights(region_id)[None])
-        else:
-            rows = plan.rows(ids, context, None, size, lambda region, _: region, lambda *_: None)
+
+        def prepare():
+            if concepts:
+                rows = plan.rows(ids, context, call.row_weights(), size,
+                                 lambda region, region_id: call.cond_context(region_id, region),
+                                 lambda _, region_id: call.cond_weights(region_id)[None])
+            else:
+                rows = plan.rows(ids, context, None, size, lambda region, _: region, lambda *_: None)
+            return prepare_region_attention(rows, self.bank.num_tasks, x)
+
+        # The same conds give the same inputs in every step: made once per sampling run (RunCache), so a step
+        # copies nothing to the device and reads nothing back.
+        owner = call.routes if concepts else plan
+        inputs = owner.cached(("region attention", self.layer, tuple(ids), x.shape[0], size, x.device, x.dtype),
+                              prepare)
         with call.lora_suspended() if concepts else contextlib.nullcontext():
-            return region_cross_attention(self, x, rows, self.attend, transformer_options=transformer_options)
+            return region_cross_attention(self, x, inputs, self.attend, transformer_options=transformer_options)
 
 
 def with_region_attention(model):
@@ -65,5 +75,5 @@ def with_region_attention(model):
     patched = model.clone()
     for layer in cross_attention_layers(unet_of(patched)):
         path = UNET_PREFIX + layer.path
-        patched.add_object_patch(path, RegionCrossAttention(patched.get_model_object(path)))
+        patched.add_object_patch(path, RegionCrossAttention(patched.get_model_object(path), layer.index))
     return patched

@@ -5,7 +5,7 @@ import torch
 
 from cidm.adapters import ConceptCrossAttention, LayerLoRABank, scaled_dot_product_heads
 from cidm.aggregation import ConstantRouter
-from cidm.regions import AttentionBranch, box_mask, region_cross_attention, region_weights
+from cidm.regions import AttentionBranch, box_mask, prepare_region_attention, region_cross_attention, region_weights
 from test_aggregation import CONTEXT, LAYER, QUERY, TinyCrossAttention, random_factors
 
 H, W = 4, 6  # an attention resolution of 24 image tokens
@@ -24,6 +24,12 @@ def plain(module, x, context, weights):
     return module.forward_layer(x, context)
 
 
+def regional(module, x, rows):
+    """Region-aware cross-attention of x [B, N, C] for the rows of branches, prepared as a sampling run does."""
+    return region_cross_attention(module, x, prepare_region_attention(rows, module.bank.num_tasks, x),
+                                  scaled_dot_product_heads)
+
+
 def branches(global_context, global_weights, regions):
     """rows of AttentionBranch for one row: the global branch, then (context, weights, [H, W] canvas mask) per region."""
     shares = region_weights([mask for _, _, mask in regions], H, W) if regions else torch.zeros(0, H, W)
@@ -40,7 +46,7 @@ def test_a_token_in_one_region_sees_only_that_regions_prompt_and_concepts():
     left, right = box_mask(0, 0, 0.5, 0.5, (H, W)), box_mask(0.5, 0, 0.5, 1, (H, W))
     rows = [branches(glob, torch.tensor([0.0, 0.0]),
                      [(dog, torch.tensor([1.0, 0.0]), left), (duck, torch.tensor([0.0, 1.0]), right)])]
-    out = region_cross_attention(module, x, rows, scaled_dot_product_heads)[0].reshape(H, W, -1)
+    out = regional(module, x, rows)[0].reshape(H, W, -1)
     only_dog = plain(module, x, dog[None], [1.0, 0.0])[0].reshape(H, W, -1)
     only_duck = plain(module, x, duck[None], [0.0, 1.0])[0].reshape(H, W, -1)
     base = plain(module, x, glob[None], [0.0, 0.0])[0].reshape(H, W, -1)
@@ -57,7 +63,7 @@ def test_without_regions_it_is_the_ordinary_forward():
     x, glob = torch.randn(2, H * W, QUERY), torch.randn(2, 5, CONTEXT)
     weights = torch.tensor([0.2, 0.5, 0.3])
     rows = [branches(glob[b], weights, []) for b in range(2)]
-    assert torch.allclose(region_cross_attention(module, x, rows, scaled_dot_product_heads),
+    assert torch.allclose(regional(module, x, rows),
                           plain(module, x, glob, weights.tolist()), atol=1e-5)
 
 
@@ -69,7 +75,7 @@ def test_overlaps_share_the_token_by_hand_computation():
     everywhere = torch.ones(H, W)
     w1, w2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     rows = [branches(glob, None, [(first, w1, everywhere), (second, w2, everywhere)])]
-    out = region_cross_attention(module, x, rows, scaled_dot_product_heads)
+    out = regional(module, x, rows)
     # both regions cover every token: shares 1/2 each, q and to_out with the mean task mix, attention averaged
     bank, mix = module.bank, torch.tensor([[0.5, 0.5]])
     q = module.to_q(x) + bank.delta("to_q", x, mix)
@@ -92,8 +98,8 @@ def test_rows_with_different_context_lengths_and_regions_batch_correctly():
                                                                             torch.tensor([1.0, 0.0]), mask)]),
             branches(torch.randn(10, CONTEXT), None, [(torch.randn(5, CONTEXT), torch.tensor([0.0, 1.0]), mask)]),
             branches(torch.randn(10, CONTEXT), torch.tensor([0.5, 0.5]), [])]
-    together = region_cross_attention(module, x, rows, scaled_dot_product_heads)
-    alone = torch.cat([region_cross_attention(module, x[b:b + 1], [rows[b]], scaled_dot_product_heads)
+    together = regional(module, x, rows)
+    alone = torch.cat([regional(module, x[b:b + 1], [rows[b]])
                        for b in range(3)])
     assert torch.allclose(together, alone, atol=1e-6)
 
@@ -106,7 +112,7 @@ def test_a_bank_without_tasks_still_routes_prompts_by_region(tasks):
     glob, region = torch.randn(5, CONTEXT), torch.randn(5, CONTEXT)
     weights = torch.zeros(tasks) if tasks else None
     rows = [branches(glob, weights, [(region, weights, box_mask(0, 0, 1, 0.5, (H, W)))])]
-    out = region_cross_attention(module, x, rows, scaled_dot_product_heads)[0].reshape(H, W, -1)
+    out = regional(module, x, rows)[0].reshape(H, W, -1)
     top = plain(module, x, region[None], [0.0] * tasks)[0].reshape(H, W, -1)
     assert torch.allclose(out[:2], top[:2], atol=1e-5)
     assert not torch.allclose(out[2:], top[2:], atol=1e-3)

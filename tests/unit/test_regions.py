@@ -93,7 +93,7 @@ def test_blend_matches_hand_computation():
     first, second = torch.full((1, 1, 1, 3), 2.0), torch.full((1, 1, 1, 3), 4.0)
     left = torch.tensor([[1.0, 1.0, 0.0]])
     right = torch.tensor([[0.0, 1.0, 0.0]])
-    out = blend_region_predictions(glob, [first, second], [left, right], alpha=0.25)
+    out = blend_region_predictions(glob, [first, second], region_weights([left, right], 1, 3), alpha=0.25)
     # pixel 0: only region 1 -> .25·10 + .75·2 = 4; pixel 1: average of regions (3) -> .25·10 + .75·3 = 4.75;
     # pixel 2: no region -> the global prediction
     assert out.flatten().tolist() == pytest.approx([4.0, 4.75, 10.0])
@@ -103,8 +103,8 @@ def test_alpha_one_and_no_regions_give_the_global_prediction():
     glob = torch.randn(2, 4, 8, 8)
     region = torch.randn(2, 4, 8, 8)
     mask = torch.rand(8, 8)
-    assert torch.allclose(blend_region_predictions(glob, [region], [mask], alpha=1.0), glob)
-    assert blend_region_predictions(glob, [], [], alpha=0.1) is glob
+    assert torch.allclose(blend_region_predictions(glob, [region], region_weights([mask], 8, 8), alpha=1.0), glob)
+    assert blend_region_predictions(glob, [], torch.zeros(0, 8, 8), alpha=0.1) is glob
 
 
 def test_crop_box_holds_the_region_in_multiples_of_eight():
