@@ -250,3 +250,9 @@ def test_learnability_probe_trains_one_concept_with_changed_settings_or_a_generi
     assert item.concept.name == "quil" and item.concept.look == red_circle and len(item.task.losses) == 3
     assert len(verdict.predictions["shape"]) == len(images) == len(config.backgrounds) * config.samples_per_prompt
     assert 0 <= scores["acc"] <= 1
+
+
+def test_the_committed_base_model_is_the_current_configurations():
+    """Its cache key hashes world.py and models.py: an edit there orphans the committed weights and the next run
+    rebuilds the base model (about 1 h on a CPU core, 8 min on a GPU: `python -m benchmarks.toyworld.models`)."""
+    assert models.base_path(models.BaseConfig()).parent == models.COMMITTED, "rebuild and commit the base model"
