@@ -124,6 +124,10 @@ class RunCache:
             made[key] = make()
         return made[key]
 
+    def forget(self) -> None:
+        """Drops every cached value (and the device memory it holds): for an owner that outlives a sampling run."""
+        self.__dict__.pop("_made", None)
+
 
 @dataclass
 class SamplingRoutes(RunCache):

@@ -101,6 +101,16 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
                                    [c["uuid"] for c in self.original_conds["negative"]],
                                    [self.original_conds[f"region_{i}"][0]["uuid"] for i in range(len(regions))])
 
+    def sample(self, *args, **kwargs):
+        """CFGGuider.sample; what the run cached (crop boxes, blend shares, the plan's device copies) is dropped
+        after it, since a guider, and its plan, can outlive the run (a GUIDER output reused by later prompts)."""
+        try:
+            return super().sample(*args, **kwargs)
+        finally:
+            self.forget()
+            if self.plan is not None:
+                self.plan.forget()
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         if self.plan is not None:
             options = dict(model_options.get("transformer_options", {}), **{PLAN_KEY: self.plan})

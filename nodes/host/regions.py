@@ -66,8 +66,11 @@ class RegionCrossAttention(torch.nn.Module):
         owner = call.routes if concepts else plan
         inputs = owner.cached(("region attention", self.layer, tuple(ids), x.shape[0], size, x.device, x.dtype),
                               prepare)
-        with call.lora_suspended() if concepts else contextlib.nullcontext():
-            return region_cross_attention(self, x, inputs, self.attend, transformer_options=transformer_options)
+        try:
+            with call.lora_suspended() if concepts else contextlib.nullcontext():
+                return region_cross_attention(self, x, inputs, self.attend, transformer_options=transformer_options)
+        finally:  # the combined bank holds device copies of every task's factors: it belongs to this call only
+            object.__setattr__(self, "bank", NO_CONCEPTS)
 
 
 def with_region_attention(model):

@@ -65,3 +65,12 @@ def test_region_attention_step_makes_no_round_trip_once_prepared():
     first = step()  # places the bank's factors on the device in this dtype (LayerLoRABank.frozen_on)
     assert round_trips(step) == []
     assert torch.equal(step(), first)
+
+
+def test_a_run_cache_makes_each_value_once_until_it_forgets():
+    routes, made = SamplingRoutes(), []
+    for _ in range(2):
+        routes.cached("key", lambda: made.append(1) or len(made))
+    assert made == [1] and routes.cached("key", lambda: 99) == 1
+    routes.forget()
+    assert routes.cached("key", lambda: 99) == 99
