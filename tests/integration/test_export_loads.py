@@ -5,7 +5,6 @@ The diffusers half (the same names into a diffusers UNet) is tests/unit/test_exp
 """
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from comfy_host import Graph
