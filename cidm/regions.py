@@ -258,7 +258,7 @@ def prepare_region_attention(rows: list[list[AttentionBranch]], num_tasks: int,
     return RegionAttentionInputs(token_task_weights(rows, num_tasks, like) if num_tasks else None, tuple(made))
 
 
-def region_cross_attention(module, x: torch.Tensor, inputs: RegionAttentionInputs,
+def region_cross_attention(module, bank, x: torch.Tensor, inputs: RegionAttentionInputs,
                            attention, **attention_kwargs) -> torch.Tensor:
     """Region-aware cross-attention for x [B, N, C] (`inputs` from `prepare_region_attention`); the output has x's
     shape.
@@ -267,15 +267,15 @@ def region_cross_attention(module, x: torch.Tensor, inputs: RegionAttentionInput
         q[n]   = W_q x[n] + Δ_q(x[n]; Σ_u s_u[n] w_u)
         a[n]   = Σ_u s_u[n] · Attention(q[n], K_u, V_u),  K_u = W_k c_u + Δ_k(c_u; w_u), V_u likewise
         out[n] = W_out a[n] + Δ_out(a[n]; Σ_u s_u[n] w_u)
-    where Δ_f(·; w) = scale · Σ_t w[t] B_t A_t is the module's LoRA bank (cidm.adapters). A token inside one region
+    where Δ_f(·; w) = scale · Σ_t w[t] B_t A_t is `bank`, a LayerLoRABank (cidm.adapters) of the K tasks that
+    `inputs` were prepared for. A token inside one region
     sees only that region's prompt through only that region's concepts; a token outside every region sees the
     global prompt with the global routing (Mix-of-Show's regionally controllable sampling, TencentARC/Mix-of-Show,
     mixofshow/pipelines/pipeline_regionally_t2iadapter.py, with per-region LoRAs instead of a fused model).
     Branches whose contexts have the same length are projected and attended in one batch, whatever their row.
 
-    `module` provides to_q, to_k, to_v, to_out, heads and bank (LayerLoRABank); `attention(q, k, v, heads,
+    `module` provides to_q, to_k, to_v, to_out and heads; `attention(q, k, v, heads,
     **attention_kwargs)` is the host's multi-head attention on [G, N, heads·d] tensors."""
-    bank = module.bank
     q = module.to_q(x)
     if inputs.token_weights is not None:
         q = q + bank.delta("to_q", x, inputs.token_weights)

@@ -105,7 +105,7 @@ class CIDMRegionAttnProcessor:
         # The batch's prompts are the same in every step of the run that owns this RegionBatch.
         inputs = self.regions.cached(("region attention", index, *hidden_states.shape[:2], hidden_states.device,
                                       hidden_states.dtype), prepare)
-        out = region_cross_attention(module, hidden_states, inputs, scaled_dot_product_heads)
+        out = region_cross_attention(module, module.bank, hidden_states, inputs, scaled_dot_product_heads)
         return out / attn.rescale_output_factor
 
 

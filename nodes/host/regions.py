@@ -36,7 +36,6 @@ class RegionCrossAttention(torch.nn.Module):
             self.add_module(name, child)
         object.__setattr__(self, "inner", inner)
         self.heads = inner.heads
-        object.__setattr__(self, "bank", NO_CONCEPTS)
 
     def attend(self, q, k, v, heads, transformer_options=None):
         return optimized_attention(q, k, v, heads, attn_precision=getattr(self.inner, "attn_precision", None),
@@ -49,7 +48,7 @@ class RegionCrossAttention(torch.nn.Module):
             return self.inner(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
         call = layer_call(self)
         concepts = call is not None and call.routes is not None
-        object.__setattr__(self, "bank", call.bank if concepts else NO_CONCEPTS)
+        bank = call.bank if concepts else NO_CONCEPTS
         size = tuple(transformer_options["activations_shape"][-2:])
 
         def prepare():
@@ -59,18 +58,15 @@ class RegionCrossAttention(torch.nn.Module):
                                  lambda _, region_id: call.cond_weights(region_id)[None])
             else:
                 rows = plan.rows(ids, context, None, size, lambda region, _: region, lambda *_: None)
-            return prepare_region_attention(rows, self.bank.num_tasks, x)
+            return prepare_region_attention(rows, bank.num_tasks, x)
 
         # The same conds give the same inputs in every step: made once per sampling run (RunCache), so a step
         # copies nothing to the device and reads nothing back.
         owner = call.routes if concepts else plan
         inputs = owner.cached(("region attention", self.layer, tuple(ids), x.shape[0], size, x.device, x.dtype),
                               prepare)
-        try:
-            with call.lora_suspended() if concepts else contextlib.nullcontext():
-                return region_cross_attention(self, x, inputs, self.attend, transformer_options=transformer_options)
-        finally:  # the combined bank holds device copies of every task's factors: it belongs to this call only
-            object.__setattr__(self, "bank", NO_CONCEPTS)
+        with call.lora_suspended() if concepts else contextlib.nullcontext():
+            return region_cross_attention(self, bank, x, inputs, self.attend, transformer_options=transformer_options)
 
 
 def with_region_attention(model):

@@ -26,7 +26,7 @@ def plain(module, x, context, weights):
 
 def regional(module, x, rows):
     """Region-aware cross-attention of x [B, N, C] for the rows of branches, prepared as a sampling run does."""
-    return region_cross_attention(module, x, prepare_region_attention(rows, module.bank.num_tasks, x),
+    return region_cross_attention(module, module.bank, x, prepare_region_attention(rows, module.bank.num_tasks, x),
                                   scaled_dot_product_heads)
 
 

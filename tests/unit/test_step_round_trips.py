@@ -60,7 +60,7 @@ def test_region_attention_step_makes_no_round_trip_once_prepared():
     inputs = prepare_region_attention(rows, module.bank.num_tasks, x)
 
     def step():
-        return region_cross_attention(module, x, inputs, scaled_dot_product_heads)
+        return region_cross_attention(module, module.bank, x, inputs, scaled_dot_product_heads)
 
     first = step()  # places the bank's factors on the device in this dtype (LayerLoRABank.frozen_on)
     assert round_trips(step) == []
