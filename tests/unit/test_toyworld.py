@@ -140,6 +140,15 @@ def test_retention_compares_each_old_concept_with_itself_just_after_its_task():
     assert report.mean_curve(acc) == pytest.approx([0.8, 0.45, 0.5])
 
 
+def test_ratios_carry_their_binomial_standard_error():
+    ratio, error = report.ratio_with_error([0.5, 0.5], [1.0, 0.5], samples=18)
+    variance_rates, variance_bounds = (0.25 + 0.25) / 18 / 4, (0.0 + 0.25) / 18 / 4
+    assert ratio == pytest.approx(0.5 / 0.75)
+    assert error == pytest.approx(ratio * (variance_bounds / 0.75 ** 2 + variance_rates / 0.5 ** 2) ** 0.5)
+    assert report.ratio_with_error([0.5, 0.5], [1.0, 0.5], samples=72)[1] == pytest.approx(error / 2)
+    assert report.ratio_with_error([0.3], [0.0], samples=18) == (None, None)
+
+
 def test_smoke_protocol_trains_through_cidm_concept_trainer(smoke):
     _, results, runs = smoke
     for method, consolidator in CONSOLIDATORS.items():
