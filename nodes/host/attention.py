@@ -126,11 +126,12 @@ class LayerCall:
         total = None
         for adapter, tasks, weights in self.active:
             bank = adapter.banks[self.layer]
-            down, up = self.routes.cached((adapter.key, self.layer, proj, tasks, x.device, x.dtype),
-                                          lambda: bank.select(proj, list(tasks), x.device, x.dtype))
-            per_rank = self.routes.cached(("rank weights", adapter.key, self.layer, tuple(self.uuids), self.batch,
-                                           x.device, x.dtype),
-                                          lambda: rank_weights(weights, bank.rank, bank.scale, x))
+
+            def make():
+                return (*bank.select(proj, list(tasks), x.device, x.dtype),
+                        rank_weights(weights, bank.rank, bank.scale, x))
+            down, up, per_rank = self.routes.cached((adapter.key, self.layer, proj, tasks, tuple(self.uuids),
+                                                     self.batch, x.device, x.dtype), make)
             delta = apply_low_rank(x, down, up, per_rank)
             total = delta if total is None else total + delta
         return total
