@@ -293,7 +293,19 @@ def region_cross_attention(module, bank, x: torch.Tensor, inputs: RegionAttentio
     return module.to_out[1](out) if len(module.to_out) > 1 else out
 
 
-class RegionPlan(RunCache):
+class RegionMasks(RunCache):
+    """The canvas masks of a sampling run's regions (`masks`: U tensors [H, W] in [0, 1]) and their shares at each
+    attention resolution, made once per run."""
+
+    masks: list[torch.Tensor]
+
+    def shares(self, height: int, width: int) -> torch.Tensor:
+        """[U, height·width]: `region_weights` at one attention resolution (computed once per resolution)."""
+        return self.cached(("shares", height, width),
+                           lambda: region_weights(self.masks, height, width).reshape(len(self.masks), -1))
+
+
+class RegionPlan(RegionMasks):
     """The regions of one sampling run, as region-aware cross-attention needs them in every layer.
 
     `cond_ids` are the host's ids of the global positive cond entries (ComfyUI: the cond dicts' uuids): their rows
@@ -312,11 +324,6 @@ class RegionPlan(RunCache):
 
     def applies_to(self, ids) -> bool:
         return any(i in self.cond_ids or i in self.mirror_ids for i in ids or ())
-
-    def shares(self, height: int, width: int) -> torch.Tensor:
-        """[U, height·width]: region_weights at one attention resolution (computed once per resolution)."""
-        return self.cached(("shares", height, width),
-                           lambda: region_weights(self.masks, height, width).reshape(len(self.masks), -1))
 
     def rows(self, ids: list, contexts: torch.Tensor, weights: torch.Tensor | None, size: tuple[int, int],
              layer_context, route) -> list[list[AttentionBranch]]:

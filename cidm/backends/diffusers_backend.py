@@ -14,8 +14,7 @@ from torch import nn
 from ..adapters import ConceptCrossAttention, LayerLoRABank, scaled_dot_product_heads, select_layer_context
 from ..errors import CIDMInputError
 from ..layers import cross_attention_layers, get_submodule
-from ..regions import prepare_region_attention, region_cross_attention, region_weights, row_branches
-from ..routing import RunCache
+from ..regions import RegionMasks, prepare_region_attention, region_cross_attention, row_branches
 from ..tokens import TOKEN_PATTERN
 
 SENTINEL_WORDS = ("sks", "xqz", "zwx", "qxv")
@@ -37,7 +36,7 @@ class CIDMAttnProcessor:
 
 
 @dataclass
-class RegionBatch(RunCache):
+class RegionBatch(RegionMasks):
     """The regions of every row of one UNet batch of B rows, for region-aware cross-attention
     (cidm.regions.region_cross_attention) in a diffusers UNet.
 
@@ -68,11 +67,6 @@ class RegionBatch(RunCache):
             raise CIDMInputError("latent", f"a {height}×{width} latent has no attention grid of {tokens} tokens")
         return height // factor, width // factor
 
-    def shares(self, tokens: int) -> torch.Tensor:
-        """[U, tokens]: each region's share of every image token at this resolution (computed once)."""
-        size = self.grid(tokens)
-        return self.cached(("shares", size), lambda: region_weights(self.masks, *size).reshape(len(self.masks), -1))
-
 
 class CIDMRegionAttnProcessor:
     """A diffusers attention processor for attn2 that runs region-aware cross-attention: each image token attends
@@ -95,7 +89,7 @@ class CIDMRegionAttnProcessor:
             weights = module.router(index, context, cond_or_uncond) if concepts else None
             region_contexts = [select_layer_context(c, index, count, per_layer) for c in self.regions.contexts]
             region_weights_ = [w[:, index] if concepts else None for w in self.regions.weights]
-            shares = self.regions.shares(hidden_states.shape[1]).to(hidden_states)
+            shares = self.regions.shares(*self.regions.grid(hidden_states.shape[1])).to(hidden_states)
             rows = [row_branches(context[row], None if weights is None else weights[row], shares,
                                  [(None if self.regions.mirror[row] else c[row], None if w is None else w[row])
                                   for c, w in zip(region_contexts, region_weights_)])
