@@ -208,8 +208,8 @@ def regions_table(methods: dict, upper: dict, samples: int) -> list[str]:
             pairs = list(pairs.values())
             both = mean(pairs, "both")
             bounds = [p["both"] for p in upper["regions"][layout].values()] if "regions" in upper else []
-            lines.append(f"| {name} | {layout} | {_number(both)} | "
-                         f"{_ratio([p['both'] for p in pairs], bounds, samples) if bounds else '–'} | "
+            ratio = ("1" if scores is upper else _ratio([p["both"] for p in pairs], bounds, samples)) if bounds else "–"
+            lines.append(f"| {name} | {layout} | {_number(both)} | {ratio} | "
                          f"{_number(mean(pairs, 'both', True))} | {_number(mean(pairs, 'both', False))} | "
                          f"{_number(mean(pairs, 'bleed'))} | {_number(mean(pairs, 'left'))} | "
                          f"{_number(mean(pairs, 'right'))} |")
