@@ -132,6 +132,17 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
     assert "Compared with the previous run (world v1, seed 0" in (out / "results.md").read_text()
 
 
+def test_a_concepts_training_images_spread_over_the_training_backgrounds():
+    concept = concepts.make_world(0).concepts[0]
+    for count, expected in ((5, [1] * 5), (12, [3, 3, 2, 2, 2]), (3, [1, 1, 1, 0, 0])):
+        images = protocol.training_set(concept, protocol.ProtocolConfig(images_per_concept=count), 0)
+        backgrounds = [source.split("-")[1] for source in images.sources]
+        assert len(images.images) == len(images.captions) == count
+        assert [backgrounds.count(bg) for bg in world.training_backgrounds()] == expected
+    v21 = concepts.concept_samples(concept, world.training_backgrounds(5), 0)  # one per background, as v2.1 drew them
+    assert torch.equal(protocol.training_set(concept, protocol.ProtocolConfig(), 0).images, protocol.as_images(v21))
+
+
 def test_retention_compares_each_old_concept_with_itself_just_after_its_task():
     acc = [[0.8, None, None], [0.4, 0.5, None], [0.6, 0.0, 0.9]]
     assert report.retention(acc) == pytest.approx((0.6 / 0.8 + 0.0 / 0.5) / 2)
