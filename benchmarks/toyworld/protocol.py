@@ -75,7 +75,7 @@ class ProtocolConfig:
     samples_per_prompt: int = 3  # M
     generic_prompts: int = 48  # Q5
     sampling_steps: int = 10
-    guidance: float = 4.0
+    guidance: float = 2.5  # v2.1 ran at 4, which pulled learned concepts away (toy README, "Learnability")
     seed: int = 0
     layouts: tuple[str, ...] = tuple(LAYOUTS)
 
