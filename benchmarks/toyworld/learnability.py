@@ -74,7 +74,7 @@ def main() -> None:
     accuracy, count = scores["acc"], len(images)
     print(f"{args.concept} {overrides or 'protocol settings'}{' as ' + args.generic_look if look else ''}"
           f"{' ' + ' '.join(args.protocol) if args.protocol else ''}: acc {accuracy:.2f} ± "
-          f"{(accuracy * (1 - accuracy) / count) ** 0.5:.2f} ({count} samples), strict {scores['strict']:.2f}, "
+          f"{report.mean_rate_error([accuracy], count):.2f} ({count} samples), strict {scores['strict']:.2f}, "
           f"read {read}, loss first/last 50 steps "
           f"{sum(losses[:50]) / len(losses[:50]):.3f}/{sum(losses[-50:]) / len(losses[-50:]):.3f}")
     args.out.mkdir(parents=True, exist_ok=True)

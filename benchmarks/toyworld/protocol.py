@@ -114,7 +114,7 @@ def concept_tokens(concept: Concept) -> list[str]:
 def training_set(concept: Concept, config: ProtocolConfig, world_seed: int, class_word: bool = True) -> TrainingSet:
     """The concept's `config.images_per_concept` training images, spread evenly over the training backgrounds (all
     but the held-out one), each placed at random; 5 is one per background."""
-    backgrounds = world.training_backgrounds(len(world.BACKGROUNDS))
+    backgrounds = world.training_backgrounds()
     per_background = -(-config.images_per_concept // len(backgrounds))
     drawn = concepts.concept_samples(concept, backgrounds, world_seed, per_background)  # background by background
     samples = [s for i in range(per_background) for s in drawn[i::per_background]][:config.images_per_concept]

@@ -92,6 +92,11 @@ def samples_per_cell(results: dict) -> int:
     return len(results["config"]["backgrounds"]) * results["config"]["samples_per_prompt"]
 
 
+def mean_rate_error(rates: list[float], samples: int) -> float:
+    """The standard error of mean(rates), each rate a binomial proportion over `samples` independent samples."""
+    return math.sqrt(sum(v * (1 - v) for v in rates) / samples) / len(rates)
+
+
 def ratio_with_error(rates: list[float], bounds: list[float], samples: int) -> tuple[float | None, float | None]:
     """mean(rates) / mean(bounds), and its standard error: each rate is a binomial proportion over `samples`
     independent samples, and the two means are taken as independent (delta method). The measurement's resolution:
@@ -100,12 +105,9 @@ def ratio_with_error(rates: list[float], bounds: list[float], samples: int) -> t
     mean_rate, mean_bound = float(np.mean(rates)), float(np.mean(bounds))
     if not mean_bound:
         return None, None
-
-    def variance(values: list[float]) -> float:
-        return sum(v * (1 - v) for v in values) / samples / len(values) ** 2
-
     ratio = mean_rate / mean_bound
-    relative = variance(bounds) / mean_bound ** 2 + (variance(rates) / mean_rate ** 2 if mean_rate else 0.0)
+    relative = ((mean_rate_error(bounds, samples) / mean_bound) ** 2
+                + ((mean_rate_error(rates, samples) / mean_rate) ** 2 if mean_rate else 0.0))
     return ratio, ratio * math.sqrt(relative)
 
 
