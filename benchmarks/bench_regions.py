@@ -3,7 +3,8 @@
 Rows: the stock graph (CheckpointLoaderSimple → CLIPTextEncode → KSampler); the Context-Controlled KSampler on a
 model with a two-concept library (Elastic Aggregate LoRAs) and CIDM Text Encode prompts, without regions, with two
 regions (left and right halves, one concept each) by region-aware cross-attention only, with region noise
-estimation only (α 0.1), and with both. Goals (issue #14): two regions by attention ≤ 1.3× stock; with region noise
+estimation only (α 0.1), and with both; region noise estimation on each region's area crop (the default) and on
+the whole latent (batched with the global prompt). Goals (issue #14): two regions by attention ≤ 1.3× stock; with region noise
 estimation ≤ 2.0× stock.
 
     ~/.cache/cidm-comfyui/venv/bin/python benchmarks/bench_regions.py [--layout full] [--resolution 512]
@@ -19,9 +20,13 @@ from synthetic import synthesize_library
 
 CFG = 5.0  # > 1, so every step runs the positive and negative rows
 LIBRARY = "regions"
-VARIANTS = {"no regions": None, "2 regions, attention": (1.0, True), "2 regions, noise estimation": (0.1, False),
-            "2 regions, attention + noise estimation": (0.1, True)}
-GOALS = {"2 regions, attention": 1.3, "2 regions, noise estimation": 2.0, "2 regions, attention + noise estimation": 2.0}
+# (alpha, region_attention, region_noise_on) of the Context-Controlled KSampler
+VARIANTS = {"no regions": None, "2 regions, attention": (1.0, True, "area crop"),
+            "2 regions, noise estimation": (0.1, False, "area crop"),
+            "2 regions, attention + noise estimation": (0.1, True, "area crop"),
+            "2 regions, noise estimation, whole latent": (0.1, False, "whole latent"),
+            "2 regions, attention + noise estimation, whole latent": (0.1, True, "whole latent")}
+GOALS = {"2 regions, attention": 1.3} | {name: 2.0 for name in VARIANTS if "noise" in name}
 
 
 def main() -> None:
@@ -53,7 +58,7 @@ def main() -> None:
                     def encode(text):
                         return graph.add("CIDM_TextEncode", clip=checkpoint[1], library=lib, text=text)[0]
                     regions = {}
-                    alpha, attention = VARIANTS[variant] or (1.0, True)
+                    alpha, attention, region_noise = VARIANTS[variant] or (1.0, True, "area crop")
                     if VARIANTS[variant] is not None:
                         left = graph.add("CIDM_RegionCondition", conditioning=encode("a photo of a <dog>"), x=0.0,
                                          y=0.0, width=0.5, height=1.0, strength=1.0)
@@ -63,7 +68,8 @@ def main() -> None:
                     node = graph.add("CIDM_ContextControlledKSampler", model=model,
                                      positive=encode("a <dog> and a <duck>"),
                                      negative=graph.add("CLIPTextEncode", clip=checkpoint[1], text="")[0],
-                                     alpha=alpha, region_attention=attention, **common, **regions)
+                                     alpha=alpha, region_attention=attention, region_noise_on=region_noise,
+                                     **common, **regions)
                 graph.add("SaveLatent", samples=node[0], filename_prefix="bench/latent")
                 return bench.step_times(graph, node, args.steps)
             return run

@@ -110,6 +110,16 @@ class LayerLoRABank:
         up = self.frozen_up[proj].index_select(1, rows)
         return down.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype)
 
+    def folded(self, proj: str, tasks: list[int], weights: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """base [out, in] + scale · Σ_i weights[i] · B_t A_t over t = tasks[i] (weights [k]): the projection's weight
+        with these tasks' LoRA folded in, for a batch whose rows all share one mix. Computed in float32 on base's
+        device, returned in base's dtype. A sampling run folds once and then runs one plain matmul per projection
+        call, where the low-rank branch costs two matmuls, a product and a sum in every layer of every step
+        (benchmarks/results/gpu-h200.md)."""
+        down, up = self.select(proj, list(tasks), base.device, torch.float32)
+        per_rank = rank_weights(weights[None], self.rank, self.scale, down).reshape(1, -1)
+        return (base.float() + (up * per_rank) @ down).to(base.dtype)
+
 
 def low_rank_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, rank: int,
                    scale: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ guidance against one shared uncond.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -218,12 +218,24 @@ def token_task_weights(rows: list[list[AttentionBranch]], num_tasks: int, like: 
 class BranchGroup:
     """Branches whose contexts have the same length, attended in one batch: the batch row of each [G] (long), their
     contexts [G, T, D], task weights [G, K] (zeros for a branch without concepts; None without a LoRA bank) and
-    shares of every image token [G, N, 1]."""
+    shares of every image token [G, N, 1]; `projected`, when made (`with_projected_contexts`), their keys and
+    values [G, T, inner]."""
 
     rows: torch.Tensor
     context: torch.Tensor
     weights: torch.Tensor | None
     shares: torch.Tensor
+    projected: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def keys_values(self, module, bank) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) [G, T, inner]: module.to_k / to_v of the contexts plus the branches' LoRA (`bank`)."""
+        if self.projected is not None:
+            return self.projected
+        k, v = module.to_k(self.context), module.to_v(self.context)
+        if self.weights is not None:
+            k = k + bank.delta("to_k", self.context, self.weights)
+            v = v + bank.delta("to_v", self.context, self.weights)
+        return k, v
 
 
 @dataclass(frozen=True)
@@ -258,6 +270,14 @@ def prepare_region_attention(rows: list[list[AttentionBranch]], num_tasks: int,
     return RegionAttentionInputs(token_task_weights(rows, num_tasks, like) if num_tasks else None, tuple(made))
 
 
+def with_projected_contexts(inputs: RegionAttentionInputs, module, bank) -> RegionAttentionInputs:
+    """`inputs` with every group's keys and values projected once (BranchGroup.keys_values). The contexts and task
+    weights are the same in every step of a sampling run, so while the model's weights stay fixed too, so are K and
+    V: a step then skips the to_k / to_v projections and their LoRA."""
+    return replace(inputs, groups=tuple(replace(group, projected=group.keys_values(module, bank))
+                                        for group in inputs.groups))
+
+
 def region_cross_attention(module, bank, x: torch.Tensor, inputs: RegionAttentionInputs,
                            attention, **attention_kwargs) -> torch.Tensor:
     """Region-aware cross-attention for x [B, N, C] (`inputs` from `prepare_region_attention`); the output has x's
@@ -281,10 +301,7 @@ def region_cross_attention(module, bank, x: torch.Tensor, inputs: RegionAttentio
         q = q + bank.delta("to_q", x, inputs.token_weights)
     mixed = torch.zeros_like(q)
     for group in inputs.groups:
-        k, v = module.to_k(group.context), module.to_v(group.context)
-        if group.weights is not None:
-            k = k + bank.delta("to_k", group.context, group.weights)
-            v = v + bank.delta("to_v", group.context, group.weights)
+        k, v = group.keys_values(module, bank)
         attended = attention(q[group.rows], k, v, module.heads, **attention_kwargs)
         mixed.index_add_(0, group.rows, attended * group.shares)
     out = module.to_out[0](mixed)

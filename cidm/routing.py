@@ -115,7 +115,14 @@ def route_conds(router: CondRouter, conds: list[CondEntry], multipliers: torch.T
 class RunCache:
     """Values made once per sampling run and then reused by every step: device copies of host tensors and prepared
     attention inputs. On a GPU, a host-to-device copy or a read-back inside a step waits for the launch queue to
-    drain, in every layer (benchmarks/results/gpu-h200.md)."""
+    drain, in every layer (benchmarks/results/gpu-h200.md).
+
+    `static_weights`: the host keeps the model's weights fixed for the whole run, so values computed from them
+    (LoRA folded into a projection's weight, projected keys and values of a constant context) may be cached too.
+    A host that changes weights inside a run (ComfyUI's weight hooks, whose keyframes re-patch weights in place)
+    sets it False."""
+
+    static_weights = True
 
     def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """The value made by `make()` the first time `key` was asked for."""

@@ -16,6 +16,7 @@ from ..cidm.plots import region_layout
 from ..cidm.routing import PROMPT_KEY, RunCache
 from ..cidm.regions import (BOX_UNITS, RegionPlan, RegionSpec, blend_region_predictions, crop_box, make_regions,
                             region_weights)
+from .host.model import weights_fixed_for_run
 from .host.regions import PLAN_KEY, with_region_attention
 
 CATEGORY = "CIDM/regions"
@@ -85,15 +86,19 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
     every CFG hook applies since the prediction goes through ComfyUI's own sampling_function.
 
     Region noise estimation (α < 1): one calc_cond_batch evaluates the global cond, the uncond and every region
-    cond on the area crop around its mask; the region predictions are blended into the cond prediction
+    cond, on the area crop around its mask (REGION_NOISE "area crop") or on the whole latent, where ComfyUI batches
+    it with cond and uncond into one UNet call ("whole latent"); the region predictions are blended into the cond
+    prediction
     (cidm.regions.blend_region_predictions), and the result goes through ComfyUI's pre-CFG hooks and cfg_function
     (sampler_cfg_function and post-CFG hooks), as comfy_extras/nodes_perpneg.py does."""
 
-    def set_regions(self, positive, negative, regions: list[RegionSpec], alpha: float, attention: bool):
+    def set_regions(self, positive, negative, regions: list[RegionSpec], alpha: float, attention: bool,
+                    region_noise: str = "area crop"):
         conds = {"positive": positive, "negative": negative}
         conds.update({f"region_{i}": region.conditioning for i, region in enumerate(regions)})
         self.inner_set_conds(conds)
         self.regions, self.alpha, self.plan = list(regions), alpha, None
+        self.crop = region_noise == "area crop"
         if attention and regions:
             self.plan = RegionPlan([single_prompt(region.conditioning, i) for i, region in enumerate(regions)],
                                    [region.mask for region in regions],
@@ -113,6 +118,7 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         if self.plan is not None:
+            self.plan.static_weights = weights_fixed_for_run(self.model_patcher)
             options = dict(model_options.get("transformer_options", {}), **{PLAN_KEY: self.plan})
             model_options = dict(model_options, transformer_options=options)
         if not self.regions or self.alpha >= 1.0:
@@ -123,9 +129,11 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
         size, masks = tuple(x.shape[-2:]), [region.mask for region in self.regions]
         # Crop boxes and blend shares depend on the latent size only: made once, not read back from the device
         # or copied to it in every step (cidm.routing.RunCache).
-        boxes = self.cached(("crop boxes", size), lambda: [crop_box(mask, *size) for mask in masks])
-        crops = [[dict(c, area=box) for c in self.conds.get(f"region_{i}", [])] for i, box in enumerate(boxes)]
-        conds = [positive, negative] + crops
+        region_conds = [self.conds.get(f"region_{i}", []) for i in range(len(masks))]
+        if self.crop:
+            boxes = self.cached(("crop boxes", size), lambda: [crop_box(mask, *size) for mask in masks])
+            region_conds = [[dict(c, area=box) for c in conds] for conds, box in zip(region_conds, boxes)]
+        conds = [positive, negative] + region_conds
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out = fn({"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep, "input": x,
@@ -144,11 +152,15 @@ def single_prompt(conditioning, index: int):
     return conditioning[0][0]
 
 
-def region_guider(model, positive, negative, regions, cfg: float, alpha: float, attention: bool) -> RegionGuider:
+def region_guider(model, positive, negative, regions, cfg: float, alpha: float, attention: bool,
+                  region_noise: str = "area crop") -> RegionGuider:
     """Raises CIDMInputError naming the input for non-finite numbers, and naming `model` when region-aware
     attention cannot run: an attn2 replace patch (IPAdapter and the like) makes ComfyUI's BasicTransformerBlock
     call the projections itself and skip attn2's forward, where the regions are applied."""
     require_finite(cfg=cfg, alpha=alpha)
+    if region_noise not in REGION_NOISE_ON:
+        raise CIDMInputError("region_noise_on", f"unknown choice {region_noise!r}; supported: "
+                                               f"{', '.join(REGION_NOISE_ON)}")
     regions = list(regions or [])
     if attention and regions and model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(
             "attn2"):
@@ -157,7 +169,7 @@ def region_guider(model, positive, negative, regions, cfg: float, alpha: float, 
                                       "region_attention off and use alpha < 1 (region noise estimation), or sample "
                                       "without that patch")
     guider = RegionGuider(with_region_attention(model) if attention and regions else model)
-    guider.set_regions(positive, negative, regions, alpha, attention)
+    guider.set_regions(positive, negative, regions, alpha, attention, region_noise)
     guider.set_cfg(cfg)
     return guider
 
@@ -190,13 +202,20 @@ def guider_inputs():
 
 ALPHA = io.Float.Input("alpha", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Region noise estimation (CIDM Eq. 5): below 1, each region's prompt is also "
-                               "predicted on its own crop and blended in with weight 1 − alpha inside its mask "
-                               "(the paper uses 0.1; about one extra UNet call per region, on its area). 1 turns "
-                               "it off.")
+                               "predicted (see region_noise_on) and blended in with weight 1 − alpha inside its "
+                               "mask (the paper uses 0.1). 1 turns it off.")
 ATTENTION = io.Boolean.Input("region_attention", default=True, optional=True,
                              tooltip="Region-aware cross-attention: image tokens inside a region attend to that "
                                      "region's prompt through only its concepts' LoRAs, the rest to the global "
                                      "prompt; one UNet call per step.")
+REGION_NOISE_ON = ("area crop", "whole latent")
+REGION_NOISE = io.Combo.Input("region_noise_on", options=list(REGION_NOISE_ON), default="area crop", optional=True,
+                              tooltip="Where region noise estimation (alpha < 1) predicts each region. area crop: on "
+                                      "the crop around its mask, so its cost follows the region's area (cheaper "
+                                      "where compute dominates, e.g. a CPU). whole latent: on the whole image, "
+                                      "batched with the global prompt into one UNet call per step (cheaper where a "
+                                      "call's fixed cost dominates, e.g. a fast GPU: see the pack's README). The "
+                                      "region's prediction then also sees the rest of the image.")
 CFG = io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                      tooltip="Classifier-free guidance scale, as in KSampler.")
 
@@ -222,13 +241,14 @@ class ContextControlledKSampler(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="karras",
                                tooltip="The noise schedule, as in KSampler."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="1: from pure noise; less keeps more of latent_image."), ALPHA, ATTENTION],
+                               tooltip="1: from pure noise; less keeps more of latent_image."), ALPHA, ATTENTION,
+                REGION_NOISE],
             outputs=[io.Latent.Output(display_name="latent")])
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
-                alpha, regions=None, region_attention=True):
-        guider = region_guider(model, positive, negative, regions, cfg, alpha, region_attention)
+                alpha, regions=None, region_attention=True, region_noise_on="area crop"):
+        guider = region_guider(model, positive, negative, regions, cfg, alpha, region_attention, region_noise_on)
         return io.NodeOutput(sample(guider, latent_image, seed, steps, sampler_name, scheduler, denoise))
 
 
@@ -239,12 +259,14 @@ class ContextControlledGuider(io.ComfyNode):
             node_id="CIDM_ContextControlledGuider", display_name="Context-Controlled Guider", category=CATEGORY,
             description="The Context-Controlled KSampler's guidance as a GUIDER, for SamplerCustomAdvanced "
                         "(bring your own noise, sampler and sigmas).",
-            inputs=guider_inputs() + [CFG, ALPHA, ATTENTION],
+            inputs=guider_inputs() + [CFG, ALPHA, ATTENTION, REGION_NOISE],
             outputs=[io.Guider.Output(display_name="guider")])
 
     @classmethod
-    def execute(cls, model, positive, negative, cfg, alpha, regions=None, region_attention=True):
-        return io.NodeOutput(region_guider(model, positive, negative, regions, cfg, alpha, region_attention))
+    def execute(cls, model, positive, negative, cfg, alpha, regions=None, region_attention=True,
+                region_noise_on="area crop"):
+        return io.NodeOutput(region_guider(model, positive, negative, regions, cfg, alpha, region_attention,
+                                           region_noise_on))
 
 
 NODES = [RegionCondition, ContextControlledKSampler, ContextControlledGuider]

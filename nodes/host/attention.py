@@ -23,6 +23,7 @@ import logging
 import uuid
 
 import torch
+import torch.nn.functional as F
 
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention, optimized_attention_masked
@@ -30,7 +31,7 @@ from comfy.ldm.modules.attention import optimized_attention, optimized_attention
 from ...cidm.adapters import ConceptCrossAttention, LayerLoRABank, apply_low_rank, rank_weights
 from ...cidm.layers import PROJECTIONS, cross_attention_layers
 from ...cidm.routing import PROMPT_KEY, ROUTES_KEY, CondEntry, CondRouter, SamplingRoutes, route_conds
-from .model import UNET_PREFIX, unet_of
+from .model import UNET_PREFIX, unet_of, weights_fixed_for_run
 from .text_encoder import TOKENS_PER_LAYER
 
 ROUTING_WRAPPER_KEY = "cidm_routing"
@@ -64,30 +65,54 @@ class LibraryAdapter:
         self.banks, self.router, self.multipliers, self.uncond = banks, router, multipliers, uncond
 
 
+class BatchRoute:
+    """One attn2 layer's routing for one batch layout (cond uuids, rows, device, dtype) of a sampling run, made once
+    per run: per adapter with a task on, (adapter, its tasks, their row weights [B, k]); `shared`, when every row has
+    the same weights (one positive and a negative under "match cond"), per active adapter (adapter, tasks, the shared
+    row [k]), else None; and per projection, what its calls apply (`projections`, filled on first use)."""
+
+    def __init__(self, active: list, shared: tuple | None):
+        self.active, self.shared = active, shared
+        self.projections: dict[str, tuple] = {}
+
+
+NO_ROUTE = BatchRoute([], None)
+
+
 class LayerCall:
-    """One attn2 layer's state while its transformer block runs: per adapter, the tasks with a nonzero weight in
-    this batch and their row weights. Read by the layer's four LoRAProjections."""
+    """One attn2 layer's state while its transformer block runs (its BatchRoute). Read by the layer's four
+    LoRAProjections, which fold the LoRA into their weight once per run when every row shares its weights
+    (`fold`), and add it per row otherwise (`delta`)."""
 
     def __init__(self, layer: int, adapters: tuple[LibraryAdapter, ...]):
         self.layer, self.adapters = layer, adapters
+        self.adapter_keys = tuple(adapter.key for adapter in adapters)
         self.routes: SamplingRoutes | None = None
         self.uuids, self.batch = None, 0
-        self.active: list[tuple[LibraryAdapter, tuple[int, ...], torch.Tensor]] = []
+        self.route = NO_ROUTE
 
-    def open(self, routes: SamplingRoutes, uuids: list, batch: int, device: torch.device) -> None:
+    @property
+    def active(self) -> list:
+        return self.route.active
+
+    def open(self, routes: SamplingRoutes, uuids: list, batch: int, like: torch.Tensor) -> None:
         self.routes, self.uuids, self.batch = routes, uuids, batch
-        self.active = [entry for entry in (self._active(routes, adapter, uuids, batch, device)
-                                           for adapter in self.adapters) if entry is not None]
+        key = ("rows", self.adapter_keys, self.layer, tuple(uuids), batch, like.device, like.dtype)
+        self.route = routes.cached(key, lambda: self._route(routes, uuids, batch, like.device))
 
-    def _active(self, routes, adapter, uuids, batch, device):
-        def make():
+    def _route(self, routes, uuids, batch, device) -> BatchRoute:
+        active, shared = [], []
+        for adapter in self.adapters:
             weights = routes.row_weights(adapter.key, self.layer, uuids, batch)
             tasks = tuple(weights.ne(0).any(dim=0).nonzero().flatten().tolist())
-            return (adapter, tasks, weights[:, list(tasks)].to(device)) if tasks else None
-        return routes.cached(("rows", adapter.key, self.layer, tuple(uuids), batch, device), make)
+            if tasks:
+                chosen = weights[:, list(tasks)]
+                active.append((adapter, tasks, chosen.to(device)))
+                shared.append((adapter, tasks, chosen[0]) if bool((chosen == chosen[:1]).all()) else None)
+        return BatchRoute(active, tuple(shared) if active and None not in shared else None)
 
     def close(self) -> None:
-        self.routes, self.uuids, self.active = None, None, []
+        self.routes, self.uuids, self.route = None, None, NO_ROUTE
 
     # For attention code that mixes the LoRAs itself (region-aware attention, nodes/host/regions.py) ----------
     @property
@@ -114,27 +139,43 @@ class LayerCall:
     @contextlib.contextmanager
     def lora_suspended(self):
         """The projections add no LoRA inside: the caller applies `bank` itself."""
-        active, self.active = self.active, []
+        route, self.route = self.route, NO_ROUTE
         try:
             yield
         finally:
-            self.active = active
+            self.route = route
 
-    def delta(self, proj: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The active adapters' LoRA delta for projection `proj` of input x [B, N, in]: factors and per-rank weights
-        come from the run's cache (on x's device, in its dtype), so a step copies nothing from the host."""
-        total = None
-        for adapter, tasks, weights in self.active:
+    def projection(self, proj: str, linear: torch.nn.Module | None, x: torch.Tensor) -> tuple:
+        """What projection `proj` (the host module `linear`) applies to input x [B, N, in] in this batch, made on its
+        first call of the run: ("folded", weight, bias), the active tasks' LoRA folded into the weight
+        (LayerLoRABank.folded), or ("delta", [(down, up, per_rank), ...]), the factors and per-rank weights of each
+        active adapter on x's device in its dtype, for `apply_low_rank` on top of the host's forward. Either way a
+        step copies nothing from the host.
+
+        Folded when every row of the batch shares its task weights, the run keeps the weights fixed
+        (RunCache.static_weights), and the host runs `linear` as a plain torch Linear with its weight on x's device
+        in x's dtype; otherwise ComfyUI casts or patches the weight in its own forward (comfy/ops.py, v0.3.75:
+        lowvram, manual cast, weight functions), and the delta goes on top of that."""
+        made = self.route.projections.get(proj)
+        if made is None:
+            made = self.route.projections[proj] = self._projection(proj, linear, x)
+        return made
+
+    def _projection(self, proj, linear, x) -> tuple:
+        weight = getattr(linear, "weight", None)
+        if (self.route.shared is not None and self.routes.static_weights and weight is not None
+                and not getattr(linear, "comfy_cast_weights", False) and not getattr(linear, "weight_function", None)
+                and not getattr(linear, "bias_function", None)
+                and weight.device == x.device and weight.dtype == x.dtype):
+            for adapter, tasks, row in self.route.shared:
+                weight = adapter.banks[self.layer].folded(proj, list(tasks), row, weight)
+            return "folded", weight, linear.bias
+        factors = []
+        for adapter, tasks, weights in self.route.active:
             bank = adapter.banks[self.layer]
-
-            def make():
-                return (*bank.select(proj, list(tasks), x.device, x.dtype),
-                        rank_weights(weights, bank.rank, bank.scale, x))
-            down, up, per_rank = self.routes.cached((adapter.key, self.layer, proj, tasks, tuple(self.uuids),
-                                                     self.batch, x.device, x.dtype), make)
-            delta = apply_low_rank(x, down, up, per_rank)
-            total = delta if total is None else total + delta
-        return total
+            factors.append((*bank.select(proj, list(tasks), x.device, x.dtype),
+                            rank_weights(weights, bank.rank, bank.scale, x)))
+        return "delta", factors
 
 
 def layer_call(attn2) -> LayerCall | None:
@@ -150,9 +191,15 @@ class LoRAProjection:
         self.forward, self.proj, self.call = forward, proj, call
 
     def __call__(self, x):
+        if not self.call.active:
+            return self.forward(x)
+        made = self.call.projection(self.proj, getattr(self.forward, "__self__", None), x)
+        if made[0] == "folded":
+            return F.linear(x, made[1], made[2])
         out = self.forward(x)
-        delta = self.call.delta(self.proj, x) if self.call.active else None
-        return out if delta is None else out + delta
+        for down, up, per_rank in made[1]:
+            out = out + apply_low_rank(x, down, up, per_rank)
+        return out
 
 
 class RoutedTransformerBlock:
@@ -171,7 +218,7 @@ class RoutedTransformerBlock:
                 self.warned = True
             return self.forward(x, context=context, transformer_options=transformer_options)
         context = routes.layer_context(self.call.layer, uuids, context)
-        self.call.open(routes, uuids, x.shape[0], x.device)
+        self.call.open(routes, uuids, x.shape[0], x)
         try:
             return self.forward(x, context=context, transformer_options=transformer_options)
         finally:
@@ -188,6 +235,7 @@ class RoutingWrapper:
         guider = executor.class_obj
         options = guider.model_options.setdefault("transformer_options", {})
         routes = options.setdefault(ROUTES_KEY, SamplingRoutes())
+        routes.static_weights = weights_fixed_for_run(guider.model_patcher)
         conds = [CondEntry(cond["uuid"], kind, cond.get(PROMPT_KEY), cond.get("cross_attn"))
                  for kind, entries in guider.conds.items() for cond in entries or []]
         routes.add_conds(conds)

@@ -54,6 +54,13 @@ def check_trainable(model) -> None:
                                       f"as unCLIP models do); {supported}")
 
 
+def weights_fixed_for_run(model) -> bool:
+    """False when ComfyUI weight hooks are registered on the MODEL for this sampling run: their keyframes re-patch
+    weights in place between steps (comfy/model_patcher.py:patch_hooks, v0.3.75), so nothing computed from the
+    weights may be cached for the run (cidm.routing.RunCache.static_weights)."""
+    return not model.hook_patches
+
+
 def model_fingerprint(model) -> str:
     unet = unet_of(model)
     return base_model_fingerprint(lambda key: get_submodule(unet, key.rsplit(".", 1)[0]).weight,

@@ -17,7 +17,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ...cidm.adapters import LayerLoRABank
 from ...cidm.layers import cross_attention_layers
-from ...cidm.regions import RegionPlan, prepare_region_attention, region_cross_attention
+from ...cidm.regions import RegionPlan, prepare_region_attention, region_cross_attention, with_projected_contexts
 from .attention import layer_call
 from .model import UNET_PREFIX, unet_of
 
@@ -61,11 +61,14 @@ class RegionCrossAttention(torch.nn.Module):
             return prepare_region_attention(rows, bank.num_tasks, x)
 
         # The same conds give the same inputs in every step: made once per sampling run (RunCache), so a step
-        # copies nothing to the device and reads nothing back.
+        # copies nothing to the device and reads nothing back; with fixed weights, K and V are made once too.
         owner = call.routes if concepts else plan
-        inputs = owner.cached(("region attention", self.layer, tuple(ids), x.shape[0], size, x.device, x.dtype),
-                              prepare)
         with call.lora_suspended() if concepts else contextlib.nullcontext():
+            def made():
+                inputs = prepare()
+                return with_projected_contexts(inputs, self, bank) if owner.static_weights else inputs
+            inputs = owner.cached(("region attention", self.layer, tuple(ids), x.shape[0], size, x.device, x.dtype),
+                                  made)
             return region_cross_attention(self, bank, x, inputs, self.attend, transformer_options=transformer_options)
 
 

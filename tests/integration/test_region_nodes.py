@@ -309,6 +309,18 @@ def test_region_noise_estimation_runs_each_region_on_its_area_crop(comfy):
     assert len(calls) == 2 * SAMPLING["steps"]
 
 
+def test_region_noise_estimation_on_the_whole_latent_is_one_batched_unet_call_per_step(comfy):
+    scene = Scene(width=128, height=64)
+    scene.model = scene.graph.add("CIDMTest_CountUNetCalls", model=scene.model, tag="whole")[0]
+    left = scene.region("a dog", width=0.25)
+    right = scene.region("a duck", previous=left[0], x=0.5, width=0.5, height=0.5)
+    scene.ours("whole", regions=right[0], alpha=0.1, region_attention=False, region_noise_on="whole latent")
+    comfy.run(scene.graph.prompt())
+    calls = unet_calls(comfy, "whole")
+    # cond, uncond and both regions at full size, in one call
+    assert len(calls) == SAMPLING["steps"] and all(c["batch"] == 4 and c["shape"] == "8x16" for c in calls), calls
+
+
 def test_region_attention_under_an_attn2_replace_patch_is_a_clear_error(comfy):
     scene = Scene()
     scene.model = scene.graph.add("CIDMTest_Attn2Replace", model=scene.model)[0]

@@ -161,3 +161,17 @@ def test_bank_batches_tasks_with_per_sample_weights():
         expected = torch.stack([sum(0.5 * w * (x[b] @ tasks[t][proj][0].T @ tasks[t][proj][1].T)
                                     for t, w in enumerate(weights[b])) for b in range(2)])
         assert torch.allclose(bank.delta(proj, x, weights), expected, atol=1e-5)
+
+
+def test_folded_weight_equals_the_low_rank_branch_of_its_tasks():
+    generator = torch.Generator().manual_seed(6)
+    tasks = [random_factors(generator) for _ in range(3)]
+    bank = LayerLoRABank(tasks, scale=0.5)
+    x = torch.randn(2, 4, QUERY, generator=generator)
+    base = torch.randn(QUERY, QUERY, generator=generator)
+    row = torch.tensor([0.7, 1.5])  # tasks 0 and 2; task 1 unselected
+    folded = bank.folded("to_q", [0, 2], row, base)
+    expected = x @ base.T + bank.delta("to_q", x, torch.tensor([[0.7, 0.0, 1.5]] * 2))
+    assert folded.dtype == base.dtype and torch.allclose(x @ folded.T, expected, atol=1e-5)
+    assert not torch.allclose(folded, bank.folded("to_q", [0, 1], row, base))  # the chosen tasks count
+    assert torch.equal(bank.folded("to_q", [0], torch.tensor([0.0]), base.half()), base.half())

@@ -5,7 +5,8 @@ import torch
 
 from cidm.adapters import ConceptCrossAttention, LayerLoRABank, scaled_dot_product_heads
 from cidm.aggregation import ConstantRouter
-from cidm.regions import AttentionBranch, box_mask, prepare_region_attention, region_cross_attention, region_weights
+from cidm.regions import (AttentionBranch, box_mask, prepare_region_attention, region_cross_attention, region_weights,
+                          with_projected_contexts)
 from test_aggregation import CONTEXT, LAYER, QUERY, TinyCrossAttention, random_factors
 
 H, W = 4, 6  # an attention resolution of 24 image tokens
@@ -116,3 +117,23 @@ def test_a_bank_without_tasks_still_routes_prompts_by_region(tasks):
     top = plain(module, x, region[None], [0.0] * tasks)[0].reshape(H, W, -1)
     assert torch.allclose(out[:2], top[:2], atol=1e-5)
     assert not torch.allclose(out[2:], top[2:], atol=1e-3)
+
+
+def test_keys_and_values_projected_once_give_the_same_attention_without_projecting_again():
+    torch.manual_seed(3)
+    module = wrapper_with(tasks=2, weights=[1.0, 1.0])
+    x = torch.randn(2, H * W, QUERY)
+    glob, dog, duck = (torch.randn(5, CONTEXT) for _ in range(3))
+    regions = [(dog, torch.tensor([1.0, 0.0]), box_mask(0, 0, 0.5, 1, (H, W))),
+               (duck, torch.tensor([0.0, 1.0]), box_mask(0.5, 0, 0.5, 1, (H, W)))]
+    rows = [branches(glob, torch.tensor([1.0, 1.0]), regions), branches(glob, None, regions)]
+    inputs = prepare_region_attention(rows, module.bank.num_tasks, x)
+    projected = with_projected_contexts(inputs, module, module.bank)
+    calls = []
+    for name in ("to_k", "to_v"):
+        getattr(module, name).register_forward_hook(lambda *_, name=name: calls.append(name))
+    every_step = region_cross_attention(module, module.bank, x, inputs, scaled_dot_product_heads)
+    assert calls == ["to_k", "to_v"] * len(inputs.groups)
+    calls.clear()
+    once = region_cross_attention(module, module.bank, x, projected, scaled_dot_product_heads)
+    assert calls == [] and torch.allclose(once, every_step, atol=1e-6)
