@@ -43,19 +43,23 @@ def encode(graph, clip, text, library="routing"):
     return graph.add("CIDM_TextEncode", clip=clip, library=lib[0], text=text)[0]
 
 
-def sample(comfy, tag, text="a photo of a <dog>", negative=77, patch=None, sampler="KSampler", count=False):
-    """The latent of one sampling run on the 16-layer checkpoint: `patch(graph, model, clip)` returns the model."""
+def sample(comfy, tag, text="a photo of a <dog>", negative=77, patch=None, sampler="KSampler", count=False,
+           positive_patch=None, steps=SAMPLER["steps"]):
+    """The latent of one sampling run on the 16-layer checkpoint: `patch(graph, model, clip)` returns the model,
+    `positive_patch(graph, positive)` the positive conditioning."""
     graph = Graph()
     checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=CKPT16)
     model = patch(graph, checkpoint[0], checkpoint[1]) if patch else checkpoint[0]
     if count:
         model = graph.add("CIDMTest_CountUNetCalls", model=model, tag=tag)[0]
     positive = encode(graph, checkpoint[1], text)
+    if positive_patch:
+        positive = positive_patch(graph, positive)
     negative_cond = graph.add("CLIPTextEncode", clip=checkpoint[1], text=NEGATIVES[negative])[0]
     latent = graph.add("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
     if sampler == "KSampler":
         sampled = graph.add("KSampler", model=model, seed=3, positive=positive, negative=negative_cond,
-                            latent_image=latent, denoise=1.0, **SAMPLER)[0]
+                            latent_image=latent, denoise=1.0, **{**SAMPLER, "steps": steps})[0]
     elif sampler == "KSamplerAdvanced":
         sampled = graph.add("KSamplerAdvanced", model=model, add_noise="enable", noise_seed=3, positive=positive,
                             negative=negative_cond, latent_image=latent, start_at_step=0, end_at_step=10000,
@@ -168,6 +172,33 @@ def test_an_attn2_replace_patch_does_not_skip_the_concept_loras(comfy, libraries
         plain = sample(comfy, "replace_none", patch=named())
         assert np.abs(ours - base_replaced).mean() > 1e-3, f"CIDM's LoRAs were skipped ({order})"
         assert np.allclose(ours, plain, atol=1e-3), order
+
+
+def test_a_weight_hook_keyframed_on_mid_run_reaches_the_concept_loras_projections(comfy, libraries):
+    """ComfyUI weight hooks re-patch the weights in place between steps; a LoRA folded into a projection's weight
+    once per run would keep the first step's weights (nodes/host/model.py:weights_fixed_for_run)."""
+    graph = Graph()
+    lib = graph.add("CIDM_LoadConceptLibrary", library="routing-b")
+    graph.add("CIDM_ExportConceptLoRA", library=lib[0], concept="duck", filename="routing_hook_duck")
+    comfy.run(graph.prompt())
+
+    def hooked(keyframed: bool):
+        def positive_patch(graph, positive):
+            hooks = graph.add("CreateHookLora", lora_name="routing_hook_duck.safetensors", strength_model=1.0,
+                              strength_clip=0.0)[0]
+            if keyframed:  # off for the first half of the steps, on after
+                off = graph.add("CreateHookKeyframe", strength_mult=0.0, start_percent=0.0)[0]
+                on = graph.add("CreateHookKeyframe", strength_mult=1.0, start_percent=0.5, prev_hook_kf=off)[0]
+                hooks = graph.add("SetHookKeyframes", hooks=hooks, hook_kf=on)[0]
+            return graph.add("ConditioningSetProperties", cond_NEW=positive, strength=1.0, set_cond_area="default",
+                             hooks=hooks)[0]
+        return positive_patch
+
+    plain = sample(comfy, "hook_none", patch=named(), steps=4)
+    always = sample(comfy, "hook_always", patch=named(), positive_patch=hooked(False), steps=4)
+    on_later = sample(comfy, "hook_on_later", patch=named(), positive_patch=hooked(True), steps=4)
+    assert np.abs(always - plain).mean() > 1e-3, "the hook LoRA did not act"
+    assert np.abs(on_later - plain).mean() > 1e-3, "the hook's keyframe did not reach the projections"
 
 
 @pytest.mark.parametrize("sampler", ["KSamplerAdvanced", "SamplerCustomAdvanced"])
