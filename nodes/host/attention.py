@@ -5,8 +5,9 @@ Sampling (`add_library_patch`, one call per Elastic Aggregate node; chained node
   batch's CIDM prompts by their layer context (`SamplingRoutes.layer_context`) and opens a `LayerCall` with the
   rows' task weights for the block's attn2;
 - each attn2 projection's `forward` (to_q, to_k, to_v, to_out.0) becomes a `LoRAProjection`: the original forward
-  plus the LoRA of the tasks with a nonzero weight in this batch. The module tree is unchanged, so stock LoRA weight
-  patches keep their keys, and an attn2 replace patch (IPAdapter's `set_model_attn2_replace`), which calls the
+  plus the LoRA of the tasks with a nonzero weight in this batch, or, when every row of the batch has the same
+  task weights, one matmul with that LoRA folded into the weight once per run (`LayerCall.projection`). The module
+  tree is unchanged, so stock LoRA weight patches keep their keys, and an attn2 replace patch (IPAdapter's `set_model_attn2_replace`), which calls the
   projections directly instead of attn2.forward, still gets CIDM's LoRAs and layer contexts;
 - a `WrappersMP.OUTER_SAMPLE` wrapper (`RoutingWrapper`) builds the run's `cidm.routing.SamplingRoutes` from the
   guider's conds and puts it in `transformer_options[ROUTES_KEY]`: what routes every row by its cond's uuid, whatever
@@ -81,8 +82,8 @@ NO_ROUTE = BatchRoute([], None)
 
 class LayerCall:
     """One attn2 layer's state while its transformer block runs (its BatchRoute). Read by the layer's four
-    LoRAProjections, which fold the LoRA into their weight once per run when every row shares its weights
-    (`fold`), and add it per row otherwise (`delta`)."""
+    LoRAProjections through `projection`: the LoRA folded into their weight once per run when every row shares its
+    weights, added per row otherwise."""
 
     def __init__(self, layer: int, adapters: tuple[LibraryAdapter, ...]):
         self.layer, self.adapters = layer, adapters
