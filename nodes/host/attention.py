@@ -7,8 +7,9 @@ Sampling (`add_library_patch`, one call per Elastic Aggregate node; chained node
 - each attn2 projection's `forward` (to_q, to_k, to_v, to_out.0) becomes a `LoRAProjection`: the original forward
   plus the LoRA of the tasks with a nonzero weight in this batch, or, when every row of the batch has the same
   task weights, one matmul with that LoRA folded into the weight once per run (`LayerCall.projection`). The module
-  tree is unchanged, so stock LoRA weight patches keep their keys, and an attn2 replace patch (IPAdapter's `set_model_attn2_replace`), which calls the
-  projections directly instead of attn2.forward, still gets CIDM's LoRAs and layer contexts;
+  tree is unchanged, so stock LoRA weight patches keep their keys, and an attn2 replace patch (IPAdapter's
+  `set_model_attn2_replace`), which calls the projections directly instead of attn2.forward, still gets CIDM's
+  LoRAs and layer contexts;
 - a `WrappersMP.OUTER_SAMPLE` wrapper (`RoutingWrapper`) builds the run's `cidm.routing.SamplingRoutes` from the
   guider's conds and puts it in `transformer_options[ROUTES_KEY]`: what routes every row by its cond's uuid, whatever
   ComfyUI batches together. Its data layout, for reuse by other attention code, is in `cidm/routing.py`.
