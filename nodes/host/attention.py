@@ -147,20 +147,20 @@ class LayerCall:
         finally:
             self.route = route
 
-    def projection(self, proj: str, linear: torch.nn.Module | None, x: torch.Tensor) -> tuple:
-        """What projection `proj` (the host module `linear`) applies to input x [B, N, in] in this batch, made on its
-        first call of the run: ("folded", weight, bias), the active tasks' LoRA folded into the weight
-        (LayerLoRABank.folded), or ("delta", [(down, up, per_rank), ...]), the factors and per-rank weights of each
-        active adapter on x's device in its dtype, for `apply_low_rank` on top of the host's forward. Either way a
-        step copies nothing from the host.
+    def projection(self, proj: str, forward, x: torch.Tensor) -> tuple:
+        """What projection `proj` (the host's `forward`, a bound method of its module) applies to input x [B, N, in]
+        in this batch, made on its first call of the run: ("folded", weight, bias), the active tasks' LoRA folded
+        into the weight (LayerLoRABank.folded), or ("delta", [(down, up, per_rank), ...]), the factors and per-rank
+        weights of each active adapter on x's device in its dtype, for `apply_low_rank` on top of the host's
+        forward. Either way a step copies nothing from the host.
 
         Folded when every row of the batch shares its task weights, the run keeps the weights fixed
-        (RunCache.static_weights), and the host runs `linear` as a plain torch Linear with its weight on x's device
+        (RunCache.static_weights), and the host runs its module as a plain torch Linear with its weight on x's device
         in x's dtype; otherwise ComfyUI casts or patches the weight in its own forward (comfy/ops.py, v0.3.75:
         lowvram, manual cast, weight functions), and the delta goes on top of that."""
         made = self.route.projections.get(proj)
         if made is None:
-            made = self.route.projections[proj] = self._projection(proj, linear, x)
+            made = self.route.projections[proj] = self._projection(proj, getattr(forward, "__self__", None), x)
         return made
 
     def _projection(self, proj, linear, x) -> tuple:
@@ -195,7 +195,7 @@ class LoRAProjection:
     def __call__(self, x):
         if not self.call.active:
             return self.forward(x)
-        made = self.call.projection(self.proj, getattr(self.forward, "__self__", None), x)
+        made = self.call.projection(self.proj, self.forward, x)
         if made[0] == "folded":
             return F.linear(x, made[1], made[2])
         out = self.forward(x)
