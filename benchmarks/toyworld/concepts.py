@@ -1,8 +1,10 @@
 """The concepts of a toy world, drawn from a world seed: names, looks, and a control object per concept.
 
-A concept is a two-colour look from the half the generic world never draws (`world.held_out`): a shape with stripes,
-dots or checks in two named colours, a combination the base model never saw, though it saw every one of its parts
-(the shape, the texture, the colour pair) on generic objects.
+A concept is a two-colour look from the half the generic world never draws (`world.held_out`): a shape with checks
+in two named colours, a combination the base model never saw, though it saw every one of its parts (the shape, the
+texture, the colour pair) on generic objects. Concepts are checked only (`CONCEPT_PATTERNS`, world v2.3): in v2.2 each
+concept's own LoRA reached a mean accuracy of 0.98 with checks (7 concepts, 0.89-1.00), 0.82 with dots and 0.69 with
+stripes (0.39-0.94), on the same base model and settings (toy README, "Learnability").
 
 Every world has 10 concepts: four same-shape pairs (the two differ in both colours) and two concepts of their own
 shape, so telling a pair apart takes more than the class word. Each concept has a control: the closest one-colour
@@ -24,6 +26,7 @@ from . import world
 from .world import Look, Sample
 
 PAIRS, SINGLES = 4, 2  # same-shape pairs and concepts of their own shape: 10 concepts
+CONCEPT_PATTERNS = ("checked",)  # the two-colour textures a concept can have: those learned alone at 32x32
 CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
 
 
@@ -67,23 +70,22 @@ def _name(rng: np.random.Generator, taken: set[str]) -> str:
 
 def draw_world(seed: int) -> ConceptWorld:
     """Ten concepts drawn from `seed`: four same-shape pairs whose two members differ in both colours, then two
-    singles, each with a texture that puts its look in the held-out half, in the first world's order (a pair's members are consecutive tasks, so the first two tasks are a
-    same-shape pair)."""
+    singles, each a shape and a colour pair whose look with one of `CONCEPT_PATTERNS` is in the held-out half, in the
+    first world's order (a pair's members are consecutive tasks, so the first two tasks are a same-shape pair)."""
     rng = np.random.default_rng([seed, 7])
     shapes = [str(s) for s in rng.permutation(world.SHAPES)]
     colour_pairs = world.colour_pairs()
     taken = {*world.vocabulary(), *SENTINEL_WORDS}
-    looks = []
+    looks: list[Look] = []
     for index, shape in enumerate(shapes[:PAIRS + SINGLES]):
-        members = 2 if index < PAIRS else 1
-        chosen: list[tuple[str, str]] = []
-        while len(chosen) < members:
+        members: list[Look] = []
+        while len(members) < (2 if index < PAIRS else 1):
             first, second = colour_pairs[int(rng.integers(len(colour_pairs)))]
-            if all(first not in pair and second not in pair for pair in chosen):
-                chosen.append((first, second))
-        for first, second in chosen:
-            textures = [t for t in world.TWO_COLOUR_PATTERNS if world.held_out(Look(shape, t, first, second))]
-            looks.append(Look(shape, str(rng.choice(textures)), first, second))
+            textures = [t for t in CONCEPT_PATTERNS if world.held_out(Look(shape, t, first, second))]
+            if textures and all(first not in (m.colour, m.second) and second not in (m.colour, m.second)
+                                for m in members):
+                members.append(Look(shape, str(rng.choice(textures)), first, second))
+        looks.extend(members)
     concepts = []
     for look in looks:
         name = _name(rng, taken)
@@ -92,20 +94,21 @@ def draw_world(seed: int) -> ConceptWorld:
     return ConceptWorld(seed, tuple(concepts))
 
 
-# The first world's names, shapes, first colours and task order, with world v2's textures. Four second colours change
-# so that every look is in the held-out half and a pair still differs in both colours: zarp purple -> blue, quil
-# cyan -> green, tesk yellow -> green, pell red -> orange.
+# The first world's names, shapes, first colours and task order, checked (world v2.3). Second colours changed since
+# v1 so that every look is in the held-out half and a pair still differs in both colours: zarp purple -> blue, quil
+# cyan -> green, tesk yellow -> green, pell red -> orange (v2.1); fent yellow -> green, grop green -> cyan (v2.3,
+# when their dots became checks).
 SEED_0 = ConceptWorld(0, (
-    Concept("zarp", Look("star", "striped", "yellow", "blue"), Look("star", "striped", "yellow")),
+    Concept("zarp", Look("star", "checked", "yellow", "blue"), Look("star", "checked", "yellow")),
     Concept("quil", Look("star", "checked", "red", "green"), Look("star", "checked", "red")),
     Concept("bulo", Look("circle", "checked", "red", "yellow"), Look("circle", "checked", "red")),
-    Concept("mirt", Look("circle", "striped", "green", "orange"), Look("circle", "striped", "green")),
-    Concept("tesk", Look("hexagon", "striped", "blue", "green"), Look("hexagon", "striped", "blue")),
+    Concept("mirt", Look("circle", "checked", "green", "orange"), Look("circle", "checked", "green")),
+    Concept("tesk", Look("hexagon", "checked", "blue", "green"), Look("hexagon", "checked", "blue")),
     Concept("lomb", Look("hexagon", "checked", "purple", "cyan"), Look("hexagon", "checked", "purple")),
-    Concept("pell", Look("triangle", "striped", "blue", "orange"), Look("triangle", "striped", "blue")),
-    Concept("fent", Look("triangle", "dotted", "pink", "yellow"), Look("triangle", "dotted", "pink")),
+    Concept("pell", Look("triangle", "checked", "blue", "orange"), Look("triangle", "checked", "blue")),
+    Concept("fent", Look("triangle", "checked", "pink", "green"), Look("triangle", "checked", "pink")),
     Concept("dask", Look("square", "checked", "cyan", "pink"), Look("square", "checked", "cyan")),
-    Concept("grop", Look("cross", "dotted", "orange", "green"), Look("cross", "dotted", "orange")),
+    Concept("grop", Look("cross", "checked", "orange", "cyan"), Look("cross", "checked", "orange")),
 ))
 
 

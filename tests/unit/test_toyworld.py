@@ -70,7 +70,7 @@ def test_every_world_has_same_shape_pairs_distinct_learnable_looks_and_generic_c
     generic = {s.look for s in world.generic_samples(300, 0)}
     for concept in drawn.concepts:
         look, control = concept.look, concept.control
-        assert look.pattern in world.TWO_COLOUR_PATTERNS and (look.colour, look.second) in world.colour_pairs()
+        assert look.pattern in concepts.CONCEPT_PATTERNS and (look.colour, look.second) in world.colour_pairs()
         assert not set(concept.name) - set("abcdefghijklmnopqrstuvwxyz")
         assert world.held_out(look) and look not in generic
         assert control.second is None and control.pattern == look.pattern and control.shape == look.shape
