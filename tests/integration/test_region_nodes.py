@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from comfy_host import Graph
 from pack_workflows import CKPT
@@ -319,6 +319,50 @@ def test_region_noise_estimation_on_the_whole_latent_is_one_batched_unet_call_pe
     calls = unet_calls(comfy, "whole")
     # cond, uncond and both regions at full size, in one call
     assert len(calls) == SAMPLING["steps"] and all(c["batch"] == 4 and c["shape"] == "8x16" for c in calls), calls
+
+
+@pytest.mark.parametrize("with_concepts", [False, True], ids=["plain", "concepts"])
+def test_region_attention_follows_a_weight_hook_keyframed_on_mid_run(comfy, library, with_concepts):
+    """Region attention projects its branches' keys and values once per run while the weights stay fixed
+    (cidm.regions.with_projected_contexts); a ComfyUI weight hook re-patches to_k / to_v between steps, so then they
+    must be projected in every step. The hook LoRA holds only to_k and to_v: with keys and values from the first
+    step (hook off) the run would equal the run without the hook."""
+    name = f"regions_hook_kv_{with_concepts}"
+    graph = Graph()
+    lib = graph.add("CIDM_LoadConceptLibrary", library=library)
+    graph.add("CIDM_ExportConceptLoRA", library=lib[0], concept="duck", filename=name)
+    comfy.run(graph.prompt())
+    path = comfy.workspace / "models" / "loras" / f"{name}.safetensors"
+    kept = {key: value for key, value in load_file(str(path)).items() if "_to_k." in key or "_to_v." in key}
+    assert kept, "the exported LoRA has no to_k / to_v"
+    save_file(kept, str(path))
+
+    def run(tag, keyframed=None):
+        scene = Scene(width=128, height=64)
+        if with_concepts:
+            lib = scene.graph.add("CIDM_LoadConceptLibrary", library=library)
+            scene.model = scene.graph.add("CIDM_ElasticAggregateLoRAs", model=scene.model, library=lib[0],
+                                          tasks="all", scale=1.0, mode="named", weights="",
+                                          uncond_weights="match cond")[0]
+            scene.encode = lambda text: scene.graph.add("CIDM_TextEncode", clip=scene.clip, library=lib[0],
+                                                        text=text.replace("a dog", "a <dog>").replace("a duck",
+                                                                                                      "a <duck>"))[0]
+            scene.positive = scene.encode("a dog and a duck on a beach")
+        if keyframed is not None:
+            hooks = scene.graph.add("CreateHookLora", lora_name=f"{name}.safetensors", strength_model=1.0,
+                                    strength_clip=0.0)[0]
+            if keyframed:  # off for the first half of the steps, on after
+                off = scene.graph.add("CreateHookKeyframe", strength_mult=0.0, start_percent=0.0)[0]
+                on = scene.graph.add("CreateHookKeyframe", strength_mult=1.0, start_percent=0.5, prev_hook_kf=off)[0]
+                hooks = scene.graph.add("SetHookKeyframes", hooks=hooks, hook_kf=on)[0]
+            scene.positive = scene.graph.add("ConditioningSetProperties", cond_NEW=scene.positive, strength=1.0,
+                                             set_cond_area="default", hooks=hooks)[0]
+        scene.ours(tag, regions=scene.two_regions()[0], alpha=1.0, steps=4)
+        return latents(comfy, comfy.run(scene.graph.prompt()))[tag]
+
+    plain, always, on_later = run(f"{name}_none"), run(f"{name}_always", False), run(f"{name}_later", True)
+    assert np.abs(always - plain).mean() > 1e-3, "the hook LoRA did not act"
+    assert np.abs(on_later - plain).mean() > 1e-3, "the hook's keyframe did not reach the region keys and values"
 
 
 def test_region_attention_under_an_attn2_replace_patch_is_a_clear_error(comfy):
