@@ -311,6 +311,19 @@ def sample_image(graph: Graph, model, clip, vae, positive: str = "a photo", nega
     return graph.add("SaveImage", images=decoded[0], filename_prefix=prefix)
 
 
+def with_hook_lora(graph: Graph, conditioning, lora_name: str, keyframed: bool):
+    """Appends CreateHookLora (model only) → ConditioningSetProperties: `conditioning` with a ComfyUI weight hook of
+    `lora_name`, on for the whole run, or (`keyframed`) off for the first half of the steps and on after; returns
+    the hooked conditioning."""
+    hooks = graph.add("CreateHookLora", lora_name=lora_name, strength_model=1.0, strength_clip=0.0)[0]
+    if keyframed:
+        off = graph.add("CreateHookKeyframe", strength_mult=0.0, start_percent=0.0)[0]
+        on = graph.add("CreateHookKeyframe", strength_mult=1.0, start_percent=0.5, prev_hook_kf=off)[0]
+        hooks = graph.add("SetHookKeyframes", hooks=hooks, hook_kf=on)[0]
+    return graph.add("ConditioningSetProperties", cond_NEW=conditioning, strength=1.0, set_cond_area="default",
+                     hooks=hooks)[0]
+
+
 def stage(workspace: Path, concept: str, subfolder: str | None = None) -> str:
     """Copies a CIFC concept into the server's input folder; without the dataset, draws a stand-in concept."""
     target = workspace / "input" / "cifc" / (subfolder or concept)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from comfy_host import Graph
+from comfy_host import Graph, with_hook_lora
 from pack_workflows import CKPT
 from synthetic import synthesize_library
 
@@ -349,14 +349,7 @@ def test_region_attention_follows_a_weight_hook_keyframed_on_mid_run(comfy, libr
                                                                                                       "a <duck>"))[0]
             scene.positive = scene.encode("a dog and a duck on a beach")
         if keyframed is not None:
-            hooks = scene.graph.add("CreateHookLora", lora_name=f"{name}.safetensors", strength_model=1.0,
-                                    strength_clip=0.0)[0]
-            if keyframed:  # off for the first half of the steps, on after
-                off = scene.graph.add("CreateHookKeyframe", strength_mult=0.0, start_percent=0.0)[0]
-                on = scene.graph.add("CreateHookKeyframe", strength_mult=1.0, start_percent=0.5, prev_hook_kf=off)[0]
-                hooks = scene.graph.add("SetHookKeyframes", hooks=hooks, hook_kf=on)[0]
-            scene.positive = scene.graph.add("ConditioningSetProperties", cond_NEW=scene.positive, strength=1.0,
-                                             set_cond_area="default", hooks=hooks)[0]
+            scene.positive = with_hook_lora(scene.graph, scene.positive, f"{name}.safetensors", keyframed)
         scene.ours(tag, regions=scene.two_regions()[0], alpha=1.0, steps=4)
         return latents(comfy, comfy.run(scene.graph.prompt()))[tag]
 

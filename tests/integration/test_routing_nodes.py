@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from comfy_host import Graph, ensure_checkpoint
+from comfy_host import Graph, ensure_checkpoint, with_hook_lora
 from synthetic import synthesize_library
 
 pytestmark = pytest.mark.integration
@@ -183,16 +183,7 @@ def test_a_weight_hook_keyframed_on_mid_run_reaches_the_concept_loras_projection
     comfy.run(graph.prompt())
 
     def hooked(keyframed: bool):
-        def positive_patch(graph, positive):
-            hooks = graph.add("CreateHookLora", lora_name="routing_hook_duck.safetensors", strength_model=1.0,
-                              strength_clip=0.0)[0]
-            if keyframed:  # off for the first half of the steps, on after
-                off = graph.add("CreateHookKeyframe", strength_mult=0.0, start_percent=0.0)[0]
-                on = graph.add("CreateHookKeyframe", strength_mult=1.0, start_percent=0.5, prev_hook_kf=off)[0]
-                hooks = graph.add("SetHookKeyframes", hooks=hooks, hook_kf=on)[0]
-            return graph.add("ConditioningSetProperties", cond_NEW=positive, strength=1.0, set_cond_area="default",
-                             hooks=hooks)[0]
-        return positive_patch
+        return lambda graph, positive: with_hook_lora(graph, positive, "routing_hook_duck.safetensors", keyframed)
 
     plain = sample(comfy, "hook_none", patch=named(), steps=4)
     always = sample(comfy, "hook_always", patch=named(), positive_patch=hooked(False), steps=4)
