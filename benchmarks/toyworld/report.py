@@ -92,27 +92,36 @@ def samples_per_cell(results: dict) -> int:
     return len(results["config"]["backgrounds"]) * results["config"]["samples_per_prompt"]
 
 
+def upper_bound_samples(results: dict) -> int:
+    """How many samples each of the upper bound's single-concept rates is measured on (from world v2.4 more than a
+    method's; earlier reports took `samples_per_cell`)."""
+    config = results["config"]
+    return len(config["backgrounds"]) * config.get("upper_bound_samples_per_prompt", config["samples_per_prompt"])
+
+
 def mean_rate_error(rates: list[float], samples: int) -> float:
     """The standard error of mean(rates), each rate a binomial proportion over `samples` independent samples."""
     return math.sqrt(sum(v * (1 - v) for v in rates) / samples) / len(rates)
 
 
-def ratio_with_error(rates: list[float], bounds: list[float], samples: int) -> tuple[float | None, float | None]:
+def ratio_with_error(rates: list[float], bounds: list[float], samples: int,
+                     bound_samples: int | None = None) -> tuple[float | None, float | None]:
     """mean(rates) / mean(bounds), and its standard error: each rate is a binomial proportion over `samples`
-    independent samples, and the two means are taken as independent (delta method). The measurement's resolution:
-    with 18 samples per concept a ratio of about 0.9 carries an error of about 0.06, so a bar of 0.9 is met or
-    missed by noise within that band. Raises nothing; (None, None) when the bound's mean is 0."""
+    independent samples (each bound over `bound_samples`, default `samples`), and the two means are taken as
+    independent (delta method). The measurement's resolution: with 18 samples per concept a ratio of about 0.9
+    carries an error of about 0.06, so a bar of 0.9 is met or missed by noise within that band. Raises nothing;
+    (None, None) when the bound's mean is 0."""
     mean_rate, mean_bound = float(np.mean(rates)), float(np.mean(bounds))
     if not mean_bound:
         return None, None
     ratio = mean_rate / mean_bound
-    relative = ((mean_rate_error(bounds, samples) / mean_bound) ** 2
+    relative = ((mean_rate_error(bounds, bound_samples or samples) / mean_bound) ** 2
                 + ((mean_rate_error(rates, samples) / mean_rate) ** 2 if mean_rate else 0.0))
     return ratio, ratio * math.sqrt(relative)
 
 
-def _ratio(rates: list[float], bounds: list[float], samples: int) -> str:
-    ratio, error = ratio_with_error(rates, bounds, samples)
+def _ratio(rates: list[float], bounds: list[float], samples: int, bound_samples: int | None = None) -> str:
+    ratio, error = ratio_with_error(rates, bounds, samples, bound_samples)
     return _number(ratio) if error is None else f"{_number(ratio)} ± {_number(error)}"
 
 
@@ -160,7 +169,7 @@ def questions(results: dict) -> list[str]:
                      f"{_number(retention(cidm['acc']))} |")
         lines.append(f"| CIDM ({cidm['composition']}) final acc / upper bound (± 1 standard error) | ≥ 0.9 | "
                      f"{_number(cidm['final_acc'])} / {_number(upper['final_acc'])} = "
-                     f"{_ratio(cidm['acc'][-1], upper['acc'], samples_per_cell(results))} |")
+                     f"{_ratio(cidm['acc'][-1], upper['acc'], samples_per_cell(results), upper_bound_samples(results))} |")
     ordering = sorted(methods, key=lambda m: -methods[m]["final_acc"])
     lines.append("| Q2 final acc ordering (context acc) | cidm > c-lora > finetune | " + " > ".join(
         f"{m} {_number(methods[m]['final_acc'])} ({_number(methods[m]['final_context'])})" for m in ordering) + " |")
@@ -280,10 +289,12 @@ def markdown(results: dict) -> str:
                  f"| {_number(upper['final_context'])} | – | 1 | – | – | – | – | {upper['seconds'] / 60:.1f} |")
     lines.append(f"| base model | – | – | – | – | – | – | – | {_number(base['control']['false_positive'])} "
                  f"({_number(base['control']['false_positive_strict'])}) | {_number(base['generic']['all'])} | – |")
-    lines += ["", f"{UPPER_BOUND}, per concept (acc / strict): " + ", ".join(
+    counted = upper_bound_samples(results)
+    lines += ["", f"{UPPER_BOUND}, per concept (acc / strict, {counted} samples each): " + ", ".join(
         f"{n} {_number(a)} / {_number(b)}" for n, a, b in zip(results["concepts"], upper["acc"], upper["strict"]))
         + f". Learnability (goal: every concept ≥ {LEARNABLE_EACH}, mean ≥ {LEARNABLE_MEAN}): lowest "
-        f"{_number(min(upper['acc']))}, mean {_number(upper['final_acc'])}, "
+        f"{_number(min(upper['acc']))} ± {_number(mean_rate_error([min(upper['acc'])], counted))}, mean "
+        f"{_number(upper['final_acc'])} ± {_number(mean_rate_error(upper['acc'], counted))}, "
         + ("met." if learnable(upper["acc"]) else "missed.")]
     lines += previous_line(results)
     lines += regions_table(methods, upper, samples_per_cell(results))
@@ -305,6 +316,15 @@ def file_slug(name: str) -> str:
     return name.replace(", ", "-").replace(" ", "-")
 
 
+def first_seeds(samples: dict[str, torch.Tensor], results: dict) -> dict[str, torch.Tensor]:
+    """Each concept's samples cut to the first `samples_per_prompt` seeds of each background, as a method's grid shows
+    them (the upper bound takes more seeds per background: see `upper_bound_samples`)."""
+    config = results["config"]
+    backgrounds, seeds = len(config["backgrounds"]), config["samples_per_prompt"]
+    return {name: images.reshape(backgrounds, -1, *images.shape[1:])[:, :seeds].flatten(0, 1)
+            for name, images in samples.items()}
+
+
 def write(results: dict, runs: dict[str, MethodRun], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True) + "\n", encoding="utf-8")
@@ -317,7 +337,8 @@ def write(results: dict, runs: dict[str, MethodRun], out: Path) -> None:
             for name, scores in compositions({method: run.scores}).items():
                 heatmap(scores["acc"], rows, names, f"{name}: acc[task][concept]").save(
                     out / f"acc-{file_slug(name)}.png")
-        sample_grid(run.samples, per_grid).save(out / f"samples-{file_slug(method)}.png", optimize=True)
+        sample_grid(first_seeds(run.samples, results), per_grid).save(out / f"samples-{file_slug(method)}.png",
+                                                                       optimize=True)
         if run.region_samples:  # the first seed per background: the wide tiles make a full grid megabytes
             seeds = results["config"]["samples_per_prompt"]
             sample_grid({pair: images[::seeds] for pair, images in run.region_samples.items()},

@@ -35,8 +35,8 @@ SMOKE = (models.BaseConfig(channels=(16, 32, 32), norm_groups=8, text_width=32, 
          oracle.OracleConfig(generic=240, per_concept=12, garbage=60, epochs=1, batch_size=64, width=8),
          protocol.ProtocolConfig(tasks=2, training=TrainingConfig(steps=2, rank=2, lora_lr=3e-4, embedding_lr=3e-3,
                                                                   batch_size=2),
-                                 backgrounds=("white", "olive"), samples_per_prompt=1, generic_prompts=2,
-                                 sampling_steps=2))
+                                 backgrounds=("white", "olive"), samples_per_prompt=1, upper_bound_samples_per_prompt=2,
+                                 generic_prompts=2, sampling_steps=2))
 RESULTS = REPO / "benchmarks" / "results" / "toyworld"
 ORACLE_CHECK_SEED = 12345  # held-out renders: a world seed the oracle never trained on
 

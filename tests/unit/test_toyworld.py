@@ -78,12 +78,12 @@ def test_every_world_has_same_shape_pairs_distinct_learnable_looks_and_generic_c
         assert set(concept.caption("white", class_word=False).split()) - set(world.vocabulary()) == {f"<{concept.name}>"}
 
 
-def test_world_seed_0_keeps_the_first_worlds_names_shapes_and_first_colours():
+def test_world_seed_0_keeps_the_first_worlds_names_shapes_and_colours():
     first = concepts.make_world(0)
     assert first.names() == ["zarp", "quil", "bulo", "mirt", "tesk", "lomb", "pell", "fent", "dask", "grop"]
     assert first.same_shape_pairs() == [("zarp", "quil"), ("bulo", "mirt"), ("tesk", "lomb"), ("pell", "fent")]
-    assert [c.look.colour for c in first.concepts] == ["yellow", "red", "red", "green", "blue", "purple", "blue", "pink",
-                                                      "cyan", "orange"]
+    v1_colours = ["yellow", "red", "red", "green", "blue", "purple", "blue", "pink", "cyan", "orange"]
+    assert all(colour in (c.look.colour, c.look.second) for c, colour in zip(first.concepts, v1_colours))
     assert concepts.make_world(1).names() != first.names()
 
 
@@ -101,7 +101,7 @@ def smoke(tmp_path_factory):
 
 
 def test_smoke_protocol_writes_results_for_every_method(smoke):
-    out, results, _ = smoke
+    out, results, runs = smoke
     written = json.loads((out / "results.json").read_text())
     tasks = written["config"]["tasks"]
     assert written["concepts"] == concepts.make_world(0).names()[:tasks] and written["world_seed"] == 0
@@ -122,6 +122,13 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
             assert all(0 <= scores["regions"][layout]["zarp+quil"][key] <= 1
                        for key in ("both", "left", "right", "bleed"))
     assert len(written["upper bound"]["acc"]) == tasks
+    # the upper bound's single concepts on more seeds per background than a method's, its grid cut to a method's
+    ub_seeds, seeds = written["config"]["upper_bound_samples_per_prompt"], written["config"]["samples_per_prompt"]
+    assert ub_seeds > seeds
+    upper_samples = runs[protocol.UPPER_BOUND].samples["zarp"]
+    assert len(upper_samples) == len(written["config"]["backgrounds"]) * ub_seeds
+    assert torch.equal(report.first_seeds({"zarp": upper_samples}, written)["zarp"], upper_samples[::ub_seeds])
+    assert f"per concept (acc / strict, {len(upper_samples)} samples each)" in (out / "results.md").read_text()
     assert list(written["upper bound"]["regions"]["left/right"]) == ["zarp+quil"], "the composition upper bound"
     assert "| composition upper bound | unequal |" in (out / "results.md").read_text()
     assert written["same_shape_pairs"], "the smoke tasks are a same-shape pair, so EWA is tested on one"
@@ -158,6 +165,9 @@ def test_ratios_carry_their_binomial_standard_error():
     assert error == pytest.approx(ratio * (variance_bounds / 0.75 ** 2 + variance_rates / 0.5 ** 2) ** 0.5)
     assert report.ratio_with_error([0.5, 0.5], [1.0, 0.5], samples=72)[1] == pytest.approx(error / 2)
     assert report.ratio_with_error([0.3], [0.0], samples=18) == (None, None)
+    # the upper bound on 4x the samples: only the bound's term shrinks
+    _, finer = report.ratio_with_error([0.5, 0.5], [1.0, 0.5], samples=18, bound_samples=72)
+    assert finer == pytest.approx(ratio * (variance_bounds / 4 / 0.75 ** 2 + variance_rates / 0.5 ** 2) ** 0.5)
 
 
 def test_smoke_protocol_trains_through_cidm_concept_trainer(smoke):
