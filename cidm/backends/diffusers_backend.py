@@ -187,8 +187,9 @@ class DiffusersDenoiser:
 
 
 class DiffusersLayerwiseEncoder:
-    """Encodes a prompt once per layer; concept tokens become a single-token placeholder whose input embedding is
-    swapped for the token's layer embedding (differentiably) by a hook on the embedding table."""
+    """Encodes a prompt for every layer in one text-encoder batch (a row per layer); concept tokens become a
+    single-token placeholder whose input embedding is swapped for the token's layer embedding (differentiably) by a
+    hook on the embedding table."""
 
     def __init__(self, tokenizer, text_encoder: nn.Module, num_layers: int):
         self.tokenizer, self.text_encoder, self.num_layers = tokenizer, text_encoder, num_layers
@@ -224,19 +225,18 @@ class DiffusersLayerwiseEncoder:
         if len(positions) != len(occurrences):
             raise CIDMInputError("text", "the concept tokens did not fit in the prompt length; shorten the prompt")
         device = self.table.weight.device
-        outputs = []
-        for layer in range(self.num_layers):
-            replacement = [embeddings[token][layer] for token in occurrences]
+        if not occurrences:  # every layer reads the same encoding
+            return self.text_encoder(ids[None].to(device)).last_hidden_state.expand(self.num_layers, -1, -1)
+        replacement = torch.stack([embeddings[token] for token in occurrences], dim=1)  # [L, occurrences, D]
 
-            def swap(module, inputs, output, replacement=replacement):
-                output = output.clone()
-                for position, vector in zip(positions, replacement):
-                    output[:, position] = vector.to(output)
-                return output
+        def swap(module, inputs, output):  # batch row l is layer l: the placeholders take their layer-l vectors
+            output = output.clone()
+            output[:, positions] = replacement.to(output)
+            return output
 
-            handle = self.table.register_forward_hook(swap)
-            try:
-                outputs.append(self.text_encoder(ids[None].to(device)).last_hidden_state[0])
-            finally:
-                handle.remove()
-        return torch.stack(outputs)
+        # one text-encoder call with a batch row per layer, as ComfyUI's encoder does (nodes/host/text_encoder.py)
+        handle = self.table.register_forward_hook(swap)
+        try:
+            return self.text_encoder(ids[None].expand(self.num_layers, -1).to(device)).last_hidden_state
+        finally:
+            handle.remove()

@@ -100,6 +100,24 @@ def test_two_tasks_in_sequence_then_elastic_aggregation(tiny_world, prediction_t
     assert weights.shape == (1, 2) and torch.allclose(weights.sum(1), torch.ones(1))
 
 
+def test_one_batched_encode_gives_each_layer_its_own_token_vectors_and_gradients(tiny_world):
+    tokenizer, text_encoder, _ = tiny_world
+    layers = 3
+    encoder = DiffusersLayerwiseEncoder(tokenizer, text_encoder, layers)
+    vectors = torch.randn(layers, WIDTH, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    encoded = encoder.encode("a <cat1> on a mat", {"<cat1>": vectors})
+    assert encoded.shape == (layers, TOKENS, WIDTH)
+    for layer in range(layers):  # row l is what a one-layer encode with layer l's vector gives
+        alone = DiffusersLayerwiseEncoder(tokenizer, text_encoder, 1).encode("a <cat1> on a mat",
+                                                                             {"<cat1>": vectors[layer:layer + 1]})
+        assert torch.allclose(encoded[layer], alone[0], atol=1e-6)
+    assert not torch.allclose(encoded[0], encoded[1])
+    encoded[1].sum().backward()
+    assert vectors.grad[1].abs().sum() > 0 and vectors.grad[0].abs().sum() == 0 == vectors.grad[2].abs().sum()
+    plain = encoder.encode("a cat on a mat", {"<cat1>": vectors})
+    assert plain.shape == (layers, TOKENS, WIDTH) and torch.equal(plain[0], plain[2])
+
+
 def test_zero_embedding_rate_freezes_tokens_and_caches_contexts(tiny_world):
     tokenizer, text_encoder, unet = tiny_world
     denoiser = DiffusersDenoiser(unet, DDPMScheduler(num_train_timesteps=1000), tokens_per_layer=TOKENS)
