@@ -148,12 +148,32 @@ def training_data(config: OracleConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([images, garbage]), torch.cat([labels, garbage_labels])
 
 
+BLUR_KERNEL = torch.tensor([1.0, 2.0, 1.0])  # a 3×3 binomial (Gaussian-like) blur, separable
+MAX_BLUR, MAX_JITTER, MAX_DESATURATION, MAX_NOISE = 0.7, 0.1, 0.15, 0.08
+
+
 def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Horizontal flips and mild Gaussian noise: generated samples are never as clean as the renders."""
-    flip = torch.rand(len(images), generator=generator) < 0.5
+    """What generated samples do to a render, none of it moving a hue (world v2.5): horizontal flips; a soft blur
+    (the render mixed with its 3×3 binomial blur by up to `MAX_BLUR`, half the time); brightness and contrast each
+    scaled by up to ± `MAX_JITTER`; up to `MAX_DESATURATION` of the way to grey; mild Gaussian noise (σ ≤
+    `MAX_NOISE`). IMAGE [N, 32, 32, 3] in [0, 1] -> the same shape."""
+    count = len(images)
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(count, 1, 1, 1, generator=generator)
+
+    flip = torch.rand(count, generator=generator) < 0.5
     images = torch.where(flip[:, None, None, None], images.flip(2), images)
-    sigma = torch.rand(len(images), 1, 1, 1, generator=generator) * 0.08
-    return (images + sigma * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    kernel = torch.outer(BLUR_KERNEL, BLUR_KERNEL) / BLUR_KERNEL.sum() ** 2
+    channels = images.permute(0, 3, 1, 2)
+    blurred = F.conv2d(F.pad(channels, (1, 1, 1, 1), mode="replicate"), kernel.expand(3, 1, 3, 3), groups=3)
+    blur = uniform(0, MAX_BLUR) * (torch.rand(count, 1, 1, 1, generator=generator) < 0.5)
+    images = torch.lerp(channels, blurred, blur).permute(0, 2, 3, 1)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    images = (images - mean) * uniform(1 - MAX_JITTER, 1 + MAX_JITTER) + mean
+    images = images * uniform(1 - MAX_JITTER, 1 + MAX_JITTER)
+    images = torch.lerp(images, images.mean(dim=3, keepdim=True), uniform(0, MAX_DESATURATION))
+    return (images + uniform(0, MAX_NOISE) * torch.randn(images.shape, generator=generator)).clamp(0, 1)
 
 
 def train_oracle(config: OracleConfig, log: Callable[[str], None] = print) -> Oracle:

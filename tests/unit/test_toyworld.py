@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.toyworld import concepts, learnability, models, protocol, report, run, world
+from benchmarks.toyworld import concepts, learnability, models, oracle, protocol, report, run, world
 from cidm.backends.diffusers_backend import DiffusersDenoiser
 from cidm.consolidation import CONSOLIDATORS
 from cidm.train import ConceptTrainer
@@ -98,6 +98,20 @@ def smoke(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return folder / "out", results, runs
+
+
+def test_oracle_augmentation_blurs_and_jitters_but_keeps_every_named_colours_hue():
+    patches = torch.tensor([rgb for rgb in world.COLOURS.values()]).float().div(255)[:, None, None, :]
+    images = patches.expand(-1, 32, 32, 3).repeat(64, 1, 1, 1)  # 64 copies of each colour's flat patch
+    augmented = oracle._augment(images, torch.Generator().manual_seed(0))
+    assert augmented.shape == images.shape and 0 <= augmented.min() and augmented.max() <= 1
+    assert (augmented - images).abs().mean() > 0.01  # it does change the images
+
+    def hue(rgb: torch.Tensor) -> torch.Tensor:  # degrees, from the mean pixel of each image
+        r, g, b = rgb.unbind(-1)
+        return torch.rad2deg(torch.atan2(3 ** 0.5 * (g - b), 2 * r - g - b))
+    shift = (hue(augmented.mean(dim=(1, 2))) - hue(images.mean(dim=(1, 2))) + 180) % 360 - 180
+    assert shift.abs().max() < 6  # the nearest named colours are 20-60 degrees apart
 
 
 def test_smoke_protocol_writes_results_for_every_method(smoke):
