@@ -9,7 +9,7 @@ Prints the oracle's accuracy (the concept named), the shapes and colours it saw,
 first and last 50 steps, and writes the samples to `<out>/learnability-<concept>.png`. With `--generic-look` the
 concept's training images show that generic object instead (a control: the training loop keeps what the base model
 can draw), and the accuracy is replaced by the oracle's reading of shape and colour. `--set` takes `TrainingConfig`
-fields and `--protocol` the numeric `ProtocolConfig` fields (images per concept, samples per prompt, sampling steps,
+fields (not `seed`, which the protocol sets per task: `--protocol seed=N` changes it) and `--protocol` the numeric `ProtocolConfig` fields (images per concept, samples per prompt, sampling steps,
 guidance); the protocol's own are the defaults. The accuracy's binomial standard error is printed beside it (18
 samples by default: ± 0.11 at 0.5). The probe takes `samples_per_prompt` seeds per background, not the upper
 bound's `upper_bound_samples_per_prompt` (12 from world v2.4): `--protocol samples_per_prompt=12` gives the upper
@@ -62,13 +62,16 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=models.CACHE)
     parser.add_argument("--out", type=Path, default=run.RESULTS)
     args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set)
+    if "seed" in overrides:  # protocol.learn sets TrainingConfig.seed itself, so this one would be dropped silently
+        parser.error("--set seed: the protocol seeds task i's training with ProtocolConfig.seed + i, so this "
+                     "setting would be ignored; use --protocol seed=N")
     setup, (_, _, config), _ = run.setup(False, args.cache, args.threads, print, args.world_seed)
     config = replaced(config, dict(item.split("=", 1) for item in args.protocol))
     look = None
     if args.generic_look:
         shape, pattern, colour = args.generic_look.split(",")
         look = world.Look(shape=shape, pattern=pattern, colour=colour, second=None, period=0.5)
-    overrides = dict(item.split("=", 1) for item in args.set)
     scores, verdict, item, images = probe(setup, config, args.concept, overrides, look)
     losses = item.task.losses
     read = {head: collections.Counter(verdict.predictions[head]).most_common(3) for head in ("shape", "pattern",

@@ -5,6 +5,8 @@ shared case: tests/integration/test_shared_case.py)."""
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -300,3 +302,9 @@ def test_the_committed_base_model_is_the_current_configurations():
     """Its cache key hashes world.py and models.py: an edit there orphans the committed weights and the next run
     rebuilds the base model (about 1 h on a CPU core, 8 min on a GPU: `python -m benchmarks.toyworld.models`)."""
     assert models.base_path(models.BaseConfig()).parent == models.COMMITTED, "rebuild and commit the base model"
+
+
+def test_learnability_refuses_a_training_seed_that_the_protocol_would_ignore():
+    command = [sys.executable, "-m", "benchmarks.toyworld.learnability", "--concept", "bulo", "--set", "seed=3"]
+    result = subprocess.run(command, cwd=run.REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--set seed" in result.stderr and "--protocol seed=N" in result.stderr
