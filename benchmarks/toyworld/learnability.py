@@ -9,8 +9,9 @@ Prints the oracle's accuracy (the concept named), the shapes and colours it saw,
 first and last 50 steps, and writes the samples to `<out>/learnability-<concept>.png`. With `--generic-look` the
 concept's training images show that generic object instead (a control: the training loop keeps what the base model
 can draw), and the accuracy is replaced by the oracle's reading of shape and colour. `--set` takes `TrainingConfig`
-fields (not `seed`, which the protocol sets per task: `--protocol seed=N` changes it) and `--protocol` the numeric `ProtocolConfig` fields (images per concept, samples per prompt, sampling steps,
-guidance); the protocol's own are the defaults. The accuracy's binomial standard error is printed beside it (18
+fields (not `seed`, which the protocol sets per task: `--protocol seed=N` changes it) and `--protocol` the numeric
+`ProtocolConfig` fields (images per concept, samples per prompt, sampling steps, guidance); the protocol's own are
+the defaults. The accuracy's binomial standard error is printed beside it (18
 samples by default: ± 0.11 at 0.5). The probe takes `samples_per_prompt` seeds per background, not the upper
 bound's `upper_bound_samples_per_prompt` (12 from world v2.4): `--protocol samples_per_prompt=12` gives the upper
 bound's 72 samples, the same seeds on the same LoRA. Nothing is cached.
