@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.toyworld import concepts, learnability, models, oracle, protocol, report, run, world
+from benchmarks.toyworld import concepts, judge_check, learnability, models, oracle, protocol, report, run, world
 from cidm.backends.diffusers_backend import DiffusersDenoiser
 from cidm.consolidation import CONSOLIDATORS
 from cidm.train import ConceptTrainer
@@ -308,3 +308,19 @@ def test_learnability_refuses_a_training_seed_that_the_protocol_would_ignore():
     command = [sys.executable, "-m", "benchmarks.toyworld.learnability", "--concept", "bulo", "--set", "seed=3"]
     result = subprocess.run(command, cwd=run.REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--set seed" in result.stderr and "--protocol seed=N" in result.stderr
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_concepts_neighbours_are_generic_looks_one_step_from_it(seed):
+    for concept in concepts.make_world(seed).concepts:
+        look = concept.look
+        found = judge_check.neighbours(look)
+        assert found and len(set(found)) == len(found)
+        for neighbour in found:
+            assert not world.held_out(neighbour) and neighbour.shape == look.shape
+            changed = [neighbour.pattern != look.pattern, neighbour.colour != look.colour,
+                       neighbour.second != look.second]
+            assert sum(changed) == 1
+            first, second = neighbour.rgb_pair()
+            assert np.linalg.norm(first - second) >= world.MIN_COLOUR_DISTANCE
+        assert any(n.pattern != look.pattern for n in found) and any(n.pattern == look.pattern for n in found)
