@@ -56,6 +56,10 @@ def called(verdict: oracle.Verdict, owners: list[str]) -> tuple[float, float]:
             float(np.mean([p not in (oracle.GENERIC, oracle.GARBAGE) for p in predictions])))
 
 
+def shares(pair: tuple[float, float]) -> str:
+    return f"{pair[0]:.3f} / {pair[1]:.3f}"
+
+
 def neighbour_renders(concept_world: ConceptWorld, seed: int) -> tuple[torch.Tensor, list[str]]:
     """IMAGE [N, 32, 32, 3] of every concept's neighbours, each on every background, and the concept of each."""
     rng = np.random.default_rng([seed, 6])
@@ -109,14 +113,14 @@ def main() -> None:
                            judges["current"], args.seed)
     kept = load_file(str(args.samples)) if args.samples else {}
     print(f"{len(renders)} neighbour renders, {len(sampled['neighbour prompts'][1])} neighbour prompts sampled, "
-          f"{GENERIC_PROMPTS} generic prompts sampled; (called its concept, called any concept)")
+          f"{GENERIC_PROMPTS} generic prompts sampled; called its concept / called any concept")
     for name, judge in judges.items():
         held_out = oracle.held_out_accuracy(judge, concept_world, 3000, 12345)
         print(f"{name}: held-out {', '.join(f'{k} {v:.3f}' for k, v in held_out.items())}")
-        print(f"  neighbour renders clean {called(oracle.judge(judge, renders), owners)}, augmented "
-              f"{called(oracle.judge(judge, augmented), owners)}")
+        print(f"  neighbour renders clean {shares(called(oracle.judge(judge, renders), owners))}, augmented "
+              f"{shares(called(oracle.judge(judge, augmented), owners))}")
         for label, (images, who) in sampled.items():
-            print(f"  base model, {label}: {called(oracle.judge(judge, images), who)}")
+            print(f"  base model, {label}: {shares(called(oracle.judge(judge, images), who))}")
         if kept:
             rates = {c: called(oracle.judge(judge, kept[c]), [c] * len(kept[c]))[0]
                      for c in concept_world.names() if c in kept}

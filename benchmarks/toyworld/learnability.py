@@ -3,7 +3,7 @@ swapped for a generic one the base model already draws, judged as the upper boun
 
     python -m benchmarks.toyworld.learnability --world-seed 0 --concept bulo --set lora_lr=1e-4 --set steps=600
     python -m benchmarks.toyworld.learnability --world-seed 0 --concept bulo --generic-look circle,solid,red
-    python -m benchmarks.toyworld.learnability --world-seed 0 --concept pell --protocol samples_per_prompt=12
+    python -m benchmarks.toyworld.learnability --world-seed 0 --concept pell --protocol upper_bound_samples_per_prompt=3
 
 Prints the oracle's accuracy (the concept named), the shapes and colours it saw, and the mean training loss over the
 first and last 50 steps, and writes the samples to `<out>/learnability-<concept>.png`. With `--generic-look` the
@@ -11,10 +11,9 @@ concept's training images show that generic object instead (a control: the train
 can draw), and the accuracy is replaced by the oracle's reading of shape and colour. `--set` takes `TrainingConfig`
 fields (not `seed`, which the protocol sets per task: `--protocol seed=N` changes it) and `--protocol` the numeric
 `ProtocolConfig` fields (images per concept, samples per prompt, sampling steps, guidance); the protocol's own are
-the defaults. The accuracy's binomial standard error is printed beside it (18
-samples by default: ± 0.11 at 0.5). The probe takes `samples_per_prompt` seeds per background, not the upper
-bound's `upper_bound_samples_per_prompt` (12 from world v2.4): `--protocol samples_per_prompt=12` gives the upper
-bound's 72 samples, the same seeds on the same LoRA. Nothing is cached.
+the defaults. The probe trains and judges as the upper bound does (`protocol.upper_bound_judging`): the same LoRA
+and the same 72 samples by default (12 seeds per background; `--protocol upper_bound_samples_per_prompt=N` changes
+it), with the accuracy's binomial standard error beside it (± 0.04 at 0.85). Nothing is cached.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ def probe(setup: protocol.Setup, config: protocol.ProtocolConfig, name: str, ove
     config = dataclasses.replace(config, training=replaced(config.training, overrides))
     _, item = protocol.learn(probed, index, [], "finetune", config)
     scores, images = protocol.judge_concept(protocol.Composer(probed, [item], config, mode="fixed"), item, None,
-                                            config, setup.oracle)
+                                            protocol.upper_bound_judging(config), setup.oracle)
     return scores, judge(setup.oracle, images), item, images
 
 

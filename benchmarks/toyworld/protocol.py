@@ -460,12 +460,18 @@ def oracle_routed_pair(setup: Setup, config: ProtocolConfig) -> PairSampler:
     return sample
 
 
+def upper_bound_judging(config: ProtocolConfig) -> ProtocolConfig:
+    """The settings a concept trained alone is judged with (the upper bound, the learnability probe):
+    `upper_bound_samples_per_prompt` seeds per background instead of `samples_per_prompt`."""
+    return dataclasses.replace(config, samples_per_prompt=config.upper_bound_samples_per_prompt)
+
+
 def run_upper_bound(setup: Setup, config: ProtocolConfig, log: Callable[[str], None]) -> MethodRun:
     """Each concept's own LoRA, trained with no other task and sampled alone (fixed weight 1) on
     `config.upper_bound_samples_per_prompt` seeds per background; and the composition upper bound: every region pair
     with each tile under its own concept's LoRA only (`oracle_routed_pair`)."""
     trainers, learned, scores, images = [], [], {}, {}
-    judged = dataclasses.replace(config, samples_per_prompt=config.upper_bound_samples_per_prompt)
+    judged = upper_bound_judging(config)
     started = time.monotonic()
     for index in range(config.tasks):
         trainer, item = learn(setup, index, [], "finetune", config)

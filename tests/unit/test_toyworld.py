@@ -294,7 +294,8 @@ def test_learnability_probe_trains_one_concept_with_changed_settings_or_a_generi
     finally:
         torch.set_num_threads(threads)
     assert item.concept.name == "quil" and item.concept.look == red_circle and len(item.task.losses) == 3
-    assert len(verdict.predictions["shape"]) == len(images) == len(config.backgrounds) * config.samples_per_prompt
+    judged = len(config.backgrounds) * config.upper_bound_samples_per_prompt  # as the upper bound judges
+    assert len(verdict.predictions["shape"]) == len(images) == judged
     assert 0 <= scores["acc"] <= 1
 
 
