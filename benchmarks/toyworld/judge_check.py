@@ -11,7 +11,8 @@ The generic world draws them, so the base model renders them, and a judge that c
 Printed per oracle: the held-out accuracy (`oracle.held_out_accuracy`); how often neighbour renders (clean, and
 through the oracle's training augmentation) and the base model's samples of neighbour prompts and of random generic
 prompts are called their concept, or any concept; and, with `--samples`, each concept's accuracy on kept samples
-(a method's or the upper bound's `<method>.safetensors` in the protocol cache). Nothing is written.
+(a method's or the upper bound's `<method>.safetensors` in the protocol cache). Nothing is written, except that a
+world's oracle or the base model, when not cached yet, is built and cached as a run would.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import concepts, models, oracle, protocol, world
+from . import concepts, models, oracle, protocol, run, world
 from .concepts import ConceptWorld
 from .world import Look
 
@@ -64,10 +65,12 @@ def neighbour_renders(concept_world: ConceptWorld, seed: int) -> tuple[torch.Ten
     """IMAGE [N, 32, 32, 3] of every concept's neighbours, each on every background, and the concept of each."""
     rng = np.random.default_rng([seed, 6])
     backgrounds = list(world.BACKGROUNDS)
-    jobs = [(n, c.name, backgrounds[k % len(backgrounds)]) for c in concept_world.concepts
-            for n in neighbours(c.look) for k in range(RENDERS_PER_NEIGHBOUR)]
-    images = [world.render(look, background, world.random_placement(rng)) for look, _, background in jobs]
-    return torch.from_numpy(np.stack(images)).float() / 255, [owner for _, owner, _ in jobs]
+    owned = [(n, c.name, backgrounds[k % len(backgrounds)]) for c in concept_world.concepts
+             for n in neighbours(c.look) for k in range(RENDERS_PER_NEIGHBOUR)]
+    images = world.render_many([(look, background, world.random_placement(rng)) for look, _, background in owned])
+    return (oracle.as_images([world.Sample(image, look, background)
+                              for image, (look, _, background) in zip(images, owned)]),
+            [owner for _, owner, _ in owned])
 
 
 def base_samples(base: models.BaseModel, concept_world: ConceptWorld, judge: oracle.Oracle,
@@ -115,7 +118,7 @@ def main() -> None:
     print(f"{len(renders)} neighbour renders, {len(sampled['neighbour prompts'][1])} neighbour prompts sampled, "
           f"{GENERIC_PROMPTS} generic prompts sampled; called its concept / called any concept")
     for name, judge in judges.items():
-        held_out = oracle.held_out_accuracy(judge, concept_world, 3000, 12345)
+        held_out = oracle.held_out_accuracy(judge, concept_world, 3000, run.ORACLE_CHECK_SEED)
         print(f"{name}: held-out {', '.join(f'{k} {v:.3f}' for k, v in held_out.items())}")
         print(f"  neighbour renders clean {shares(called(oracle.judge(judge, renders), owners))}, augmented "
               f"{shares(called(oracle.judge(judge, augmented), owners))}")
