@@ -90,12 +90,6 @@ def base_samples(base: models.BaseModel, concept_world: ConceptWorld, judge: ora
                                 [""] * len(generic))}
 
 
-def load(path: Path, concept_world: ConceptWorld) -> oracle.Oracle:
-    judge = oracle.Oracle(oracle.OracleConfig().width, concept_world)
-    judge.load_state_dict(load_file(str(path)))
-    return judge.eval()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-seed", type=int, default=0)
@@ -107,11 +101,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     concept_world = concepts.make_world(args.world_seed)
-    judges = {"current": oracle.load_or_train_oracle(oracle.OracleConfig(world_seed=args.world_seed), args.cache)}
+    config = oracle.OracleConfig(world_seed=args.world_seed)
+    judges = {"current": oracle.load_or_train_oracle(config, args.cache)}
     if args.against:
-        judges[args.against.name] = load(args.against, concept_world)
+        judges[args.against.name] = oracle.load_oracle(args.against, config)
     renders, owners = neighbour_renders(concept_world, args.seed)
-    augmented = oracle._augment(renders, torch.Generator().manual_seed(args.seed))
+    augmented = oracle.augment(renders, torch.Generator().manual_seed(args.seed))
     sampled = base_samples(models.load_or_train_base(models.BaseConfig(), args.cache), concept_world,
                            judges["current"], args.seed)
     kept = load_file(str(args.samples)) if args.samples else {}

@@ -10,8 +10,8 @@ first and last 50 steps, and writes the samples to `<out>/learnability-<concept>
 concept's training images show that generic object instead (a control: the training loop keeps what the base model
 can draw), and the accuracy is replaced by the oracle's reading of shape and colour. `--set` takes `TrainingConfig`
 fields (not `seed`, which the protocol sets per task: `--protocol seed=N` changes it) and `--protocol` the numeric
-`ProtocolConfig` fields (images per concept, samples per prompt, sampling steps, guidance); the protocol's own are
-the defaults. The probe trains and judges as the upper bound does (`protocol.upper_bound_judging`): the same LoRA
+`ProtocolConfig` fields (images per concept, samples per prompt, sampling steps, guidance) and its sampler
+(`--protocol sampler=dpm++2m`, a key of `protocol.SAMPLERS`); the protocol's own are the defaults. The probe trains and judges as the upper bound does (`protocol.upper_bound_judging`): the same LoRA
 and the same 72 samples by default (12 seeds per background; `--protocol upper_bound_samples_per_prompt=N` changes
 it), with the accuracy's binomial standard error beside it (± 0.04 at 0.85). Nothing is cached.
 """
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a TrainingConfig field for this probe, e.g. lora_lr=1e-4 (repeatable)")
     parser.add_argument("--protocol", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a numeric ProtocolConfig field, e.g. samples_per_prompt=12 or sampling_steps=20")
+                        help="a numeric ProtocolConfig field or the sampler, e.g. sampling_steps=20 or sampler=dpm++2m")
     parser.add_argument("--generic-look", metavar="SHAPE,PATTERN,COLOUR",
                         help="train on this generic object instead of the concept's look")
     parser.add_argument("--threads", type=int, default=1)

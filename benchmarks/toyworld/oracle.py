@@ -152,7 +152,7 @@ BLUR_KERNEL = torch.tensor([1.0, 2.0, 1.0])  # a 3×3 binomial (Gaussian-like) b
 MAX_BLUR, MAX_JITTER, MAX_DESATURATION, MAX_NOISE = 0.7, 0.1, 0.15, 0.08
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """What generated samples do to a render, none of it moving a hue (world v2.5): horizontal flips; a soft blur
     (the render mixed with its 3×3 binomial blur by up to `MAX_BLUR`, half the time); brightness and contrast each
     scaled by up to ± `MAX_JITTER`; up to `MAX_DESATURATION` of the way to grey; mild Gaussian noise (σ ≤
@@ -190,7 +190,7 @@ def train_oracle(config: OracleConfig, log: Callable[[str], None] = print) -> Or
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images), config.batch_size):
             batch = order[start:start + config.batch_size]
-            logits = oracle(_augment(images[batch], generator))
+            logits = oracle(augment(images[batch], generator))
             loss = sum(F.cross_entropy(logits[name], labels[batch, i], ignore_index=IGNORE)
                        for i, name in enumerate(oracle.classes) if (labels[batch, i] != IGNORE).any())
             optimizer.zero_grad(set_to_none=True)
@@ -201,13 +201,18 @@ def train_oracle(config: OracleConfig, log: Callable[[str], None] = print) -> Or
     return oracle.eval()
 
 
+def load_oracle(path: Path, config: OracleConfig) -> Oracle:
+    """The oracle of `config`'s world (its width and heads) with the weights saved at `path`, in eval mode."""
+    oracle = Oracle(config.width, concepts.make_world(config.world_seed))
+    oracle.load_state_dict(load_file(str(path)))
+    return oracle.eval()
+
+
 def load_or_train_oracle(config: OracleConfig, cache: Path = CACHE, log: Callable[[str], None] = print) -> Oracle:
     path = cache / f"oracle-{config.key()}.safetensors"
     if path.exists():
         log(f"oracle: cached {path}")
-        oracle = Oracle(config.width, concepts.make_world(config.world_seed))
-        oracle.load_state_dict(load_file(str(path)))
-        return oracle.eval()
+        return load_oracle(path, config)
     oracle = train_oracle(config, log)
     save_atomically(oracle.state_dict(), path)
     log(f"oracle: saved {path}")

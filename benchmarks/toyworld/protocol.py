@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors.torch import load_file, save_file
 
 from cidm.adapters import LayerLoRABank
@@ -78,9 +79,32 @@ class ProtocolConfig:
     upper_bound_samples_per_prompt: int = 12
     generic_prompts: int = 48  # Q5
     sampling_steps: int = 10
+    sampler: str = "ddim"  # a key of SAMPLERS
     guidance: float = 2.5  # v2.1 ran at 4, which pulled learned concepts away (toy README, "Learnability")
     seed: int = 0
     layouts: tuple[str, ...] = tuple(LAYOUTS)
+
+
+def _dpm_solver(train_scheduler: DDPMScheduler, steps: int) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), its x0 clipped to [-1, 1] as DDIM's `clip_sample` does
+    (dynamic thresholding with `sample_max_value` 1 is a clip)."""
+    scheduler = DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++",
+                                                        solver_order=2, thresholding=True, sample_max_value=1.0)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+# The deterministic samplers the protocol can sample with (`ProtocolConfig.sampler`), each from the base model's
+# training schedule and a number of steps; each needs one model call per step and no noise after the first.
+SAMPLERS = {"ddim": models.sampling_scheduler, "dpm++2m": _dpm_solver}
+
+
+def sampling_scheduler(sampler: str, train_scheduler: DDPMScheduler, steps: int):
+    """The diffusers scheduler of `sampler` (a key of `SAMPLERS`) set to `steps` steps. Raises ValueError naming
+    `sampler` when it is not one."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
+    return SAMPLERS[sampler](train_scheduler, steps)
 
 
 @dataclass
@@ -209,7 +233,7 @@ class Composer:
     def _denoise(self, latents: torch.Tensor, prompts: list[str], regions: list[list[str]],
                  masks: list[torch.Tensor] | None) -> torch.Tensor:
         """Cond and uncond rows in one model call per step, then classifier-free guidance."""
-        scheduler = models.sampling_scheduler(self.denoiser.scheduler, self.config.sampling_steps)
+        scheduler = sampling_scheduler(self.config.sampler, self.denoiser.scheduler, self.config.sampling_steps)
         contexts, weights = self._rows(prompts)
         adapted = contextlib.nullcontext()
         if weights is not None or regions:

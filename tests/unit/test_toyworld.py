@@ -105,7 +105,7 @@ def smoke(tmp_path_factory):
 def test_oracle_augmentation_blurs_and_jitters_but_keeps_every_named_colours_hue():
     patches = torch.tensor([rgb for rgb in world.COLOURS.values()]).float().div(255)[:, None, None, :]
     images = patches.expand(-1, 32, 32, 3).repeat(64, 1, 1, 1)  # 64 copies of each colour's flat patch
-    augmented = oracle._augment(images, torch.Generator().manual_seed(0))
+    augmented = oracle.augment(images, torch.Generator().manual_seed(0))
     assert augmented.shape == images.shape and 0 <= augmented.min() and augmented.max() <= 1
     assert (augmented - images).abs().mean() > 0.01  # it does change the images
 
@@ -325,3 +325,24 @@ def test_a_concepts_neighbours_are_generic_looks_one_step_from_it(seed):
             first, second = neighbour.rgb_pair()
             assert np.linalg.norm(first - second) >= world.MIN_COLOUR_DISTANCE
         assert any(n.pattern != look.pattern for n in found) and any(n.pattern == look.pattern for n in found)
+
+
+@pytest.mark.parametrize("sampler", sorted(protocol.SAMPLERS))
+def test_every_sampler_lands_on_the_image_that_a_perfect_denoiser_predicts(sampler):
+    """With the exact epsilon of one known image x0 (a point-mass data distribution), any correct sampler of the
+    base model's schedule ends at x0, whatever the starting noise."""
+    train = models.make_scheduler()
+    target = torch.rand(1, *models.LATENT_SHAPE, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    scheduler = protocol.sampling_scheduler(sampler, train, 10)
+    latents = torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
+    assert len(scheduler.timesteps) == 10 and scheduler.timesteps[0] > scheduler.timesteps[-1]
+    for timestep in scheduler.timesteps:
+        alpha_bar = train.alphas_cumprod[timestep]
+        epsilon = (latents - alpha_bar.sqrt() * target) / (1 - alpha_bar).sqrt()
+        latents = scheduler.step(epsilon, timestep, latents).prev_sample
+    assert torch.allclose(latents, target, atol=1e-3)
+
+
+def test_an_unknown_sampler_is_refused_by_name():
+    with pytest.raises(ValueError, match="'euler'"):
+        protocol.sampling_scheduler("euler", models.make_scheduler(), 10)
