@@ -11,8 +11,8 @@ concept's training images show that generic object instead (a control: the train
 can draw), and the accuracy is replaced by the oracle's reading of shape and colour. `--set` takes `TrainingConfig`
 fields (not `seed`, which the protocol sets per task: `--protocol seed=N` changes it) and `--protocol` the numeric
 `ProtocolConfig` fields (images per concept, samples per prompt, sampling steps, guidance) and its sampler
-(`--protocol sampler=dpm++2m`, a key of `protocol.SAMPLERS`); the protocol's own are the defaults. The probe trains and judges as the upper bound does (`protocol.upper_bound_judging`): the same LoRA
-and the same 72 samples by default (12 seeds per background; `--protocol upper_bound_samples_per_prompt=N` changes
+(`--protocol sampler=dpm++2m`, a key of `protocol.SAMPLERS`); the protocol's own are the defaults. The probe trains
+and judges as the upper bound does (`protocol.upper_bound_judging`): the same LoRA and the same 72 samples by default (12 seeds per background; `--protocol upper_bound_samples_per_prompt=N` changes
 it), with the accuracy's binomial standard error beside it (± 0.04 at 0.85). Nothing is cached.
 """
 

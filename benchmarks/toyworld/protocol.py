@@ -84,6 +84,10 @@ class ProtocolConfig:
     seed: int = 0
     layouts: tuple[str, ...] = tuple(LAYOUTS)
 
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:  # checked here, before any training, not at the first sampling
+            raise ValueError(f"sampler {self.sampler!r}: expected one of {sorted(SAMPLERS)}")
+
 
 def _dpm_solver(train_scheduler: DDPMScheduler, steps: int) -> DPMSolverMultistepScheduler:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), its x0 clipped to [-1, 1] as DDIM's `clip_sample` does
@@ -97,14 +101,6 @@ def _dpm_solver(train_scheduler: DDPMScheduler, steps: int) -> DPMSolverMultiste
 # The deterministic samplers the protocol can sample with (`ProtocolConfig.sampler`), each from the base model's
 # training schedule and a number of steps; each needs one model call per step and no noise after the first.
 SAMPLERS = {"ddim": models.sampling_scheduler, "dpm++2m": _dpm_solver}
-
-
-def sampling_scheduler(sampler: str, train_scheduler: DDPMScheduler, steps: int):
-    """The diffusers scheduler of `sampler` (a key of `SAMPLERS`) set to `steps` steps. Raises ValueError naming
-    `sampler` when it is not one."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler {sampler!r}: expected one of {sorted(SAMPLERS)}")
-    return SAMPLERS[sampler](train_scheduler, steps)
 
 
 @dataclass
@@ -233,7 +229,7 @@ class Composer:
     def _denoise(self, latents: torch.Tensor, prompts: list[str], regions: list[list[str]],
                  masks: list[torch.Tensor] | None) -> torch.Tensor:
         """Cond and uncond rows in one model call per step, then classifier-free guidance."""
-        scheduler = sampling_scheduler(self.config.sampler, self.denoiser.scheduler, self.config.sampling_steps)
+        scheduler = SAMPLERS[self.config.sampler](self.denoiser.scheduler, self.config.sampling_steps)
         contexts, weights = self._rows(prompts)
         adapted = contextlib.nullcontext()
         if weights is not None or regions:

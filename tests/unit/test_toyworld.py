@@ -333,7 +333,7 @@ def test_every_sampler_lands_on_the_image_that_a_perfect_denoiser_predicts(sampl
     base model's schedule ends at x0, whatever the starting noise."""
     train = models.make_scheduler()
     target = torch.rand(1, *models.LATENT_SHAPE, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
-    scheduler = protocol.sampling_scheduler(sampler, train, 10)
+    scheduler = protocol.SAMPLERS[sampler](train, 10)
     latents = torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
     assert len(scheduler.timesteps) == 10 and scheduler.timesteps[0] > scheduler.timesteps[-1]
     for timestep in scheduler.timesteps:
@@ -343,6 +343,6 @@ def test_every_sampler_lands_on_the_image_that_a_perfect_denoiser_predicts(sampl
     assert torch.allclose(latents, target, atol=1e-3)
 
 
-def test_an_unknown_sampler_is_refused_by_name():
+def test_an_unknown_sampler_is_refused_by_name_when_the_settings_are_made():
     with pytest.raises(ValueError, match="'euler'"):
-        protocol.sampling_scheduler("euler", models.make_scheduler(), 10)
+        learnability.replaced(protocol.ProtocolConfig(), {"sampler": "euler"})
