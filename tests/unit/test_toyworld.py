@@ -163,7 +163,8 @@ def test_a_concepts_training_images_spread_over_the_training_backgrounds():
         assert len(images.images) == len(images.captions) == count
         assert [backgrounds.count(bg) for bg in world.training_backgrounds()] == expected
     v21 = concepts.concept_samples(concept, world.training_backgrounds(5), 0)  # one per background, as v2.1 drew them
-    assert torch.equal(protocol.training_set(concept, protocol.ProtocolConfig(), 0).images, protocol.as_images(v21))
+    five = protocol.training_set(concept, protocol.ProtocolConfig(images_per_concept=5), 0).images
+    assert torch.equal(five, protocol.as_images(v21))
 
 
 def test_retention_compares_each_old_concept_with_itself_just_after_its_task():
