@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors.torch import load_file, save_file
 
 from cidm.adapters import LayerLoRABank
@@ -92,18 +92,28 @@ class ProtocolConfig:
             raise ValueError(f"sampler {self.sampler!r}: expected one of {sorted(SAMPLERS)}")
 
 
-def _dpm_solver(train_scheduler: DDPMScheduler, steps: int) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), its x0 clipped to [-1, 1] as DDIM's `clip_sample` does
-    (dynamic thresholding with `sample_max_value` 1 is a clip)."""
-    scheduler = DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++",
-                                                        solver_order=2, thresholding=True, sample_max_value=1.0)
-    scheduler.set_timesteps(steps)
-    return scheduler
+def _scheduler(scheduler_class, **options):
+    """A sampler of `SAMPLERS`: `scheduler_class` on the base model's training schedule, with `options`, set to a
+    number of steps."""
+    def make(train_scheduler: DDPMScheduler, steps: int):
+        scheduler = scheduler_class.from_config(train_scheduler.config, **options)
+        scheduler.set_timesteps(steps)
+        return scheduler
+    return make
 
 
 # The deterministic samplers the protocol can sample with (`ProtocolConfig.sampler`), each from the base model's
 # training schedule and a number of steps; each needs one model call per step and no noise after the first.
-SAMPLERS = {"ddim": models.sampling_scheduler, "dpm++2m": _dpm_solver}
+# - "ddim": the base model's own (`models.sampling_scheduler`), `leading` spacing: 10 steps from t = 900 (ᾱ = 0.024).
+# - "ddim-trailing": the same with `trailing` spacing, 10 steps from t = 999, the model's noisiest input ("always start
+#   from the last timestep": Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", arXiv
+#   2305.08891, fix 3). Its steps are evenly spaced, so diffusers' DDIM step (t minus 1000 / steps) is right for it.
+# - "dpm++2m": DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095), its x0 clipped to [-1, 1] as DDIM's
+#   `clip_sample` does (dynamic thresholding with `sample_max_value` 1 is a clip).
+SAMPLERS = {"ddim": models.sampling_scheduler,
+            "ddim-trailing": _scheduler(DDIMScheduler, clip_sample=True, timestep_spacing="trailing"),
+            "dpm++2m": _scheduler(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2,
+                                  thresholding=True, sample_max_value=1.0)}
 
 
 @dataclass
