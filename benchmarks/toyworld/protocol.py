@@ -149,14 +149,15 @@ def concept_tokens(concept: Concept) -> list[str]:
 
 def training_set(concept: Concept, config: ProtocolConfig, world_seed: int, class_word: bool = True) -> TrainingSet:
     """The concept's `config.images_per_concept` training images, spread evenly over the training backgrounds (all
-    but the held-out one), each placed at random; 5 is one per background, 10 (the default) two."""
+    but the held-out one), each placed at random; 5 is one per background, 10 (the default) two. Sources are
+    `<name>-<background>-<index>`, unique, so they can name files."""
     backgrounds = world.training_backgrounds()
     per_background = -(-config.images_per_concept // len(backgrounds))
     drawn = concepts.concept_samples(concept, backgrounds, world_seed, per_background)  # background by background
     samples = [s for i in range(per_background) for s in drawn[i::per_background]][:config.images_per_concept]
     images = as_images(samples)
     return TrainingSet(images, [concept.caption(s.background, class_word) for s in samples],
-                       [f"{concept.name}-{s.background}" for s in samples])
+                       [f"{concept.name}-{s.background}-{n}" for n, s in enumerate(samples)])
 
 
 def make_denoiser(base: models.BaseModel) -> DiffusersDenoiser:

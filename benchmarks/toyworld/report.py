@@ -87,16 +87,15 @@ def mean_over(values: list[float | None], indices: list[int]) -> float | None:
     return float(np.mean(picked)) if picked else None
 
 
-def samples_per_cell(results: dict) -> int:
-    """How many samples each rate (one concept after one task, or one composition pair) is measured on."""
-    return len(results["config"]["backgrounds"]) * results["config"]["samples_per_prompt"]
-
-
-def upper_bound_samples(results: dict) -> int:
-    """How many samples each of the upper bound's single-concept rates is measured on (from world v2.4 more than a
-    method's; earlier reports took `samples_per_cell`)."""
+def samples_per_cell(results: dict, upper_bound: bool = False) -> int:
+    """How many samples each rate (one concept after one task, or one composition pair) is measured on; with
+    `upper_bound`, each of the upper bound's single-concept rates (from world v2.4 more than a method's; earlier
+    reports have no `upper_bound_samples_per_prompt` and took a method's)."""
     config = results["config"]
-    return len(config["backgrounds"]) * config.get("upper_bound_samples_per_prompt", config["samples_per_prompt"])
+    per_prompt = config["samples_per_prompt"]
+    if upper_bound:
+        per_prompt = config.get("upper_bound_samples_per_prompt", per_prompt)
+    return len(config["backgrounds"]) * per_prompt
 
 
 def mean_rate_error(rates: list[float], samples: int) -> float:
@@ -167,9 +166,10 @@ def questions(results: dict) -> list[str]:
     if cidm:
         lines.append(f"| Q1 CIDM ({cidm['composition']}) retention (final / just-trained acc, old concepts) | ≥ 0.95 | "
                      f"{_number(retention(cidm['acc']))} |")
+        bound_samples = samples_per_cell(results, upper_bound=True)
         lines.append(f"| CIDM ({cidm['composition']}) final acc / upper bound (± 1 standard error) | ≥ 0.9 | "
                      f"{_number(cidm['final_acc'])} / {_number(upper['final_acc'])} = "
-                     f"{_ratio(cidm['acc'][-1], upper['acc'], samples_per_cell(results), upper_bound_samples(results))} |")
+                     f"{_ratio(cidm['acc'][-1], upper['acc'], samples_per_cell(results), bound_samples)} |")
     ordering = sorted(methods, key=lambda m: -methods[m]["final_acc"])
     lines.append("| Q2 final acc ordering (context acc) | cidm > c-lora > finetune | " + " > ".join(
         f"{m} {_number(methods[m]['final_acc'])} ({_number(methods[m]['final_context'])})" for m in ordering) + " |")
@@ -289,7 +289,7 @@ def markdown(results: dict) -> str:
                  f"| {_number(upper['final_context'])} | – | 1 | – | – | – | – | {upper['seconds'] / 60:.1f} |")
     lines.append(f"| base model | – | – | – | – | – | – | – | {_number(base['control']['false_positive'])} "
                  f"({_number(base['control']['false_positive_strict'])}) | {_number(base['generic']['all'])} | – |")
-    counted = upper_bound_samples(results)
+    counted = samples_per_cell(results, upper_bound=True)
     lines += ["", f"{UPPER_BOUND}, per concept (acc / strict, {counted} samples each): " + ", ".join(
         f"{n} {_number(a)} / {_number(b)}" for n, a, b in zip(results["concepts"], upper["acc"], upper["strict"]))
         + f". Learnability (goal: every concept ≥ {LEARNABLE_EACH}, mean ≥ {LEARNABLE_MEAN}): lowest "

@@ -160,7 +160,7 @@ def test_a_concepts_training_images_spread_over_the_training_backgrounds():
     for count, expected in ((5, [1] * 5), (12, [3, 3, 2, 2, 2]), (3, [1, 1, 1, 0, 0])):
         images = protocol.training_set(concept, protocol.ProtocolConfig(images_per_concept=count), 0)
         backgrounds = [source.split("-")[1] for source in images.sources]
-        assert len(images.images) == len(images.captions) == count
+        assert len(images.images) == len(images.captions) == len(set(images.sources)) == count, "unique sources"
         assert [backgrounds.count(bg) for bg in world.training_backgrounds()] == expected
     v21 = concepts.concept_samples(concept, world.training_backgrounds(5), 0)  # one per background, as v2.1 drew them
     five = protocol.training_set(concept, protocol.ProtocolConfig(images_per_concept=5), 0).images
