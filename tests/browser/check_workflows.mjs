@@ -66,6 +66,9 @@ async function inspectGraph(page) {
       id: node.id, type: node.type, title: node.title,
       missing: !!node.has_errors || (!node.constructor.nodeData && !['Note', 'MarkdownNote'].includes(node.type)),
       titleWidth: ctx.measureText(node.title).width, width: node.size[0],
+      // the area the node covers on the canvas as the frontend laid it out: its title bar sits above pos
+      box: [node.pos[0], node.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT, node.size[0],
+            node.size[1] + window.LiteGraph.NODE_TITLE_HEIGHT],
       widgets: (node.widgets || []).map((widget) => widget.name),
     }));
     ctx.restore();

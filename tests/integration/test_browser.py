@@ -83,6 +83,35 @@ def test_node_titles_fit_their_nodes(browser_report):
     assert cut == []
 
 
+# Free canvas between two nodes: the frontend draws a node's source badge ("comfyui-cidm") in about 24 px above its
+# title bar, so nodes closer than this look stacked on each other.
+CLEARANCE = 30
+
+
+def crowded(boxes: dict[int, list[float]], clearance: float) -> list[tuple[int, int]]:
+    """The pairs of node ids whose boxes [x, y, width, height] are less than `clearance` apart on both axes, that is,
+    that overlap once each box grows by `clearance` on its right and bottom."""
+    def near(a, b):
+        return (min(a[0] + a[2], b[0] + b[2]) + clearance > max(a[0], b[0])
+                and min(a[1] + a[3], b[1] + b[3]) + clearance > max(a[1], b[1]))
+    ids = sorted(boxes)
+    return [(i, j) for n, i in enumerate(ids) for j in ids[n + 1:] if near(boxes[i], boxes[j])]
+
+
+def test_crowded_finds_the_nodes_closer_than_the_clearance_only():
+    boxes = {1: [0, 0, 10, 10], 2: [15, 0, 10, 10], 3: [0, 20, 10, 10], 4: [40, 40, 1, 1]}
+    assert crowded(boxes, 0) == [] and crowded(boxes, 6) == [(1, 2)] and crowded(boxes, 11) == [(1, 2), (1, 3), (2, 3)]
+
+
+def test_nodes_keep_clear_of_each_other_as_the_frontend_lays_them_out(browser_report):
+    """Each node's box includes its title bar (above `pos`) and the size the frontend gives it, which grows a node
+    whose widgets need more room than the workflow file says."""
+    names, report = browser_report
+    found = {name: crowded({node["id"]: node["box"] for node in report["workflows"][name]["nodes"]}, CLEARANCE)
+             for name in names}
+    assert {name: pairs for name, pairs in found.items() if pairs} == {}
+
+
 def test_console_shows_no_error_from_the_pack(browser_report):
     _, report = browser_report
     errors = [entry for entry in report["console"] if entry["type"] in ("error", "pageerror")
