@@ -28,9 +28,9 @@ COLUMN_WIDTH = 460
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
 CLEARANCE = 30  # free canvas between two nodes: the frontend draws a node's source badge above its title bar
 ROW_GAP = TITLE_HEIGHT + CLEARANCE
-# LiteGraph draws a title after the collapse dot (30 px) and cuts it at the node's edge; at its 14 px title font a
-# wide sans (DejaVu Sans, the Debian default) averages about 8.5 px a character, so a node is made wide enough for
-# 9 px a character and a 10 px margin, whatever the browser's font
+# LiteGraph draws a title after the collapse dot (one title height) and cuts it at the node's edge; at its 14 px
+# title font a wide sans (DejaVu Sans, the Debian default) averages about 8.5 px a character, so a node is made wide
+# enough for 9 px a character and a 10 px margin, whatever the browser's font
 TITLE_PX_PER_CHARACTER = 9
 NEGATIVE = "blurry, low quality, deformed"
 SAMPLING = dict(steps=30, cfg=7.5, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
@@ -106,7 +106,7 @@ class Workflow:
         multiline = sum(1 for name, input_spec in ordered_inputs(spec)
                         if is_widget(input_spec) and len(input_spec) > 1 and input_spec[1].get("multiline"))
         height = 50 + 24 * sockets + 26 * len(widgets) + 100 * multiline
-        node_width = max(node_width, 30 + TITLE_PX_PER_CHARACTER * len(title or "") + 10)
+        node_width = max(node_width, TITLE_HEIGHT + TITLE_PX_PER_CHARACTER * len(title or "") + 10)
         if node_width > COLUMN_WIDTH - CLEARANCE:
             raise ValueError(f"{kind}: title {title!r} needs a node {node_width} px wide, wider than a column")
         node = {"id": node_id, "type": kind, "pos": self._place(column, height, node_width),

@@ -72,8 +72,8 @@ class ProtocolConfig:
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(
         steps=300, rank=4, lora_lr=1e-3, embedding_lr=5e-3, batch_size=10))
     # toy world v2.6: 10, two per training background (v2.1 to v2.5: 5, CIFC's 4 to 7 per concept). The same 300
-    # steps of 10 draw from them, so training costs the same; seed 1's ribg, sits and durl then passed the
-    # learnability bar in probes (toy README, "Learnability")
+    # steps of 10 draw from them, so training costs the same; seed 1's sits and durl then passed the learnability
+    # bar, and ribg did not (toy README, "Learnability", v2.6)
     images_per_concept: int = 10
     backgrounds: tuple[str, ...] = tuple(world.BACKGROUNDS)  # K prompts per concept
     samples_per_prompt: int = 3  # M
