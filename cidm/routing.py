@@ -26,8 +26,13 @@ Reuse (e.g. region-aware cross-attention): inside any attention call with `trans
 
 Unconditional rows ("match cond", the official CIDM code's policy, JiahuaDong/CIFC@9819aa8
 `lib/models/edlora.py`): every cond under the guider's "negative" key gets, per task and layer, the largest weight
-any other cond of the same run gives that task, so classifier-free guidance sees the prompt difference and not a
-LoRA difference, however the host batches or splits cond and uncond. "own" routes every cond from its own prompt.
+any whole-canvas cond of the same run gives that task, so classifier-free guidance sees the prompt difference and
+not a LoRA difference, however the host batches or splits cond and uncond. A spatial cond (a region's prompt, a host
+cond with an area or a mask) is never paired: the negative covers the whole canvas, so a concept paired from a
+region's prompt would act on every image token (the region leak of issue 29: a region naming `<cat>` under a global
+prompt naming none moved the latent by up to 190 through the negative alone). Inside a region, region-aware
+attention gives the negative's rows the region's concepts itself (cidm/regions.py, `RegionPlan`). "own" routes
+every cond from its own prompt.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ PROMPT_KEY = "cidm_prompt"
 ROUTES_KEY = "cidm_routes"
 UNCOND_POLICIES = ("match cond", "own")
 NEGATIVE = "negative"
+REGION_PREFIX = "region_"  # guider keys of region prompts: the Context-Controlled guider's region_<index>
 
 
 @dataclass(frozen=True)
@@ -77,17 +83,22 @@ class CondRouter(Protocol):
 @dataclass(frozen=True)
 class CondEntry:
     """One cond of a sampling run as the guider holds it: its uuid, the guider's key ("positive", "negative", ...),
-    its LayerwisePrompt (or None) and its ordinary context [1, T, D] (or None)."""
+    its LayerwisePrompt (or None), its ordinary context [1, T, D] (or None), and whether it acts on part of the
+    canvas only (`spatial`: a region's prompt, or a cond with an area or a mask), which "match cond" never pairs
+    the negative with."""
 
     uuid: Hashable
     kind: str
     prompt: LayerwisePrompt | None
     context: torch.Tensor | None
+    spatial: bool = False
 
 
 def route_conds(router: CondRouter, conds: list[CondEntry], multipliers: torch.Tensor, num_layers: int,
                 uncond: str = "match cond") -> dict[Hashable, torch.Tensor]:
-    """uuid -> [L, K] weights (router weight × task multiplier) for every cond of one sampling run.
+    """uuid -> [L, K] weights (router weight × task multiplier) for every cond of one sampling run; under
+    "match cond" a negative gets the largest weights of the whole-canvas (not `spatial`) conds that are not
+    negatives, and zeros when there is none (module docstring).
 
     Raises:
         CIDMInputError: ("uncond_weights") for an unknown policy; ("conditioning") for a prompt encoded for another
@@ -103,12 +114,12 @@ def route_conds(router: CondRouter, conds: list[CondEntry], multipliers: torch.T
     for entry in conds:
         context = entry.context[0].float() if entry.context is not None else None
         table[entry.uuid] = router.route(entry.prompt, context, num_layers) * multipliers
-    positives = [table[e.uuid] for e in conds if e.kind != NEGATIVE]
-    if uncond == "match cond" and positives:
-        paired = torch.stack(positives).amax(dim=0)
+    if uncond == "match cond":
+        positives = [table[e.uuid] for e in conds if e.kind != NEGATIVE and not e.spatial]
+        paired = torch.stack(positives).amax(dim=0) if positives else None
         for entry in conds:
             if entry.kind == NEGATIVE:
-                table[entry.uuid] = paired
+                table[entry.uuid] = torch.zeros_like(table[entry.uuid]) if paired is None else paired
     return table
 
 

@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 
 from ..cidm.errors import CIDMInputError, require_finite
 from ..cidm.plots import region_layout
-from ..cidm.routing import PROMPT_KEY, RunCache
+from ..cidm.routing import PROMPT_KEY, REGION_PREFIX, RunCache
 from ..cidm.regions import (BOX_UNITS, RegionPlan, RegionSpec, blend_region_predictions, crop_box, make_regions,
                             region_weights)
 from .host.model import weights_fixed_for_run
@@ -95,7 +95,7 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
     def set_regions(self, positive, negative, regions: list[RegionSpec], alpha: float, attention: bool,
                     region_noise: str = "area crop"):
         conds = {"positive": positive, "negative": negative}
-        conds.update({f"region_{i}": region.conditioning for i, region in enumerate(regions)})
+        conds.update({f"{REGION_PREFIX}{i}": region.conditioning for i, region in enumerate(regions)})
         self.inner_set_conds(conds)
         self.regions, self.alpha, self.plan = list(regions), alpha, None
         self.crop = region_noise == "area crop"
@@ -104,7 +104,7 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
                                    [region.mask for region in regions],
                                    [c["uuid"] for c in self.original_conds["positive"]],
                                    [c["uuid"] for c in self.original_conds["negative"]],
-                                   [self.original_conds[f"region_{i}"][0]["uuid"] for i in range(len(regions))])
+                                   [self.original_conds[f"{REGION_PREFIX}{i}"][0]["uuid"] for i in range(len(regions))])
 
     def sample(self, *args, **kwargs):
         """CFGGuider.sample; what the run cached (crop boxes, blend shares, the plan's device copies) is dropped
@@ -129,7 +129,7 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
         size, masks = tuple(x.shape[-2:]), [region.mask for region in self.regions]
         # Crop boxes and blend shares depend on the latent size only: made once, not read back from the device
         # or copied to it in every step (cidm.routing.RunCache).
-        region_conds = [self.conds.get(f"region_{i}", []) for i in range(len(masks))]
+        region_conds = [self.conds.get(f"{REGION_PREFIX}{i}", []) for i in range(len(masks))]
         if self.crop:
             boxes = self.cached(("crop boxes", size), lambda: [crop_box(mask, *size) for mask in masks])
             region_conds = [[dict(c, area=box) for c in conds] for conds, box in zip(region_conds, boxes)]

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cidm.adapters import LayerLoRABank
 from cidm.aggregation import ConstantRouter, RowRouter, make_router
@@ -56,12 +56,25 @@ UPPER_BOUND = "upper bound"
 FREEZE_AT_NORM_RATIO = 1.4
 SAMPLING_BATCH = 64
 HALVES = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 0.5, 1.0))
-# Region layouts of a two-tile composition, each region (left, top, width, height) as canvas fractions; judged tile
-# by tile (issue #14: left/right, plus overlapping and unequal boxes). Overlapping: the middle quarter of the canvas
-# is shared by both regions. Unequal: the second region is a smaller box inside its tile (56 % of it); the rest of
-# that tile attends to the global prompt.
-LAYOUTS = {"left/right": HALVES, "overlapping": ((0.0, 0.0, 0.625, 1.0), (0.375, 0.0, 0.625, 1.0)),
-           "unequal": ((0.0, 0.0, 0.5, 1.0), (0.5625, 0.125, 0.375, 0.75))}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A two-tile composition: each region's box (left, top, width, height) as canvas fractions, and whether the
+    global prompt names both concepts ("a <zarp> star on the left and ...") or none ("a star on the left and ...")."""
+
+    boxes: tuple[tuple[float, float, float, float], ...]
+    global_names_concepts: bool = True
+
+
+# Judged tile by tile (issue #14: left/right, plus overlapping and unequal boxes). Overlapping: the middle quarter of
+# the canvas is shared by both regions. Unequal: the second region is a smaller box inside its tile (56 % of it); the
+# rest of that tile attends to the global prompt. Global names none (issue #29): the halves under a global prompt
+# with the class words only, so each concept can come from its own region alone.
+LAYOUTS = {"left/right": Layout(HALVES),
+           "overlapping": Layout(((0.0, 0.0, 0.625, 1.0), (0.375, 0.0, 0.625, 1.0))),
+           "unequal": Layout(((0.0, 0.0, 0.5, 1.0), (0.5625, 0.125, 0.375, 0.75))),
+           "global names none": Layout(HALVES, global_names_concepts=False)}
 REGION_PREFIX = "regions:"  # marks composition samples among a kept run's samples
 
 
@@ -232,7 +245,8 @@ class Composer:
 
     def _rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(contexts [2B, L·T, D], weights [2B, L, K] or None) of the cond rows, then the uncond rows; an uncond row
-        gets its cond row's weights ("match cond")."""
+        gets its cond row's weights ("match cond": for a global prompt, its own; never a region prompt's, as
+        cidm.routing.route_conds pairs the negative with whole-canvas conds only)."""
         encoded = [self.encoded(p) for p in prompts]
         contexts = torch.stack([c for c, _ in encoded] + [self.uncond] * len(prompts))
         if self.router is None:
@@ -301,10 +315,13 @@ def region_pairs(learned: list[LearnedConcept], concept_world: ConceptWorld) -> 
     return pairs
 
 
-def composition_prompts(first: LearnedConcept, second: LearnedConcept, background: str) -> tuple[str, str, str]:
+def composition_prompts(first: LearnedConcept, second: LearnedConcept, background: str,
+                        global_names_concepts: bool = True) -> tuple[str, str, str]:
     """The global prompt naming both ("a <zarp> star on the left and a <quil> star on the right on a white
-    background", as the base model's two-object scenes are captioned), then each tile's region prompt."""
-    phrases = (first.concept.phrase(first.class_word), second.concept.phrase(second.class_word))
+    background", as the base model's two-object scenes are captioned) or, with `global_names_concepts` False, only
+    their class words ("a star on the left and a star on the right ..."), then each tile's region prompt."""
+    phrases = tuple(item.concept.phrase(item.class_word) if global_names_concepts else f"a {item.concept.look.shape}"
+                    for item in (first, second))
     return world.scene_caption(phrases, background), first.caption(background), second.caption(background)
 
 
@@ -322,10 +339,10 @@ def judge_regions(pairs: list[tuple[LearnedConcept, LearnedConcept]], sample_pai
     for layout in config.layouts:
         scores[layout] = {}
         for a, b in pairs:
-            prompts = [composition_prompts(a, b, bg) for bg in config.backgrounds
-                       for _ in range(config.samples_per_prompt)]
+            prompts = [composition_prompts(a, b, bg, LAYOUTS[layout].global_names_concepts)
+                       for bg in config.backgrounds for _ in range(config.samples_per_prompt)]
             images = sample_pair(a, b, prompts, [config.seed * 1000 + i for i in range(len(prompts))],
-                                 LAYOUTS[layout])
+                                 LAYOUTS[layout].boxes)
             tiles = images.shape[2] // 2
             left, right = (judge(oracle, tile).predictions["concept"] for tile in (images[:, :, :tiles],
                                                                                   images[:, :, tiles:]))
@@ -336,7 +353,7 @@ def judge_regions(pairs: list[tuple[LearnedConcept, LearnedConcept]], sample_pai
                 "left": _rate([x == first for x in left]), "right": _rate([y == second for y in right]),
                 "bleed": _rate([x == second or y == first for x, y in zip(left, right)]),
                 "same_shape": a.concept.look.shape == b.concept.look.shape}
-            if LAYOUTS[layout] == HALVES:
+            if LAYOUTS[layout] == LAYOUTS["left/right"]:
                 samples[name] = images
     return scores, samples
 
@@ -486,7 +503,7 @@ def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[
 
 def oracle_routed_pair(setup: Setup, config: ProtocolConfig) -> PairSampler:
     """Samples a pair with the two concepts' own LoRAs (trained alone) under `named` routing: each region applies
-    only the concept its prompt names, the global prompt (which names both) both of them; oracle routing per
+    only the concept its prompt names, the global prompt the concepts it names (both, or none); oracle routing per
     region."""
     def sample(a: LearnedConcept, b: LearnedConcept, prompts: list[tuple[str, str, str]], seeds: list[int],
                boxes: tuple[tuple[float, float, float, float], ...]) -> torch.Tensor:
@@ -542,10 +559,8 @@ def kept_run(folder: Path | None, method: str, compute: Callable[[], MethodRun],
                          {k: v for k, v in kept.items() if not k.startswith(REGION_PREFIX)},
                          {k[len(REGION_PREFIX):]: v for k, v in kept.items() if k.startswith(REGION_PREFIX)})
     run = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({name: images.contiguous() for name, images in run.samples.items()}
-              | {REGION_PREFIX + name: images.contiguous() for name, images in run.region_samples.items()},
-              samples_path)
+    models.save_atomically(run.samples | {REGION_PREFIX + name: images for name, images in run.region_samples.items()},
+                           samples_path)
     scores_path.write_text(json.dumps(run.scores))  # last: its presence marks the method finished
     return run
 

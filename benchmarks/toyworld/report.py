@@ -200,7 +200,9 @@ def regions_table(methods: dict, upper: dict, samples: int) -> list[str]:
              "Context-Controlled KSampler's default, one UNet call per step). Layouts (regions as canvas fractions): "
              "left/right halves; overlapping, [0, 0.625] and [0.375, 1] across, full height; unequal, the left "
              "half and a box of 56 % of the right tile (x 0.5625–0.9375, y 0.125–0.875), the rest of that tile "
-             "under the global prompt; judged by the left and right 32×32 tiles. both: the oracle names the right concept in each "
+             "under the global prompt; global names none, the halves under a global prompt with the class words "
+             "only (\"a star on the left and a circle on the right ...\": each concept comes from its region "
+             "alone, issue #29); judged by the left and right 32×32 tiles. both: the oracle names the right concept in each "
              "tile; bleed: a tile shows the other concept. Composition upper bound: the two concepts' own LoRAs "
              "(trained alone), each region under its own concept's LoRA only (named routing). Goal (#14): both ≥ "
              "0.9 × the composition upper bound, bleed ≤ 0.05.", "",

@@ -32,7 +32,8 @@ from comfy.ldm.modules.attention import optimized_attention, optimized_attention
 
 from ...cidm.adapters import ConceptCrossAttention, LayerLoRABank, apply_low_rank, rank_weights
 from ...cidm.layers import PROJECTIONS, cross_attention_layers
-from ...cidm.routing import PROMPT_KEY, ROUTES_KEY, CondEntry, CondRouter, SamplingRoutes, route_conds
+from ...cidm.routing import (PROMPT_KEY, REGION_PREFIX, ROUTES_KEY, CondEntry, CondRouter, SamplingRoutes,
+                             route_conds)
 from .model import UNET_PREFIX, unet_of, weights_fixed_for_run
 from .text_encoder import TOKENS_PER_LAYER
 
@@ -238,12 +239,19 @@ class RoutingWrapper:
         options = guider.model_options.setdefault("transformer_options", {})
         routes = options.setdefault(ROUTES_KEY, SamplingRoutes())
         routes.static_weights = weights_fixed_for_run(guider.model_patcher)
-        conds = [CondEntry(cond["uuid"], kind, cond.get(PROMPT_KEY), cond.get("cross_attn"))
+        conds = [CondEntry(cond["uuid"], kind, cond.get(PROMPT_KEY), cond.get("cross_attn"), spatial(kind, cond))
                  for kind, entries in guider.conds.items() for cond in entries or []]
         routes.add_conds(conds)
         routes.weights[self.adapter.key] = route_conds(self.adapter.router, conds, self.adapter.multipliers,
                                                        self.num_layers, self.adapter.uncond)
         return executor(*args, **kwargs)
+
+
+def spatial(kind: str, cond: dict) -> bool:
+    """Whether a guider's cond acts on part of the canvas only: a Context-Controlled region's prompt, or a cond
+    with an area (ConditioningSetArea) or a mask (ConditioningSetMask); comfy/samplers.py:get_area_and_mult,
+    v0.3.75, applies those keys."""
+    return kind.startswith(REGION_PREFIX) or cond.get("area") is not None or cond.get("mask") is not None
 
 
 def _unwrapped(patcher, key: str):

@@ -62,6 +62,22 @@ def test_the_negative_gets_every_task_some_positive_applies():
     assert table["neg"].tolist() == [[1.0, 1.0, 0.0]] * LAYERS
 
 
+def test_the_negative_is_never_paired_with_a_spatial_cond():
+    """Issue 29, kind 1: a region's prompt (or an area or masked cond) names <cat>, the global prompt names <dog>
+    or nothing; the negative covers the whole canvas, so it gets the global prompt's concepts only."""
+    for global_tokens, expected in ((["<dog1>"], [1.0, 0.0, 0.0]), ([], [0.0, 0.0, 0.0])):
+        conds = [CondEntry("global", "positive", prompt(global_tokens), None),
+                 CondEntry("region", "region_0", prompt(["<cat1>"]), None, spatial=True),
+                 CondEntry("masked", "positive", prompt(["<duck1>"]), None, spatial=True),
+                 CondEntry("neg", "negative", prompt([]), None)]
+        table = route_conds(NamedRouter(TASK_TOKENS), conds, torch.ones(3), LAYERS)
+        assert table["neg"].tolist() == [expected] * LAYERS, global_tokens
+        assert table["region"].tolist() == [[0.0, 1.0, 0.0]] * LAYERS
+    only_spatial = [CondEntry("region", "region_0", prompt(["<cat1>"]), None, spatial=True),
+                    CondEntry("neg", "negative", prompt(["<cat1>"]), None)]
+    assert not route_conds(NamedRouter(TASK_TOKENS), only_spatial, torch.ones(3), LAYERS)["neg"].any()
+
+
 def test_a_prompt_encoded_for_another_layer_count_is_refused():
     with pytest.raises(CIDMInputError, match="conditioning: the prompt was encoded for 3 layers, the model has 16"):
         route_conds(NamedRouter(TASK_TOKENS), [CondEntry("p", "positive", prompt(["<cat1>"]), None)],

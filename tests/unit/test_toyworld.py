@@ -42,6 +42,19 @@ def test_scenes_put_one_object_in_each_tile_and_say_which_is_where():
     assert set(caption.split()) <= set(world.vocabulary())
 
 
+def test_the_global_names_none_layout_names_only_class_words_and_keeps_the_region_prompts():
+    first, second = concepts.make_world(0).concepts[:2]
+    learned = [protocol.LearnedConcept(concept, protocol.concept_tokens(concept), None, True)
+               for concept in (first, second)]
+    named = protocol.composition_prompts(*learned, "white")
+    unnamed = protocol.composition_prompts(*learned, "white", global_names_concepts=False)
+    assert f"<{first.name}>" in named[0] and f"<{second.name}>" in named[0]
+    assert "<" not in unnamed[0] and first.look.shape in unnamed[0] and second.look.shape in unnamed[0]
+    assert unnamed[1:] == named[1:] == (learned[0].caption("white"), learned[1].caption("white"))
+    layout = protocol.LAYOUTS["global names none"]
+    assert layout.boxes == protocol.LAYOUTS["left/right"].boxes and not layout.global_names_concepts
+
+
 def test_generic_world_draws_two_colour_textures_but_never_the_held_out_half():
     looks = [s.look for s in world.generic_samples(2000, 0)]
     two_colour = [look for look in looks if look.second is not None]
