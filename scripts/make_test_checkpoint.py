@@ -13,6 +13,7 @@ The text encoder (CLIP ViT-L) and VAE are always full size: ComfyUI builds both 
 
 import argparse
 import os
+import tempfile
 import time
 
 import torch
@@ -109,9 +110,17 @@ def main():
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     checkpoint = {k: v.to(dtype).contiguous() for k, v in build_checkpoint(args.layout, args.seed).items()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    partial = args.out + ".partial"
-    save_file(checkpoint, partial, metadata={"cidm.test_checkpoint": args.layout})
-    os.replace(partial, args.out)  # a cache hit must never see a half-written file
+    # A cache hit must never see a half-written file, and two test runs filling the cache at once must not share a
+    # temp file: a unique one next to the target, renamed over it.
+    handle, partial = tempfile.mkstemp(prefix=os.path.basename(args.out) + ".", suffix=".tmp",
+                                       dir=os.path.dirname(os.path.abspath(args.out)))
+    os.close(handle)
+    try:
+        save_file(checkpoint, partial, metadata={"cidm.test_checkpoint": args.layout})
+        os.replace(partial, args.out)
+    except BaseException:
+        os.unlink(partial)
+        raise
     unet_params = sum(v.numel() for k, v in checkpoint.items()
                       if not k.startswith(("first_stage_model.", "cond_stage_model.")))
     print(f"wrote {args.out}: {args.layout}, unet {unet_params / 1e6:.1f}M params, "
