@@ -1,7 +1,8 @@
 """Training data for one concept: images from a folder and/or an IMAGE batch, captions, prompts.
 
 Images arrive as ComfyUI IMAGE tensors [N, H, W, 3] in [0, 1] or as files. Files are normalised to RGB (EXIF
-orientation applied; alpha composited on white; grayscale, palette, CMYK and 16-bit converted). Every image is
+orientation applied; alpha composited on white; grayscale, palette and CMYK converted; 16-bit and float greyscale
+scaled by their mode's white level, `FULL_SCALE`). Every image is
 resized so its short side matches the training resolution and centre-cropped (or randomly cropped) to a square.
 """
 
@@ -21,8 +22,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CIDMInputError, require_finite
+from .names import MARKER_PATTERN, name_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Files an operating system writes into a folder of pictures (compared ignoring case): Windows Explorer's thumbnail
+# caches and folder settings, macOS's custom folder icon. Its other files start with '.' (.DS_Store, AppleDouble
+# `._*`, KDE's .directory) and are skipped as hidden files.
+OS_METADATA_FILES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"})
 MIN_SIDE = 64
 MAX_PIXELS = 64 * 1024 * 1024  # larger files are almost surely a mistake (and would exhaust memory)
 
@@ -64,16 +70,21 @@ class TrainingSet:
         return digest.hexdigest()
 
 
+# The white level of PIL's high-bit-depth greyscale modes, from the mode alone (never from the pixels, so a dark
+# 16-bit image stays dark). 16-bit PNG and TIFF greyscale opens as I;16 (little- or big-endian, or native) or, in
+# older Pillow and after some conversions, as 32-bit I: 65535 is white. 32-bit float TIFF opens as F, read as
+# linear values where 1.0 is white (outside [0, 1] clipped, NaN black).
+FULL_SCALE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as upright 8-bit RGB."""
+    """Any PIL mode as upright 8-bit RGB: high-bit-depth greyscale scaled by its mode's white level (FULL_SCALE),
+    transparency (an alpha band, premultiplied or not, or a palette's) composited on white."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA"):
+    if image.mode in FULL_SCALE:
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64) / FULL_SCALE[image.mode], nan=0.0)
+        image = Image.fromarray(np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
+    if image.mode == "P" or {"A", "a"} & set(image.getbands()):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB")
@@ -158,7 +169,7 @@ def load_concept_folder(folder: Path, input_name: str, root: Path | None = None)
     """Images in `folder` (sorted by name), each with the caption of a same-stem .txt file if there is one.
 
     Every image and caption must resolve (symlinks followed) inside `root`, by default `folder` itself; the
-    nodes pass ComfyUI's input directory. Hidden files and subfolders are skipped.
+    nodes pass ComfyUI's input directory. Hidden files, subfolders and OS_METADATA_FILES are skipped.
 
     Raises:
         CIDMInputError: `input_name` when the folder does not exist or holds no images, a file is not an image
@@ -170,7 +181,8 @@ def load_concept_folder(folder: Path, input_name: str, root: Path | None = None)
     root = Path(root or folder).resolve()
     examples = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir() or path.suffix.lower() == ".txt":
+        if path.name.startswith(".") or path.name.lower() in OS_METADATA_FILES or path.is_dir() \
+                or path.suffix.lower() == ".txt":
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise CIDMInputError(input_name, f"{path.name} is not an image (supported: "
@@ -216,18 +228,19 @@ def bind_concept_tokens(caption: str, concept_word: str, tokens: list[str]) -> s
     """The caption with the concept's own mentions replaced by its tokens (joined by spaces).
 
     The concept's own mention is:
-    - the marker `<concept_word>` (case-insensitive). A caption that holds a marker binds only its markers;
-      the bare word elsewhere in it stays an ordinary word ("<the> on the table" binds the first one only);
+    - the marker `<concept_word>`, compared as prompt markers are (`cidm.names.name_key`: any case). A caption
+      that holds a marker binds only its markers; the bare word elsewhere in it stays an ordinary word
+      ("<the> on the table" binds the first one only);
     - without a marker, the bare concept word as a whole word (case-insensitive), as CIFC-style captions name the
       subject ("dog sticking its tongue out"), unless the word is an English function word (`FUNCTION_WORDS`:
       articles, pronouns, prepositions, conjunctions, auxiliaries). Those occur in captions as grammar, not as
       the concept, so a concept named `the` or `with` binds only through its marker.
     A caption with no own mention comes back unchanged (`make_prompt` then uses a template).
     """
-    marker = re.compile(rf"<{re.escape(concept_word)}>", re.IGNORECASE)
-    joined = " ".join(tokens)
-    if marker.search(caption):
-        return marker.sub(joined, caption)
+    key, joined = name_key(f"<{concept_word}>"), " ".join(tokens)
+    if any(name_key(marker) == key for marker in MARKER_PATTERN.findall(caption)):
+        return MARKER_PATTERN.sub(lambda marker: joined if name_key(marker.group(0)) == key else marker.group(0),
+                                  caption)
     if concept_word.lower() in FUNCTION_WORDS:
         return caption
     return re.sub(rf"(?<![\w<]){re.escape(concept_word)}(?![\w>])", joined, caption, flags=re.IGNORECASE)

@@ -13,19 +13,31 @@ The LDM names a ComfyUI library stores (`input_blocks.1.1.…`) load in ComfyUI 
 Loaders scale by alpha/rank, so alpha is written as rank·multiplier to reproduce h = Wx + m·BAx.
 What the format cannot carry: the layer-wise concept token embeddings (one per cross-attention layer). A stock
 LoRA applies to every prompt, so the concept is invoked by the class word, not by its tokens.
+
+An export never replaces a file the pack did not write for the same task: `write_export` recognises its own file by
+the safetensors metadata it writes (`cidm.format` "cidm-exported-lora", the library name, and the task file's sha256
+from the manifest, which changes whenever the task does), and refuses every other existing file.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from .adapters import TaskFactors
 from .errors import CIDMInputError
+from .files import write_atomic
+from .library import TaskRecord
 
 EXPORT_NOTE = ("layer-wise concept tokens are not part of the standard LoRA format; this file holds only the "
                "cross-attention LoRA and applies to every prompt")
+
+EXPORT_FORMAT = "cidm-exported-lora"
 
 # SD1.x UNet: each level holds 2 attention blocks, then a downsample (input side) or 3 (output side).
 _INPUT_BLOCKS_PER_LEVEL, _INPUT_ATTENTIONS, _OUTPUT_BLOCKS_PER_LEVEL = 3, 2, 3
@@ -81,3 +93,49 @@ def standard_lora_state_dict(lora: TaskFactors, layer_paths: list[str], multipli
         state[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         state[f"{name}.alpha"] = torch.tensor(float(down.shape[0]) * multiplier)
     return state
+
+
+def export_metadata(library: str, task: TaskRecord) -> dict[str, str]:
+    """The safetensors metadata of `task`'s export from `library`: what identifies the file as the pack's own."""
+    return {"cidm.format": EXPORT_FORMAT, "cidm.library": library, "cidm.concept": task.concept,
+            "cidm.task": str(task.index), "cidm.task_sha256": task.sha256, "cidm.note": EXPORT_NOTE}
+
+
+def _owner(path: Path) -> dict[str, str]:
+    """The metadata of the pack's export at `path`; empty when it is not one (or not a safetensors file)."""
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            metadata = reader.metadata() or {}
+    except Exception:  # anything unreadable is the user's file
+        return {}
+    return metadata if metadata.get("cidm.format") == EXPORT_FORMAT else {}
+
+
+def _described(owner: dict[str, str], library: str, concept: str) -> str:
+    if not owner:
+        return "not a LoRA this pack exported"
+    if (owner.get("cidm.library"), owner.get("cidm.concept")) == (library, concept):
+        return f"this pack's export of another version of '{concept}', from a library '{library}' trained before"
+    return f"this pack's export of '{owner.get('cidm.concept')}' from library '{owner.get('cidm.library')}'"
+
+
+def write_export(path: Path, state: dict[str, torch.Tensor], library: str, task: TaskRecord) -> bool:
+    """Write `state` (from `standard_lora_state_dict`) to `path` as the export of `task` from `library`, atomically
+    and with the folder's normal permissions (`cidm.files.write_atomic`). Returns True when it replaced the pack's
+    earlier export of this same task (same library and concept, same task sha256), False when `path` was free.
+
+    Raises:
+        CIDMInputError: ("filename") naming the existing file and what to do, when anything else is at `path`
+            (a user's file, or an export of another task or library); or naming `path` when the OS refuses the
+            write.
+    """
+    path = Path(path)
+    exists = os.path.lexists(path)
+    owner = _owner(path) if exists else {}
+    identity = [owner.get(key) for key in ("cidm.library", "cidm.concept", "cidm.task_sha256")]
+    if exists and identity != [library, task.concept, task.sha256]:
+        raise CIDMInputError("filename", f"{path} already exists ({_described(owner, library, task.concept)}); "
+                                         "it is never overwritten. Set filename to a new name, or move or delete "
+                                         "that file, then run again")
+    write_atomic(path, safetensors_bytes(state, metadata=export_metadata(library, task)), "filename")
+    return exists

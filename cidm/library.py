@@ -6,7 +6,8 @@ leaves behind (temp files, a task file the manifest never listed, the resume sta
 appended) is swept under the writer lock by the next write or open.
 
 The library's rules for a new task live here and are checked again under the writer lock: concept names and
-tokens are unique case-insensitively, and no token spells another concept's `<name>`. Every number read from
+tokens are unique by `cidm.names.name_key` (ignoring case), and no token spells another concept's `<name>`. What a
+name or a token may hold is `cidm.names`'s rule. Every number read from
 disk is checked: manifests hold no NaN or infinity, task tensors are finite floating point of the recorded shapes.
 """
 
@@ -20,7 +21,6 @@ import logging
 import math
 import os
 import re
-import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import CIDMInputError
+from .names import automatic_tokens, name_key, validate_name, validate_tokens, were_automatic
+from .files import TEMP_PATTERN, check_room, fsync_folder, write_atomic, write_error
 
 if os.name == "nt":
     import msvcrt
@@ -59,61 +61,31 @@ RESUME_FOLDER = ".resume"
 TASK_FILE_FORMAT = "cidm-task"
 RESUME_FILE_FORMAT = "cidm-resume-state"
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-MAX_NAME_LENGTH = 64
+# Room for a task file's JSON header and the manifest's new entry, both far smaller in practice.
+RECORD_ALLOWANCE = 256 * 1024
 
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9_\-. ]+")
-_TEMP_PATTERN = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 _TASK_FILE_PATTERN = re.compile(r"task_\d{3,}_.+\.safetensors")
 _LORA_KEY_PATTERN = re.compile(r"lora\.(\d{2,})\.(to_q|to_k|to_v|to_out\.0)\.(down|up)")
 _BASE_MODEL_REQUIRED = {"fingerprint": str, "num_layers": int, "context_dim": int}
 
 
-def validate_name(name: str, input_name: str) -> str:
-    """Check a library or concept name that becomes part of a path; returns it unchanged.
+def library_folder(parent: Path, name: str) -> Path:
+    """The folder of library `name` under `parent`. Library names compare by `name_key`, as folder names do on
+    Windows and macOS: an existing folder whose name differs only in case or Unicode form (`LIBA` for `libA`) is
+    that library. Where a case-sensitive file system holds several such folders, the exact name wins.
 
     Raises:
-        CIDMInputError: `input_name`, when the name is empty, longer than MAX_NAME_LENGTH, holds '..', a slash,
-            a backslash or NUL, starts with '.', starts or ends with a space, or holds other characters than
-            letters, digits, '_', '-', '.' and spaces.
+        CIDMInputError: ("library") when the name is not valid (`validate_name`), or when it matches several
+            folders that differ only in case and none exactly.
     """
-    if not isinstance(name, str) or not name:
-        raise CIDMInputError(input_name, "must not be empty")
-    if len(name) > MAX_NAME_LENGTH:
-        raise CIDMInputError(input_name, f"{name!r} is longer than {MAX_NAME_LENGTH} characters")
-    if ".." in name or "/" in name or "\\" in name or "\0" in name:
-        raise CIDMInputError(input_name, f"{name!r} must not contain '..', '/', '\\' or NUL")
-    if name.startswith("."):
-        raise CIDMInputError(input_name, f"{name!r} must not start with '.'")
-    if name != name.strip():
-        raise CIDMInputError(input_name, f"{name!r} must not start or end with a space")
-    if not _NAME_PATTERN.fullmatch(name):
-        raise CIDMInputError(input_name, f"{name!r} may only contain letters, digits, '_', '-', '.' and spaces")
-    return name
-
-
-def validate_tokens(tokens: list[str], concept: str | None = None, input_name: str = "tokens") -> list[str]:
-    """Check the tokens of `concept` such as "<dog1>": bracketed, no whitespace, unique ignoring case, and none
-    spelling the concept's own `<name>` (which in a prompt stands for all its tokens); returns them as a list.
-
-    Raises:
-        CIDMInputError: `input_name`, saying which token is wrong.
-    """
-    tokens = list(tokens)
-    if not tokens:
-        raise CIDMInputError(input_name, "at least one token is required")
-    seen = set()
-    for token in tokens:
-        if not isinstance(token, str) or len(token) < 3 or not (token.startswith("<") and token.endswith(">")):
-            raise CIDMInputError(input_name, f"{token!r} must look like <name1>: '<', at least one character, '>'")
-        if any(char.isspace() for char in token):
-            raise CIDMInputError(input_name, f"{token!r} must not contain spaces")
-        if token.casefold() in seen:
-            raise CIDMInputError(input_name, f"{token!r} is listed twice (tokens are compared ignoring case)")
-        if concept is not None and token.casefold() == f"<{concept}>".casefold():
-            raise CIDMInputError(input_name, f"{token} is the concept's own name (<{concept}> in a prompt stands for "
-                                             f"all its tokens); choose another token (e.g. <{concept}1>)")
-        seen.add(token.casefold())
-    return tokens
+    name, parent = validate_name(name, "library"), Path(parent)
+    if (parent / name).exists() or not parent.is_dir():
+        return parent / name
+    matches = sorted(path for path in parent.iterdir() if path.is_dir() and name_key(path.name) == name_key(name))
+    if len(matches) > 1:
+        raise CIDMInputError("library", f"'{name}' matches the folders {', '.join(p.name for p in matches)} in "
+                                        f"{parent}, which differ only in case; name one exactly")
+    return matches[0] if matches else parent / name
 
 
 @dataclasses.dataclass
@@ -146,37 +118,13 @@ class TaskData:
     features: torch.Tensor | None = None
 
 
-def _fsync_folder(folder: Path) -> None:
-    # Windows cannot open a folder for fsync; its os.replace is already durable enough there.
-    if os.name == "nt":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that readers see either the old or the new file, never a partial one."""
-    # A random temp name means a temp file left by a killed process never blocks a later write.
-    temp_path = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp_path, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_path)
-        raise
-    _fsync_folder(path.parent)
-
-
 @contextlib.contextmanager
 def _writer_lock(root: Path):
-    with open(root / LOCK_NAME, "a+b") as handle:
+    try:
+        handle = open(root / LOCK_NAME, "a+b")
+    except OSError as error:
+        raise write_error(root / LOCK_NAME, error, "library") from None
+    with handle:
         try:
             _try_lock(handle)
         except OSError:
@@ -232,6 +180,23 @@ def _tensor_problem(key: str, tensor: torch.Tensor, floating: bool) -> str | Non
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         return f"tensor {key!r} holds NaN or infinite values"
     return None
+
+
+def bytes_for_task(layer_shapes: list[dict[str, tuple[int, int]]], rank: int, n_tokens: int, context_dim: int,
+                   resume_states: bool, dtype: torch.dtype = torch.float16) -> int:
+    """An upper bound on the disk space that training and appending one task takes in its library folder.
+
+    `layer_shapes` holds each cross-attention layer's (out_features, in_features) per projection. The task file
+    holds every projection's factors (rank·(out + in) values) and the token embeddings and features
+    (n_tokens·layers·context_dim values each) as `dtype`, plus a header within RECORD_ALLOWANCE. With
+    `resume_states`, a save writes the new state before the old one goes: two states, each the factors and the
+    embeddings in float32 with AdamW's two moments of each.
+    """
+    factors = sum(rank * (out + inp) for shapes in layer_shapes for out, inp in shapes.values())
+    tokens = n_tokens * len(layer_shapes) * context_dim
+    task = (factors + 2 * tokens) * torch.finfo(dtype).bits // 8
+    resume = 2 * 3 * (factors + tokens) * 4 if resume_states else 0
+    return task + resume + RECORD_ALLOWANCE
 
 
 def _task_tensors(data: TaskData, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -379,13 +344,17 @@ class ConceptLibrary:
         """A new, empty library at `root` (its folder name is the library name) bound to `base_model`.
 
         Raises:
-            CIDMInputError: ("library") when the name is not valid or a library already exists at `root`.
+            CIDMInputError: ("library") when the name is not valid or a library already exists at `root`, or naming
+                the path and what to do when the OS refuses a write (`write_error`).
             ValueError: when `base_model` lacks a field or has one of the wrong type.
         """
         root = Path(root)
         name = validate_name(root.name, "library")
         _check_base_model_dict(base_model)
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise write_error(root, error, "library") from None
         with _writer_lock(root):
             if (root / MANIFEST_NAME).exists():
                 raise CIDMInputError("library", f"a concept library already exists at {root}")
@@ -492,7 +461,7 @@ class ConceptLibrary:
             "tasks": [task.to_json() for task in tasks],
         }
         content = (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-        _write_atomic(self.manifest_path, content)
+        write_atomic(self.manifest_path, content)
         self.revision += 1
         self.tasks = list(tasks)
         self.content_sha256 = hashlib.sha256(content).hexdigest()
@@ -504,10 +473,10 @@ class ConceptLibrary:
         listed = {task.file for task in self.tasks}
         appended = {task.concept for task in self.tasks}
         resume = self.root / RESUME_FOLDER
-        leftovers = [path for path in self.root.iterdir() if _TEMP_PATTERN.fullmatch(path.name)
+        leftovers = [path for path in self.root.iterdir() if TEMP_PATTERN.fullmatch(path.name)
                      or (_TASK_FILE_PATTERN.fullmatch(path.name) and path.name not in listed)]
         if resume.is_dir():
-            leftovers += [path for path in resume.iterdir() if _TEMP_PATTERN.fullmatch(path.name)
+            leftovers += [path for path in resume.iterdir() if TEMP_PATTERN.fullmatch(path.name)
                           or (path.suffix == ".safetensors" and path.stem in appended)]
         for path in leftovers:
             with contextlib.suppress(FileNotFoundError):
@@ -515,7 +484,49 @@ class ConceptLibrary:
         if leftovers:
             logging.info("CIDM: library %s: removed %d files left by an interrupted write: %s", self.name,
                          len(leftovers), ", ".join(sorted(path.name for path in leftovers)))
-            _fsync_folder(self.root)
+            fsync_folder(self.root)
+
+    @staticmethod
+    def check_room(root: Path, needed: int) -> None:
+        """Refuse, before training, a library folder that cannot take `needed` more bytes (`bytes_for_task`) plus a
+        new manifest beside the current one. Nothing is created: while the library does not exist, the nearest
+        existing folder above it is checked.
+
+        Raises:
+            CIDMInputError: ("library") naming the folder, the space needed and free, and what to do.
+        """
+        manifest = Path(root) / MANIFEST_NAME
+        check_room(Path(root), needed + (manifest.stat().st_size if manifest.exists() else 0), "library")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def creating(root: Path):
+        """Wraps writes that may create the library at `root`: when one fails while no library existed before, the
+        folder goes again unless it holds a task or a resume state by then, so a failed first training leaves no
+        empty library behind. Re-raises what the writes raise."""
+        root = Path(root)
+        existed = root.is_dir()
+        try:
+            yield
+        except BaseException:
+            if not existed:
+                with contextlib.suppress(CIDMInputError, OSError):
+                    ConceptLibrary._remove_if_empty(root)
+            raise
+
+    @staticmethod
+    def _remove_if_empty(root: Path) -> None:
+        resume = root / RESUME_FOLDER
+        with _writer_lock(root):
+            manifest = root / MANIFEST_NAME
+            if (manifest.exists() and ConceptLibrary._read_manifest(manifest)["tasks"]) \
+                    or (resume.is_dir() and any(resume.iterdir())):
+                return
+            manifest.unlink(missing_ok=True)
+        (root / LOCK_NAME).unlink()
+        for folder in (resume, root):
+            with contextlib.suppress(FileNotFoundError):
+                folder.rmdir()
 
     def check_base_model(self, fingerprint: str, num_layers: int) -> None:
         """Refuses a model other than the one the library was trained on.
@@ -543,24 +554,38 @@ class ConceptLibrary:
             CIDMInputError: ("concept") or ("tokens") naming the task that holds the word, or when the name or a
                 token is not valid (`validate_name`, `validate_tokens`).
         """
-        validate_name(concept, "concept")
+        concept = validate_name(concept, "concept")
         tokens = validate_tokens(tokens, concept)
         owners: dict[str, tuple[str, TaskRecord]] = {}
         for task in self.tasks:
-            owners[f"<{task.concept}>".casefold()] = ("the concept name", task)
-            owners.update({token.casefold(): ("a token", task) for token in task.tokens})
+            owners[name_key(f"<{task.concept}>")] = ("the concept name", task)
+            owners.update({name_key(token): ("a token", task) for token in task.tokens})
         word = f"<{concept}>"
-        if word.casefold() in owners:
-            kind, task = owners[word.casefold()]
+        if name_key(word) in owners:
+            kind, task = owners[name_key(word)]
             held = (f"already has a concept named '{task.concept}'" if kind == "the concept name"
                     else f"already uses {word} as a token of task {task.index} ({task.concept})")
             raise CIDMInputError("concept", f"library '{self.name}' {held} (task {task.index}; names are "
                                             f"compared ignoring case); choose another name (e.g. '{concept}_b')")
         for token in tokens:
-            if token.casefold() in owners:
-                kind, task = owners[token.casefold()]
+            if name_key(token) in owners:
+                kind, task = owners[name_key(token)]
                 raise CIDMInputError("tokens", f"{token} is already used by task {task.index} ({task.concept}) of "
                                                f"library {self.name} as {kind} (ignoring case); choose another token")
+
+    def concept_task(self, concept: str) -> TaskRecord | None:
+        """The task of `concept`, its name compared by `name_key` (ignoring case) where no task has it exactly;
+        None when the library has no such concept."""
+        exact = next((task for task in self.tasks if task.concept == concept), None)
+        return exact or next((task for task in self.tasks if name_key(task.concept) == name_key(concept)), None)
+
+    def automatic_tokens(self, concept: str) -> list[str]:
+        """The tokens `concept` gets when none are given: the ones its task stored when that task was trained with
+        automatic tokens (`<dog1> <dog2>` from before the '#' included), so that a re-run reuses it; else
+        `cidm.names.automatic_tokens`."""
+        task = self.concept_task(concept)
+        return task.tokens if task is not None and were_automatic(task.tokens, task.concept) \
+            else automatic_tokens(concept)
 
     def trained_task(self, concept: str, inputs: dict, input_names: dict[str, str] | None = None) -> TaskRecord | None:
         """The task that already holds `concept` when it was trained with the same `inputs`, so a re-run can reuse
@@ -574,7 +599,7 @@ class ConceptLibrary:
         Raises:
             CIDMInputError: ("concept") naming every input that differs and how to proceed.
         """
-        task = next((task for task in self.tasks if task.concept == concept), None)
+        task = self.concept_task(concept)
         if task is None:
             return None
         recorded = {**task.hyperparameters, **{key: value for key, value in task.to_json().items()
@@ -653,11 +678,12 @@ class ConceptLibrary:
         Under the writer lock, re-reads the manifest and applies `check_new_task`.
 
         Raises:
-            CIDMInputError: from `check_new_task` (the name or a token is taken or not valid).
+            CIDMInputError: from `check_new_task` (the name or a token is taken or not valid); ("library") naming
+                the file and what to do when the OS refuses a write (a full disk, a read-only folder).
             ValueError: when `data` does not fit the library or holds non-finite values, or a number is not finite.
         """
+        concept = validate_name(concept, "concept")
         tokens = validate_tokens(tokens, concept)
-        validate_name(concept, "concept")
         problem = _task_data_problem(data, len(tokens), rank, self.base_model)
         tensors = _task_tensors(data, dtype)
         problem = problem or next(filter(None, (_tensor_problem(key, tensor, floating=True)
@@ -690,7 +716,7 @@ class ConceptLibrary:
                 metadata={"cidm.format": TASK_FILE_FORMAT, "cidm.task": json.dumps(header_record, allow_nan=False)},
             )
             record.sha256 = hashlib.sha256(content).hexdigest()
-            _write_atomic(self.root / record.file, content)
+            write_atomic(self.root / record.file, content)
             self._write_manifest([*self.tasks, record])
             self._sweep()
         return record
@@ -699,7 +725,11 @@ class ConceptLibrary:
         return self.root / RESUME_FOLDER / f"{validate_name(key, 'resume_key')}.safetensors"
 
     def save_resume_state(self, key: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Store training state under `key` (tensors keep their dtype) so an interrupted training can resume."""
+        """Store training state under `key` (tensors keep their dtype) so an interrupted training can resume.
+
+        Raises:
+            CIDMInputError: ("library") naming the file and what to do when the OS refuses the write.
+        """
         path = self._resume_path(key)
         content = safetensors_bytes(
             {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()},
@@ -707,7 +737,7 @@ class ConceptLibrary:
         )
         with _writer_lock(self.root):
             path.parent.mkdir(exist_ok=True)
-            _write_atomic(path, content)
+            write_atomic(path, content)
 
     def load_resume_state(self, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
         """The state saved under `key`, or None.

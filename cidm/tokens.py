@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
 
 from .errors import CIDMInputError
 from .layers import tensor_fingerprint
+from .names import MARKER_PATTERN, TOKEN_PATTERN, name_key
 
-TOKEN_PATTERN = re.compile(r"<[^<>\s]+>")
 # σ of the first token's random start: `<rand-0.013>` in the official code's task 1 (JiahuaDong/CIFC@9819aa8
 # `options/cidm/task_1.yml`, initializer_token; later tasks use 0.011-0.020).
 RANDOM_INIT_STD = 0.013
@@ -30,22 +31,32 @@ class ConceptVocabulary:
     concept_tokens: dict[str, list[str]]  # concept name -> its tokens
     embeddings: dict[str, torch.Tensor]
 
+    @cached_property
+    def _markers(self) -> dict[str, str]:
+        """`name_key` of every `<name>` and token -> what it stands for (tokens win, as they are checked first)."""
+        markers = {name_key(f"<{name}>"): " ".join(tokens) for name, tokens in self.concept_tokens.items()}
+        markers.update({name_key(token): token for token in self.embeddings})
+        return markers
+
     def expand(self, text: str, input_name: str = "text") -> str:
-        """`text` with every `<name>` replaced by that concept's tokens (tokens themselves stay as written).
+        """`text` with every marker (`cidm.names.MARKER_PATTERN`) replaced: a concept's `<name>` by its tokens, a
+        token by its stored spelling. Markers compare by `name_key`, so `<My Dog>` names the concept `my dog`.
 
         Raises:
             CIDMInputError: `input_name`, for a `<…>` that is neither a concept nor a token, listing the known ones.
         """
         def replace(match: re.Match) -> str:
             word = match.group(0)
+            # The exact spelling first: a library from before names were unique ignoring case may hold `Cat` and `cat`.
             if word in self.embeddings:
                 return word
-            name = word[1:-1]
-            if name in self.concept_tokens:
-                return " ".join(self.concept_tokens[name])
+            if word[1:-1] in self.concept_tokens:
+                return " ".join(self.concept_tokens[word[1:-1]])
+            if name_key(word) in self._markers:
+                return self._markers[name_key(word)]
             known = ", ".join(f"<{n}>" for n in self.concept_tokens) or "none (the library is empty)"
-            raise CIDMInputError(input_name, f"unknown concept {word}; known concepts: {known}")
-        return TOKEN_PATTERN.sub(replace, text)
+            raise CIDMInputError(input_name, f"unknown concept {word}; known concepts (any case): {known}")
+        return MARKER_PATTERN.sub(replace, text)
 
     def tokens_in(self, text: str) -> list[str]:
         return [t for t in TOKEN_PATTERN.findall(text) if t in self.embeddings]

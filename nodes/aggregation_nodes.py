@@ -9,11 +9,12 @@ from ..cidm.adapters import LayerLoRABank
 from ..cidm.aggregation import MODES, make_router
 from ..cidm.errors import CIDMInputError, require_finite
 from ..cidm.layers import PROJECTIONS
+from ..cidm.names import name_key
 from ..cidm.plots import heatmap
 from ..cidm.tokens import vocabulary_from_tasks
 from ..cidm.routing import PROMPT_KEY, UNCOND_POLICIES, LayerwisePrompt, ordinary_context
 from .host.attention import add_library_patch
-from .host.model import base_model_info
+from .host.model import check_library_model, check_not_applied, mark_applied
 from .host.text_encoder import ComfyLayerwiseEncoder, check_text_encoder, text_encoder_fingerprint
 from .library_nodes import ConceptLibraryType
 
@@ -29,7 +30,7 @@ def select_tasks(library, selection: str):
         return tasks
     chosen = []
     for item in (part.strip() for part in selection.split(",") if part.strip()):
-        match = [t for t in tasks if str(t.index) == item or t.concept == item]
+        match = [t for t in tasks if str(t.index) == item or name_key(t.concept) == name_key(item)]
         if not match:
             raise CIDMInputError("tasks", f"'{item}' is not a task number or concept of '{library.name}'; known: "
                                           + ", ".join(f"{t.index}:{t.concept}" for t in tasks))
@@ -38,9 +39,10 @@ def select_tasks(library, selection: str):
 
 
 def encode_layerwise(clip, library, text: str, input_name: str = "text"):
-    """(ordinary conditioning [1, 77, D], pooled, LayerwisePrompt, expanded text) for a prompt naming the library's
-    concepts (cidm.routing describes the transport). Raises CIDMInputError naming `clip` when the CLIP is not the
-    one the library was trained with, or `input_name` for an unknown concept."""
+    """(ordinary conditioning [1, k·77, D], pooled, LayerwisePrompt, expanded text) for a prompt naming the
+    library's concepts, in k 77-token chunks as ComfyUI's CLIPTextEncode makes them (cidm.routing describes the
+    transport). Raises CIDMInputError naming `clip` when the CLIP is not the one the library was trained with, or
+    `input_name` for an unknown concept."""
     datas = library.load_all()
     vocabulary = vocabulary_from_tasks([t.concept for t in library.tasks], [t.tokens for t in library.tasks],
                                        [d.embeddings for d in datas])
@@ -66,7 +68,9 @@ class CIDMTextEncode(io.ComfyNode):
             inputs=[io.Clip.Input("clip", tooltip="The CLIP of the library's base model (checked)."),
                     ConceptLibraryType.Input("library", tooltip="The library whose concepts the prompt names."),
                     io.String.Input("text", multiline=True, default="a photo of a <dog>",
-                                    tooltip="Name concepts as <name> (or by their tokens).")],
+                                    tooltip="Name concepts as <name> in any case, spaces included (<my dog>), or by "
+                                            "their tokens. Any length: long prompts are encoded in 77-token "
+                                            "chunks, as CLIPTextEncode does.")],
             outputs=[io.Conditioning.Output(display_name="conditioning")])
 
     @classmethod
@@ -123,15 +127,17 @@ class ElasticAggregateLoRAs(io.ComfyNode):
     def execute(cls, model, library, tasks, scale, mode, weights, uncond_weights):
         require_finite(scale=scale)
         lib = library.open()
-        info = base_model_info(model)
-        lib.check_base_model(info["fingerprint"], info["num_layers"])
+        check_library_model(lib, model)
         chosen = select_tasks(lib, tasks)
+        check_not_applied(model, chosen, "library")
         datas = [lib.load_task(t.index) for t in chosen]
         router = library_router(lib, chosen, datas, mode, weights, uncond_weights)
         banks = {layer: LayerLoRABank([{p: d.lora[(layer, p)] for p in PROJECTIONS} for d in datas], scale)
                  for layer in range(lib.num_layers)}
         multipliers = torch.tensor([t.multiplier for t in chosen], dtype=torch.float32)
-        return io.NodeOutput(add_library_patch(model, banks, router, multipliers, uncond_weights))
+        patched = add_library_patch(model, banks, router, multipliers, uncond_weights)
+        mark_applied(patched, lib.name, chosen, "Elastic Aggregate LoRAs")
+        return io.NodeOutput(patched)
 
 
 class InspectAggregationWeights(io.ComfyNode):

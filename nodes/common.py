@@ -9,7 +9,7 @@ from pathlib import Path
 import folder_paths
 
 from ..cidm.errors import CIDMInputError
-from ..cidm.library import ConceptLibrary, validate_name
+from ..cidm.library import ConceptLibrary, library_folder
 
 LIBRARY_FOLDER = "cidm"
 
@@ -56,17 +56,17 @@ class LibraryRef:
 
 
 def library_ref(name: str) -> LibraryRef:
-    name = validate_name(name.strip(), "library")
-    root = libraries_root() / name
+    """The library named `name` (any case: `cidm.library.library_folder`), under its folder's own spelling."""
+    root = library_folder(libraries_root(), name.strip())
     content = ConceptLibrary.open(root).content_sha256 if ConceptLibrary.content_id(root) else None
-    return LibraryRef(name=name, root=str(root), content=content)
+    return LibraryRef(name=root.name, root=str(root), content=content)
 
 
 def library_fingerprint(name: str) -> str | float:
     """ComfyUI's cache key for a library: its manifest's sha256, which lists every task file's sha256. While the
     library does not exist it is NaN, which equals nothing, so the nodes that would create it always run (a
     deleted library is trained again instead of being served from the cache)."""
-    content = ConceptLibrary.content_id(libraries_root() / validate_name(name.strip(), "library"))
+    content = ConceptLibrary.content_id(library_folder(libraries_root(), name.strip()))
     return float("nan") if content is None else content
 
 

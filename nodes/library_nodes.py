@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import comfy.sd
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
-from safetensors.torch import save_file
 
 from ..cidm.consolidation import METHODS
 from ..cidm.errors import CIDMInputError
-from ..cidm.export import EXPORT_NOTE, standard_lora_state_dict
+from ..cidm.export import EXPORT_NOTE, standard_lora_state_dict, write_export
 from ..cidm.library import validate_name
 from .common import existing_library_names, library_fingerprint, library_ref, one_value
+from .host.model import check_library_model, check_not_applied, mark_applied
 from .training import train_concept_increment
 from .training_options import DEFAULTS, ConceptTrainingOptions, TrainingOptionsType
 
@@ -30,8 +31,9 @@ class LoadConceptLibrary(io.ComfyNode):
             description="Picks a concept library under models/cidm/, or names a new one that the first "
                         "Train Concept Increment creates.",
             inputs=[io.String.Input("library", default="my-concepts",
-                                    tooltip="Library name (folder under models/cidm/). A new name starts an empty "
-                                            "library. Existing: " + (", ".join(existing_library_names()) or "none"))],
+                                    tooltip="Library name (folder under models/cidm/; case is ignored, as on "
+                                            "Windows and macOS). A new name starts an empty library. Existing: "
+                                            + (", ".join(existing_library_names()) or "none"))],
             outputs=[ConceptLibraryType.Output(display_name="library",
                                                tooltip="The library as it is on disk now.")])
 
@@ -63,8 +65,9 @@ class TrainConceptIncrement(io.ComfyNode):
                 ConceptLibraryType.Input("library", tooltip="The library the concept is appended to (from Load "
                                                             "Concept Library or the previous Train Concept "
                                                             "Increment)."),
-                io.String.Input("concept", default="dog", tooltip="Concept name; prompts write it as <name>. "
-                                "Also the word replaced by the tokens in captions."),
+                io.String.Input("concept", default="dog", tooltip="Concept name: letters and digits of any script, "
+                                "'_', '-', '.' and spaces; case is ignored. Prompts write it as <name>. Also the word "
+                                "replaced by the tokens in captions."),
                 io.Combo.Input("method", options=list(METHODS), default="cidm",
                                tooltip="cidm: orthogonal + shared-basis consolidation (the paper's intent). "
                                        "cidm-official: the released code's loss. c-lora: overlap penalty with "
@@ -100,11 +103,10 @@ class TrainConceptIncrement(io.ComfyNode):
 def concept_lora(library, concept: str) -> tuple[str, dict, dict[str, torch.Tensor]]:
     """(library name, task record, standard LoRA state dict) of the library's task named `concept`."""
     lib = library.open()
-    matches = [task for task in lib.tasks if task.concept == concept.strip()]
-    if not matches:
-        raise CIDMInputError("concept", f"no concept '{concept}' in library '{lib.name}'; known: "
+    task = lib.concept_task(concept.strip())
+    if task is None:
+        raise CIDMInputError("concept", f"no concept '{concept}' in library '{lib.name}'; known (any case): "
                                         + ", ".join(t.concept for t in lib.tasks))
-    task = matches[0]
     data = lib.load_task(task.index)
     return lib.name, task, standard_lora_state_dict(data.lora, lib.base_model["layer_paths"], task.multiplier)
 
@@ -120,7 +122,8 @@ class ExportConceptLoRA(io.ComfyNode):
             inputs=[ConceptLibraryType.Input("library", tooltip="The library that holds the concept."),
                     io.String.Input("concept", default="dog", tooltip="The concept (task) to export."),
                     io.String.Input("filename", default="", tooltip="File name in models/loras; empty: "
-                                    "<library>_<concept>.safetensors.")],
+                                    "<library>_<concept>.safetensors. An existing file is never overwritten, "
+                                    "except this pack's own export of the same task.")],
             outputs=[io.String.Output(display_name="lora_name", tooltip="The name LoraLoader lists (after "
                                       "Refresh). To use the concept in the same graph, use Load Concept as LoRA.")])
 
@@ -131,11 +134,11 @@ class ExportConceptLoRA(io.ComfyNode):
                              "filename") + ".safetensors"
         target = Path(folder_paths.get_folder_paths("loras")[0]) / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{name}.partial")
-        save_file(state, str(partial), metadata={"cidm.library": library_name, "cidm.concept": task.concept,
-                                                  "cidm.note": EXPORT_NOTE})
-        partial.replace(target)
-        return io.NodeOutput(name)
+        replaced = write_export(target, state, library_name, task)
+        note = (f"wrote {target}: '{task.concept}' (task {task.index} of library '{library_name}')"
+                + (", replacing this same task's earlier export" if replaced else ""))
+        logging.info("CIDM: %s", note)
+        return io.NodeOutput(name, ui=ui.PreviewText(note))
 
 
 class LoadConceptAsLoRA(io.ComfyNode):
@@ -156,7 +159,11 @@ class LoadConceptAsLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, library, concept, strength_model):
-        patched, _ = comfy.sd.load_lora_for_models(model, None, concept_lora(library, concept)[2], strength_model, 0)
+        check_library_model(library.open(), model)
+        library_name, task, state = concept_lora(library, concept)
+        check_not_applied(model, [task], "concept")
+        patched, _ = comfy.sd.load_lora_for_models(model, None, state, strength_model, 0)
+        mark_applied(patched, library_name, [task], "Load Concept as LoRA")
         return io.NodeOutput(patched)
 
 

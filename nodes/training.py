@@ -15,13 +15,14 @@ from server import PromptServer
 from ..cidm.consolidation import CONSOLIDATORS, METHODS
 from ..cidm.data import build_training_set, examples_from_image_batch, load_concept_folder
 from ..cidm.errors import CIDMInputError
-from ..cidm.library import ConceptLibrary, TaskData, TaskRecord, validate_name, validate_tokens
+from ..cidm.library import ConceptLibrary, TaskData, TaskRecord, bytes_for_task, validate_name, validate_tokens
+from ..cidm.names import automatic_tokens
 from ..cidm.plots import line_plot
 from ..cidm.tokens import TOKEN_PATTERN
 from ..cidm.train import ConceptSpec, ConceptTrainer, TrainingCallbacks, TrainingConfig
 from .common import input_root, input_subfolder, library_ref
 from .host.denoiser import ComfyDenoiser
-from .host.model import base_model_info, check_trainable
+from .host.model import base_model_info, check_trainable, check_unpatched
 from .host.text_encoder import TEXT_ENCODER_KEY, ComfyLayerwiseEncoder, check_text_encoder, text_encoder_fingerprint
 
 LOG_EVERY = 10
@@ -31,10 +32,9 @@ PREVIEW_MAX_SIDE = 512
 
 
 def parse_tokens(concept: str, tokens: str) -> list[str]:
-    """Explicit tokens ("<dog1> <dog2>"), or two generated from the concept name."""
+    """Explicit tokens ("<dog1> <dog2>"), or [] when none are given (the library then picks automatic ones)."""
     if not tokens.strip():
-        stem = concept.replace(" ", "_")
-        return [f"<{stem}1>", f"<{stem}2>"]
+        return []
     found = TOKEN_PATTERN.findall(tokens)
     if " ".join(found) != " ".join(tokens.split()):
         raise CIDMInputError("tokens", f"write tokens as <name> separated by spaces, e.g. '<dog1> <dog2>'; "
@@ -85,6 +85,7 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     root = Path(ref.root)
     info = base_model_info(model)
     check_trainable(model)
+    check_unpatched(model)
     encoder = ComfyLayerwiseEncoder(clip, info["num_layers"])
     info[TEXT_ENCODER_KEY] = text_encoder_fingerprint(encoder)
     # Methods that keep the class word out (c-lora) start every token random: their class words are not recorded.
@@ -92,6 +93,7 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     training_set = build_training_set(gather_examples(images, folder), resolution, config.seed)
     settings = task_settings(config, resolution, words, training_set)
     library = ConceptLibrary.open(root) if ref.content is not None else None
+    token_list = token_list or (library.automatic_tokens(concept) if library is not None else automatic_tokens(concept))
     old_tasks, saved = [], None
     if library is not None:
         library.check_base_model(info["fingerprint"], info["num_layers"])
@@ -106,6 +108,10 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
             saved = library.load_resume_state(concept) if resume else None
 
     denoiser = ComfyDenoiser(model, vae, config.gradient_checkpointing)
+    # A folder that cannot take the task is refused now, not after the training.
+    shapes = [layer.projection_shapes() for layer in denoiser.layers]
+    ConceptLibrary.check_room(root, bytes_for_task(shapes, config.rank, len(token_list), denoiser.layers[0].context_dim,
+                                                   resume_states=config.save_every > 0))
     spec = ConceptSpec(name=concept, tokens=token_list,
                        class_words=[None] + [words[i] if i < len(words) else None
                                              for i in range(len(token_list) - 1)])
@@ -135,7 +141,8 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
 
         def save_state(tensors, meta):
             # The library is created at the first save, so an interrupted first training leaves no empty library.
-            ConceptLibrary.open_or_create(root, info).save_resume_state(concept, tensors, meta)
+            with ConceptLibrary.creating(root):
+                ConceptLibrary.open_or_create(root, info).save_resume_state(concept, tensors, meta)
 
         callbacks = TrainingCallbacks(
             preview=preview, preview_every=preview_every, on_step=on_step,
@@ -143,15 +150,17 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
             save_state=save_state if config.save_every else None)
         trained = trainer.run(callbacks)
 
-    library = ConceptLibrary.open_or_create(root, info)
-    library.check_base_model(info["fingerprint"], info["num_layers"])
-    # Appending also removes this concept's resume state, under the same lock.
-    library.append_task(concept=concept, tokens=token_list, method=config.method, rank=config.rank,
-                        multiplier=config.multiplier, steps=config.steps, seed=config.seed,
-                        hyperparameters={**config.hyperparameters(), **settings, "images": len(training_set.images),
-                                         "embeddings_frozen_at": trained.embeddings_frozen_at,
-                                         "consolidation_penalty": trained.consolidation_penalty},
-                        data=TaskData(lora=trained.lora, embeddings=trained.embeddings, features=trained.features))
+    with ConceptLibrary.creating(root):
+        library = ConceptLibrary.open_or_create(root, info)
+        library.check_base_model(info["fingerprint"], info["num_layers"])
+        # Appending also removes this concept's resume state, under the same lock.
+        library.append_task(concept=concept, tokens=token_list, method=config.method, rank=config.rank,
+                            multiplier=config.multiplier, steps=config.steps, seed=config.seed,
+                            hyperparameters={**config.hyperparameters(), **settings,
+                                             "images": len(training_set.images),
+                                             "embeddings_frozen_at": trained.embeddings_frozen_at,
+                                             "consolidation_penalty": trained.consolidation_penalty},
+                            data=TaskData(lora=trained.lora, embeddings=trained.embeddings, features=trained.features))
     plot = line_plot(trained.losses, f"{concept}: diffusion loss ({config.method})")
     return library_ref(ref.name), plot, previews
 

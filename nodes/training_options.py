@@ -57,7 +57,8 @@ def _inputs() -> list:
     d = DEFAULTS
     return [
         io.String.Input("tokens", default=d.tokens, tooltip="Concept tokens, e.g. '<dog1> <dog2>'. Empty: two "
-                        "tokens <name1> <name2> from the concept name."),
+                        "tokens <name#1> <name#2> from the concept name ('#' keeps them apart from concept "
+                        "names)."),
         io.String.Input("class_words", default=d.class_words, tooltip="Words that initialise tokens 2.. (token 1 "
                         "starts random), e.g. 'teddy bear' for three tokens. Empty: all tokens start random. Ignored by "
                         "c-lora, whose tokens all start random."),

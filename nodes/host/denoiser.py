@@ -30,13 +30,14 @@ def _detach_from_inference_mode(module: torch.nn.Module) -> None:
 
 
 class ComfyDenoiser:
-    """The cidm.train Denoiser protocol over a ComfyUI model, honouring its model_sampling (eps, v, ...)."""
+    """The cidm.train Denoiser protocol over a ComfyUI model, honouring its model_sampling (eps, v, ...), including
+    one that a node such as ModelSamplingDiscrete set on the MODEL as an object patch."""
 
     def __init__(self, model, vae, gradient_checkpointing: bool = False):
         self.model = model
         self.base = model.model
         self.unet = self.base.diffusion_model
-        self.sampling = self.base.model_sampling
+        self.sampling = model.get_model_object("model_sampling")
         self.vae = vae
         self.layers = model_layers(model)
         self.gradient_checkpointing = gradient_checkpointing

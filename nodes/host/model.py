@@ -9,6 +9,8 @@ from ...cidm.errors import CIDMInputError
 from ...cidm.layers import CrossAttentionLayer, base_model_fingerprint, cross_attention_layers, get_submodule
 
 UNET_PREFIX = "diffusion_model."
+# model_options key: sha256 of every library task the MODEL applies -> which task and node (`mark_applied`).
+APPLIED_TASKS_KEY = "cidm_applied_tasks"
 
 
 def unet_of(model) -> torch.nn.Module:
@@ -52,6 +54,71 @@ def check_trainable(model) -> None:
     if getattr(unet, "num_classes", None) is not None:
         raise CIDMInputError("model", f"this UNet needs a class or image-embedding input ({unet.num_classes!r}, "
                                       f"as unCLIP models do); {supported}")
+
+
+def check_unpatched(model) -> None:
+    """Refuses, before any work, a MODEL whose UNet other nodes have changed: a task is learned on the model it is
+    given but applied on whatever model carries the library's base model, so it must learn the plain base model.
+    Refused: weight patches (a LoRA from LoraLoader, LoraLoaderModelOnly or Load Concept as LoRA, a model merge),
+    weight wrappers, and replaced UNet modules (the concepts of Elastic Aggregate LoRAs, other nodes' object patches
+    under the UNet), which training would learn into the task or silently drop. The library's own tasks are
+    consolidated by training itself. Sampling-time settings (model_sampling, attention and block patches,
+    CFG functions) change no weights and pass.
+
+    Raises:
+        CIDMInputError: ("model") naming what is applied and what to train on instead.
+    """
+    found = []
+    if model.model_options.get(APPLIED_TASKS_KEY):
+        found.append("CIDM concepts (" + "; ".join(model.model_options[APPLIED_TASKS_KEY].values()) + ")")
+    if model.patches:
+        found.append(f"weight patches on {len(model.patches)} weights (a LoRA or a model merge)")
+    if getattr(model, "weight_wrapper_patches", None):
+        found.append(f"weight wrappers on {len(model.weight_wrapper_patches)} weights")
+    replaced = sorted(key for key in model.object_patches if key.startswith(UNET_PREFIX))
+    if replaced:
+        found.append(f"{len(replaced)} replaced UNet modules (e.g. {replaced[0]})")
+    if found:
+        raise CIDMInputError("model", "this model carries " + " and ".join(found) + "; a task learns the model it is "
+                                      "trained on but is applied on the plain base model. Train on the model "
+                                      "straight from the checkpoint loader (the library's tasks are consolidated "
+                                      "by training itself); apply LoRAs and concepts after training, for sampling")
+
+
+def check_library_model(library, model) -> None:
+    """Refuses a MODEL other than the base model `library` (a cidm ConceptLibrary) was trained on: what Elastic
+    Aggregate LoRAs and Load Concept as LoRA check before they patch it.
+
+    Raises:
+        CIDMInputError: ("model") for a model the pack does not support (`model_layers`) or another base model
+            (ConceptLibrary.check_base_model, naming both fingerprints).
+    """
+    info = base_model_info(model)
+    library.check_base_model(info["fingerprint"], info["num_layers"])
+
+
+def check_not_applied(model, tasks, input_name: str) -> None:
+    """Refuses library tasks (cidm TaskRecords) that an earlier node of the MODEL's chain already applies (Elastic
+    Aggregate LoRAs or Load Concept as LoRA, of the same library or a copy: a task is known by its file's sha256),
+    since applying a task again adds its LoRA a second time.
+
+    Raises:
+        CIDMInputError: (`input_name`) naming each such task and the node that applied it.
+    """
+    applied = model.model_options.get(APPLIED_TASKS_KEY, {})
+    twice = [f"'{task.concept}' ({applied[task.sha256]})" for task in tasks if task.sha256 in applied]
+    if twice:
+        raise CIDMInputError(input_name, f"{', '.join(twice)} already on this model; a concept applied twice gets "
+                                         "its LoRA twice. Apply each concept once on a model chain: chain a library "
+                                         "once, or pick other tasks")
+
+
+def mark_applied(patched, library_name: str, tasks, node: str) -> None:
+    """Records on `patched` (the node's clone of the MODEL) that it now applies `tasks` of the library, for
+    check_not_applied and check_unpatched further down the chain."""
+    applied = patched.model_options.setdefault(APPLIED_TASKS_KEY, {})
+    applied.update({task.sha256: f"task {task.index} of library '{library_name}', applied by {node}"
+                    for task in tasks})
 
 
 def weights_fixed_for_run(model) -> bool:

@@ -35,14 +35,15 @@ class ComfyLayerwiseEncoder:
                 return candidate.transformer
         raise CIDMInputError("clip", "unsupported text encoder; supported: SD1.5's CLIP-L")
 
-    def _token_ids(self, text: str) -> list[tuple]:
+    def _chunks(self, text: str) -> list[list[tuple]]:
+        """ComfyUI's tokenization: one 77-token chunk (start, 75 tokens, end and padding) per 75 tokens of text."""
         tokenized = self.clip.tokenize(text)
         if len(tokenized) != 1:
             raise CIDMInputError("clip", "unsupported text encoder (more than one tokenizer); supported: SD1.5")
-        chunks = next(iter(tokenized.values()))
-        if len(chunks) > 1:
-            logging.warning("CIDM: prompt longer than 75 tokens, truncated to the first 77-token chunk: %r", text)
-        return chunks[0]
+        return next(iter(tokenized.values()))
+
+    def _token_ids(self, text: str) -> list[tuple]:
+        return self._chunks(text)[0]
 
     def _sentinel(self, text: str) -> tuple[str, int]:
         for word in SENTINEL_WORDS:
@@ -59,32 +60,47 @@ class ComfyLayerwiseEncoder:
         table = self.text_model.get_input_embeddings().weight
         return table[body[0]].detach().float().clone()
 
-    def encode_with_pooled(self, text: str, embeddings: dict[str, torch.Tensor]):
-        """([L, 77, D], pooled) for a prompt whose concept tokens are keys of `embeddings` (token -> [L, D])."""
+    def encode_with_pooled(self, text: str, embeddings: dict[str, torch.Tensor], whole: bool = True):
+        """([L, k·77, D], pooled) for a prompt whose concept tokens are keys of `embeddings` (token -> [L, D]).
+
+        A prompt longer than 75 tokens is k 77-token chunks joined along the tokens, as ComfyUI's CLIPTextEncode
+        joins them, and a concept token may sit in any chunk. `whole=False` keeps the first chunk only (k = 1),
+        for training, whose batches need one length.
+
+        Raises:
+            CIDMInputError: ("text") when, with `whole=False`, a concept token falls past the first 75 tokens.
+        """
         occurrences = [t for t in TOKEN_PATTERN.findall(text) if t in embeddings]
         word, sentinel = self._sentinel(text)
         substituted = TOKEN_PATTERN.sub(lambda m: word if m.group(0) in embeddings else m.group(0), text)
-        base = self._token_ids(substituted)
-        positions = [i for i, entry in enumerate(base) if entry[0] == sentinel]
+        base = self._chunks(substituted)
+        if not whole and len(base) > 1:
+            logging.warning("CIDM: training prompt longer than 75 tokens, truncated to the first 77-token chunk: %r",
+                            text)
+            base = base[:1]
+        positions = [(chunk, i) for chunk, ids in enumerate(base) for i, entry in enumerate(ids)
+                     if entry[0] == sentinel]
         if len(positions) != len(occurrences):
-            raise CIDMInputError("text", "the concept tokens did not fit in the first 75 tokens; shorten the prompt")
+            raise CIDMInputError("text", f"{occurrences[len(positions)]} falls past the first 75 tokens of the "
+                                         f"training prompt {text!r}, which is all training reads; shorten the caption")
         tokenizer_key = next(iter(self.clip.tokenize("")))
         chunks = []
         for layer in range(self.num_layers):
-            tokens = list(base)
-            for position, token in zip(positions, occurrences):
-                tokens[position] = (embeddings[token][layer],) + tuple(base[position][1:])
-            chunks.append(tokens)
+            tokens = [list(ids) for ids in base]
+            for (chunk, i), token in zip(positions, occurrences):
+                tokens[chunk][i] = (embeddings[token][layer],) + tuple(base[chunk][i][1:])
+            chunks += tokens
         # ComfyUI encodes a prompt's 77-token chunks as one batch and joins them along the token axis, so one call
-        # with a chunk per layer runs the text encoder once and returns the packed [1, L·77, D] layout.
+        # with the chunks of every layer runs the text encoder once and returns the packed [1, L·k·77, D] layout.
         cond, pooled = self.clip.encode_from_tokens({tokenizer_key: chunks}, return_pooled=True)
-        return cond[0].reshape(self.num_layers, TOKENS_PER_LAYER, -1), pooled
+        return cond[0].reshape(self.num_layers, len(base) * TOKENS_PER_LAYER, -1), pooled
 
     def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[L, 77, D]: the training encoding (the first chunk, `encode_with_pooled` with whole=False)."""
         if not torch.is_grad_enabled():
-            return self.encode_with_pooled(text, embeddings)[0]
+            return self.encode_with_pooled(text, embeddings, whole=False)[0]
         with _out_of_place_residuals(self.text_model):
-            return self.encode_with_pooled(text, embeddings)[0]
+            return self.encode_with_pooled(text, embeddings, whole=False)[0]
 
 
 def _residual_forward(layer):

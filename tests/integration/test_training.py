@@ -117,7 +117,7 @@ BAD_INPUTS = [
     ("empty", lambda ws: (ws / "input" / "empty").mkdir(parents=True, exist_ok=True) or "empty", {},
      "folder", "no images"),
     ("junk", lambda ws: _junk_folder(ws), {}, "folder", "notes.pdf is not an image"),
-    ("collide", lambda ws: stage(ws, "cat"), {"tokens": "<dog1> <new2>"}, "tokens", "<dog1>"),
+    ("collide", lambda ws: stage(ws, "cat"), {"tokens": "<DOG#1> <new2>"}, "tokens", "<DOG#1>"),
     ("dog", lambda ws: stage(ws, "cat"), {"tokens": "<dogb1>"}, "concept", "already holds 'dog' as task 1"),
     ("escape", lambda ws: "../../etc", {}, "folder", "outside ComfyUI's input directory"),
     ("../evil", lambda ws: stage(ws, "cat"), {}, "concept", ""),

@@ -40,6 +40,21 @@ def test_folder_with_captions(tmp_path):
     assert examples[0].image.shape == (64, 80, 3)
 
 
+def test_files_the_os_writes_into_a_folder_are_skipped(tmp_path):
+    """Windows Explorer, macOS Finder and KDE leave these in any folder of pictures (issue 29, kind 5)."""
+    _save(tmp_path / "dog.png")
+    for name in ("Thumbs.db", "desktop.ini", "Desktop.ini", "ehthumbs.db", "Icon\r", ".DS_Store", "._dog.png",
+                 ".directory"):
+        (tmp_path / name).write_bytes(b"\0\1metadata")
+    assert [e.source for e in load_concept_folder(tmp_path, "folder")] == ["dog.png"]
+
+
+def test_captions_bind_the_marker_as_prompts_name_it():
+    """A caption's marker compares as a prompt's does: any case, spaces between the words (issue 29, kind 5)."""
+    assert bind_concept_tokens("<My  Dog> on the grass", "my dog", ["<t1>"]) == "<t1> on the grass"
+    assert bind_concept_tokens("a <CAFÉ> sign", "café", ["<t1>"]) == "a <t1> sign"
+
+
 @pytest.mark.skipif(not CIFC.exists(), reason="CIFC dataset not present")
 def test_cifc_concept_folder_loads():
     folder = next(p for p in sorted(CIFC.rglob("*")) if p.is_dir() and any(
@@ -80,6 +95,31 @@ def test_modes_become_rgb():
     palette = Image.new("P", (4, 4), 0)
     assert to_rgb(palette).mode == "RGB"
     assert to_rgb(Image.new("LA", (4, 4), (10, 255))).getpixel((0, 0)) == (10, 10, 10)
+
+
+@pytest.mark.parametrize("name, make, expected", [
+    # 16-bit greyscale whose values all sit at or under 255 is a dark image, not a bright one (was 257× too bright).
+    ("dark16.png", lambda: Image.fromarray(np.full((64, 64), 200, np.uint16)), 200 / 65535),
+    ("mid16.png", lambda: Image.fromarray(np.full((64, 64), 32896, np.uint16)), 32896 / 65535),
+    ("big_endian16.tif", lambda: Image.fromarray(np.full((64, 64), 65535, ">u2")), 1.0),
+    ("int32.tif", lambda: Image.fromarray(np.full((64, 64), 13107, np.int32)), 0.2),
+    # 32-bit float TIFF in [0, 1] (was black); values outside are clipped.
+    ("float.tif", lambda: Image.fromarray(np.full((64, 64), 0.6, np.float32)), 0.6),
+    ("float_over.tif", lambda: Image.fromarray(np.full((64, 64), 3.0, np.float32)), 1.0),
+])
+def test_high_bit_depth_files_read_by_their_mode_range(tmp_path, name, make, expected):
+    image = make()
+    assert image.mode in ("I;16", "I;16B", "I", "F")
+    image.save(tmp_path / name)
+    assert Image.open(tmp_path / name).mode == image.mode
+    (example,) = load_concept_folder(tmp_path, "folder")
+    assert example.image.shape == (64, 64, 3)
+    assert float(example.image.mean()) == pytest.approx(expected, abs=0.5 / 255)
+
+
+def test_transparency_of_every_alpha_mode_is_composited_on_white():
+    for mode, colour in (("PA", (0, 0)), ("RGBa", (0, 0, 0, 0)), ("LA", (0, 0)), ("RGBA", (0, 0, 0, 0))):
+        assert to_rgb(Image.new(mode, (4, 4), colour)).getpixel((0, 0)) == (255, 255, 255), mode
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -4,19 +4,22 @@ The real-server half (ComfyUI's LoraLoader on the same kind of file) is tests/in
 """
 
 import logging
+import os
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cidm.adapters import LayerLoRABank
 from cidm.aggregation import ConstantRouter
 from cidm.backends.diffusers_backend import DiffusersDenoiser
 from cidm.errors import CIDMInputError
-from cidm.export import diffusers_unet_path, standard_lora_state_dict
+from cidm.export import diffusers_unet_path, export_metadata, standard_lora_state_dict, write_export
 from cidm.layers import PROJECTIONS, cross_attention_layers
+from cidm.library import TaskRecord
 
 # SD1.5's 16 attn2 modules under their LDM names, as ComfyUI's UNet (comfy/ldm/.../openaimodel.py) names them:
 # attention in input blocks 1, 2, 4, 5, 7, 8, the middle block, and output blocks 3..11.
@@ -86,3 +89,66 @@ def test_export_loads_into_diffusers_and_matches_the_pack(tmp_path, caplog, dtyp
     effect = (in_pack - base).abs()
     assert effect.mean() > 0.05  # the LoRA changes the output, so a LoRA that is dropped cannot pass
     assert (loaded - in_pack).abs().max() < tolerance * effect.max()
+
+
+# An export never overwrites a file the pack did not write for the same task (issue 29, kind 2) ------------------
+
+
+def task_record(concept="dog", sha256="a" * 64, index=1) -> TaskRecord:
+    return TaskRecord(index=index, concept=concept, tokens=[f"<{concept}1>"], method="cidm", rank=1, multiplier=1.0,
+                      steps=1, seed=0, hyperparameters={}, file=f"task_{index:03d}_{concept}.safetensors",
+                      sha256=sha256, created="2024-01-01T00:00:00+00:00")
+
+
+STATE = {"lora_unet_mid_block_attentions_0_attn2_to_q.lora_down.weight": torch.ones(1, 4)}
+
+
+def test_export_writes_atomically_with_the_folders_permissions_and_its_identity(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert write_export(tmp_path / "dog.safetensors", STATE, "pets", task_record()) is False
+    finally:
+        os.umask(previous)
+    path = tmp_path / "dog.safetensors"
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by everything sharing models/loras, not 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["dog.safetensors"]  # no temp file left
+    with safe_open(str(path), framework="pt") as reader:
+        assert reader.metadata() == export_metadata("pets", task_record())
+
+
+@pytest.mark.parametrize("existing,described", [
+    (b"the user's own LoRA", "not a LoRA this pack exported"),
+    (("pets", task_record("cat")), "this pack's export of 'cat' from library 'pets'"),
+    (("other", task_record()), "this pack's export of 'dog' from library 'other'"),
+    (("pets", task_record(sha256="b" * 64)), "another version of 'dog'"),
+])
+def test_export_refuses_any_other_existing_file(tmp_path, existing, described):
+    path = tmp_path / "dog.safetensors"
+    if isinstance(existing, bytes):
+        path.write_bytes(existing)
+    else:
+        write_export(path, STATE, *existing)
+    before = path.read_bytes()
+    with pytest.raises(CIDMInputError, match="^filename: ") as caught:
+        write_export(path, {key: value * 2 for key, value in STATE.items()}, "pets", task_record())
+    message = str(caught.value)
+    assert str(path) in message and described in message and "never overwritten" in message, message
+    assert "new name" in message and "move or delete" in message
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["dog.safetensors"]
+
+
+def test_export_refuses_a_symlink_and_a_folder(tmp_path):
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "missing")  # a dangling link is still the user's
+    (tmp_path / "folder.safetensors").mkdir()
+    for name in ("link.safetensors", "folder.safetensors"):
+        with pytest.raises(CIDMInputError, match="filename: .* already exists"):
+            write_export(tmp_path / name, STATE, "pets", task_record())
+
+
+def test_export_replaces_its_own_export_of_the_same_task(tmp_path):
+    path = tmp_path / "dog.safetensors"
+    write_export(path, STATE, "pets", task_record())
+    assert write_export(path, {key: value * 2 for key, value in STATE.items()}, "pets", task_record()) is True
+    with safe_open(str(path), framework="pt") as reader:
+        assert reader.get_tensor(next(iter(STATE))).sum() == 8

@@ -123,7 +123,7 @@ def test_crash_during_write_keeps_previous_revision(library_with_one_task, monke
         real_replace(source, destination)
 
     monkeypatch.setattr(os, "replace", crashing_replace)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CIDMInputError, match=f"cannot write {root / crashing_file}: simulated crash"):
         append(library_with_one_task, "cat", ["<cat1>"], seed=2)
     monkeypatch.setattr(os, "replace", real_replace)
 
