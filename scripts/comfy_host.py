@@ -44,7 +44,8 @@ def host_ready() -> bool:
 
 
 def ensure_checkpoint(layout: str = "mini", seed: int = 0) -> Path:
-    """A generated SD1.5-layout checkpoint, cached outside the repo under the hash of the script that makes it."""
+    """A generated checkpoint of a make_test_checkpoint.py layout, cached outside the repo under the hash of the
+    script that makes it."""
     digest = hashlib.sha256(CHECKPOINT_SCRIPT.read_bytes() + f"{layout}:{seed}".encode()).hexdigest()[:16]
     path = CACHE / "checkpoints" / f"cidm_test_{layout}_{digest}.safetensors"
     if not path.exists():
@@ -83,9 +84,7 @@ class ComfyServer:
         for sub in ("models/checkpoints", "models/loras", "custom_nodes", "input", "output"):
             (workspace / sub).mkdir(parents=True, exist_ok=True)
         for name, source in checkpoints.items():
-            link = workspace / "models" / "checkpoints" / name
-            if not link.exists():
-                link.symlink_to(source)
+            self.link_checkpoint(name, source)
         pack_link = workspace / "custom_nodes" / PACK_FOLDER_NAME
         if not pack_link.exists():
             pack_link.symlink_to(REPO, target_is_directory=True)
@@ -94,6 +93,14 @@ class ComfyServer:
             if not link.exists():
                 link.symlink_to(test_nodes, target_is_directory=True)
         self.process: subprocess.Popen | None = None
+
+    def link_checkpoint(self, name: str, source: Path) -> str:
+        """Links `source` into models/checkpoints as `name`; a running server lists it from its next prompt on
+        (folder_paths re-reads a folder whose mtime changed). Returns `name`."""
+        link = self.workspace / "models" / "checkpoints" / name
+        if not link.exists():
+            link.symlink_to(source)
+        return name
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         command = [str(HOST_PYTHON), str(COMFY_ROOT / "main.py"), *(["--cpu"] if self.device == "cpu" else []),

@@ -36,3 +36,15 @@ def comfy():
             yield server
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def sdxl_checkpoint(comfy, request):
+    """The name, in the session server, of an SDXL test checkpoint (scripts/make_test_checkpoint.py): by default
+    `sdxl-blocks` (SDXL's 70 cross-attention layers in a 283 M UNet, 3-layer CLIP-L and CLIP-G, the SD VAE; 1.05 GiB
+    in fp16, generated in about 20 s on 2 cores); `sdxl-full` (the 2.6 B UNet, 5.3 GiB, about 90 s and 12 GB of
+    memory to generate) through indirect parametrization, for the slow tier. Load it with
+    CIDMTest_SmallTowerCheckpointLoader. Generated on first use, then cached under CIDM_CACHE, so a run without
+    SDXL tests neither writes nor reads it."""
+    layout = getattr(request, "param", "sdxl-blocks")
+    return comfy.link_checkpoint(f"cidm_{layout.replace('-', '_')}.safetensors", ensure_checkpoint(layout))
