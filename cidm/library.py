@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import CIDMInputError
+from .family import SD15, ModelFamily, family_named
 from .names import automatic_tokens, name_key, validate_name, validate_tokens, were_automatic
 from .files import TEMP_PATTERN, check_room, fsync_folder, write_atomic, write_error
 
@@ -528,12 +529,21 @@ class ConceptLibrary:
             with contextlib.suppress(FileNotFoundError):
                 folder.rmdir()
 
-    def check_base_model(self, fingerprint: str, num_layers: int) -> None:
+    @property
+    def family(self) -> ModelFamily:
+        """The model family of the base model (cidm.family); SD1.5 for libraries written before it was recorded."""
+        return family_named(self.base_model.get("family", SD15.name))
+
+    def check_base_model(self, fingerprint: str, num_layers: int, family: str = SD15.name) -> None:
         """Refuses a model other than the one the library was trained on.
 
         Raises:
-            CIDMInputError: ("model") naming both fingerprints and layer counts.
+            CIDMInputError: ("model") naming both families, or both fingerprints and layer counts.
         """
+        if family != self.family.name:
+            raise CIDMInputError("model", f"library {self.name} was trained on an {self.family.name}-family model, "
+                                          f"this is an {family}-family model; connect the checkpoint the library was "
+                                          "trained on")
         if fingerprint != self.base_model["fingerprint"] or num_layers != self.num_layers:
             raise CIDMInputError(
                 "model",

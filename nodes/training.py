@@ -96,7 +96,7 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     token_list = token_list or (library.automatic_tokens(concept) if library is not None else automatic_tokens(concept))
     old_tasks, saved = [], None
     if library is not None:
-        library.check_base_model(info["fingerprint"], info["num_layers"])
+        library.check_base_model(info["fingerprint"], info["num_layers"], info["family"])
         check_text_encoder(library, info[TEXT_ENCODER_KEY])
         reused = library.trained_task(concept, {"tokens": token_list, **settings}, INPUT_NAMES)
         if reused is not None:
@@ -152,7 +152,7 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
 
     with ConceptLibrary.creating(root):
         library = ConceptLibrary.open_or_create(root, info)
-        library.check_base_model(info["fingerprint"], info["num_layers"])
+        library.check_base_model(info["fingerprint"], info["num_layers"], info["family"])
         # Appending also removes this concept's resume state, under the same lock.
         library.append_task(concept=concept, tokens=token_list, method=config.method, rank=config.rank,
                             multiplier=config.multiplier, steps=config.steps, seed=config.seed,

@@ -35,7 +35,6 @@ from ...cidm.layers import PROJECTIONS, cross_attention_layers
 from ...cidm.routing import (PROMPT_KEY, REGION_PREFIX, ROUTES_KEY, CondEntry, CondRouter, SamplingRoutes,
                              route_conds)
 from .model import UNET_PREFIX, unet_of, weights_fixed_for_run
-from .text_encoder import TOKENS_PER_LAYER
 
 ROUTING_WRAPPER_KEY = "cidm_routing"
 
@@ -43,8 +42,8 @@ ROUTING_WRAPPER_KEY = "cidm_routing"
 class ComfyCrossAttention(ConceptCrossAttention):
     """ConceptCrossAttention with ComfyUI's attn2 call signature and attention kernels."""
 
-    def __init__(self, original, layer, bank, router, num_layers):
-        super().__init__(original, layer, bank, router, num_layers, TOKENS_PER_LAYER, attention=self._attend)
+    def __init__(self, original, layer, bank, router, num_layers, tokens_per_layer):
+        super().__init__(original, layer, bank, router, num_layers, tokens_per_layer, attention=self._attend)
 
     def _attend(self, q, k, v, heads, mask=None, transformer_options=None):
         options = transformer_options or {}

@@ -13,6 +13,7 @@ import comfy.model_management
 import comfy.samplers
 
 from .attention import ComfyCrossAttention
+from .family import model_family
 from .model import UNET_PREFIX, model_layers
 
 
@@ -40,6 +41,7 @@ class ComfyDenoiser:
         self.sampling = model.get_model_object("model_sampling")
         self.vae = vae
         self.layers = model_layers(model)
+        self.family = model_family(model)
         self.gradient_checkpointing = gradient_checkpointing
 
     @property
@@ -99,7 +101,7 @@ class ComfyDenoiser:
             original = patcher.get_model_object(UNET_PREFIX + layer.path)
             patcher.add_object_patch(UNET_PREFIX + layer.path,
                                      ComfyCrossAttention(original, layer, banks[layer.index], router,
-                                                         len(self.layers)))
+                                                         len(self.layers), self.family.tokens_per_chunk))
         if self.gradient_checkpointing:
             for path, forward in _checkpointed_block_forwards(self.unet).items():
                 patcher.add_object_patch(f"{UNET_PREFIX}{path}.forward", forward)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 from ...cidm.errors import CIDMInputError
+from ...cidm.family import supported_names
 from ...cidm.layers import CrossAttentionLayer, base_model_fingerprint, cross_attention_layers, get_submodule
+from .family import model_family
 
 UNET_PREFIX = "diffusion_model."
 # model_options key: sha256 of every library task the MODEL applies -> which task and node (`mark_applied`).
@@ -18,13 +20,20 @@ def unet_of(model) -> torch.nn.Module:
 
 
 def model_layers(model) -> list[CrossAttentionLayer]:
+    """The MODEL's cross-attention layers in CIDM order (cidm.layers), for a model of a supported family.
+
+    Raises:
+        CIDMInputError: ("model") for a model that is not a UNet diffusion model, of no supported family
+            (`model_family`), or whose cross-attention context is not its family's width.
+    """
     if getattr(model.model, "latent_format", None) is None or not hasattr(model.model, "diffusion_model"):
-        raise CIDMInputError("model", "not a UNet diffusion model; supported: SD1.5-layout checkpoints")
+        raise CIDMInputError("model", f"not a UNet diffusion model; supported model families: {supported_names()}")
+    family = model_family(model)
     layers = cross_attention_layers(unet_of(model))
     context_dims = {layer.context_dim for layer in layers}
-    if context_dims != {768}:
-        raise CIDMInputError("model", f"cross-attention context size {sorted(context_dims)} is not SD1.5's 768; "
-                                      "supported: SD1.5-layout checkpoints (SD1.x and fine-tunes of it)")
+    if context_dims != {family.context_dim}:
+        raise CIDMInputError("model", f"cross-attention context size {sorted(context_dims)} is not {family.name}'s "
+                                      f"{family.context_dim}; supported model families: {supported_names()}")
     return layers
 
 
@@ -94,7 +103,7 @@ def check_library_model(library, model) -> None:
             (ConceptLibrary.check_base_model, naming both fingerprints).
     """
     info = base_model_info(model)
-    library.check_base_model(info["fingerprint"], info["num_layers"])
+    library.check_base_model(info["fingerprint"], info["num_layers"], info["family"])
 
 
 def check_not_applied(model, tasks, input_name: str) -> None:
@@ -135,6 +144,13 @@ def model_fingerprint(model) -> str:
 
 
 def base_model_info(model) -> dict:
+    """What a library records of its base model (cidm ConceptLibrary.base_model): fingerprint, family, layer count
+    and paths, context width and ComfyUI's model class.
+
+    Raises:
+        CIDMInputError: ("model") as `model_layers`.
+    """
     layers = model_layers(model)
-    return {"fingerprint": model_fingerprint(model), "num_layers": len(layers), "context_dim": 768,
-            "layer_paths": [layer.path for layer in layers], "model_type": type(model.model).__name__}
+    return {"fingerprint": model_fingerprint(model), "family": model_family(model).name, "num_layers": len(layers),
+            "context_dim": layers[0].context_dim, "layer_paths": [layer.path for layer in layers],
+            "model_type": type(model.model).__name__}

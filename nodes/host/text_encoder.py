@@ -1,4 +1,4 @@
-"""cidm's LayerwiseTextEncoder over a ComfyUI CLIP (SD1.5's CLIP-L)."""
+"""cidm's LayerwiseTextEncoder over a ComfyUI CLIP of any supported family (cidm.family)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from ...cidm.errors import CIDMInputError
 from ...cidm.tokens import TOKEN_PATTERN, token_embedding_fingerprint
+from .family import clip_family
 
-TOKENS_PER_LAYER = 77
 TEXT_ENCODER_KEY = "text_encoder"  # the library's base_model entry: the fingerprint of the CLIP it was trained with
 # Single-BPE words used as placeholders for concept tokens while tokenizing; the first one absent from the prompt
 # is used, so a user's own words are never mistaken for a concept token.
@@ -19,53 +19,66 @@ SENTINEL_WORDS = ("sks", "xqz", "zwx", "qxv")
 
 class ComfyLayerwiseEncoder:
     """cidm's LayerwiseTextEncoder over a ComfyUI CLIP: one encode per layer with the layer's token embeddings
-    inserted as embedding tensors (ComfyUI's tokenizer accepts tensors in place of token ids)."""
+    inserted as embedding tensors (ComfyUI's tokenizer accepts tensors in place of token ids,
+    comfy/sd1_clip.py:179-224, v0.3.75).
+
+    Every text tower of the CLIP's family (cidm.family: CLIP-L for SD1.5; CLIP-L and CLIP-G for SDXL) gets the
+    same prompt with the concept tokens at the same positions; a token's embedding for one layer is the towers'
+    embeddings joined in tower order ([768] for SD1.5, [768 | 1280] for SDXL), each tower taking its slice. The
+    output joins the towers' hidden states in the same order, as ComfyUI does (comfy/sdxl_clip.py:56-62)."""
 
     def __init__(self, clip, num_layers: int):
         self.clip = clip
+        self.family = clip_family(clip)
         self.num_layers = num_layers
-        self.tokens_per_layer = TOKENS_PER_LAYER
-        self.text_model = self._text_model()
+        self.tokens_per_layer = self.family.tokens_per_chunk
+        self.text_models = [self._text_model(tower.key) for tower in self.family.towers]
 
-    def _text_model(self):
-        encoder = self.clip.cond_stage_model
-        for attribute in ("clip_l", "clip_g", "transformer"):
-            candidate = getattr(encoder, attribute, None)
-            if candidate is not None and hasattr(candidate, "transformer"):
-                return candidate.transformer
-        raise CIDMInputError("clip", "unsupported text encoder; supported: SD1.5's CLIP-L")
+    def _text_model(self, key: str):
+        """The CLIP text transformer of tower `key` ("l": SD1ClipModel.clip_l, "g": SDXLClipModel.clip_g)."""
+        candidate = getattr(self.clip.cond_stage_model, f"clip_{key}", None)
+        if candidate is None or not hasattr(candidate, "transformer"):
+            raise CIDMInputError("clip", f"no {key.upper()} text tower in this {self.family.name} CLIP")
+        return candidate.transformer
 
-    def _chunks(self, text: str) -> list[list[tuple]]:
-        """ComfyUI's tokenization: one 77-token chunk (start, 75 tokens, end and padding) per 75 tokens of text."""
+    def _chunks(self, text: str) -> dict[str, list[list[tuple]]]:
+        """ComfyUI's tokenization per tower: one 77-token chunk (start, 75 tokens, end and padding) per 75 tokens
+        of text."""
         tokenized = self.clip.tokenize(text)
-        if len(tokenized) != 1:
-            raise CIDMInputError("clip", "unsupported text encoder (more than one tokenizer); supported: SD1.5")
-        return next(iter(tokenized.values()))
+        return {tower.key: tokenized[tower.key] for tower in self.family.towers}
 
-    def _token_ids(self, text: str) -> list[tuple]:
-        return self._chunks(text)[0]
+    def _token_ids(self, text: str) -> list[int]:
+        """The first chunk's ids of the first tower (CLIP-L, which pads with its end token)."""
+        return [entry[0] for entry in self._chunks(text)[self.family.towers[0].key][0]]
 
     def _sentinel(self, text: str) -> tuple[str, int]:
         for word in SENTINEL_WORDS:
-            ids = [entry[0] for entry in self._token_ids(word)]
+            ids = self._token_ids(word)
             if word not in text.lower() and isinstance(ids[1], int) and ids[2] == ids[-1]:
                 return word, ids[1]
         raise CIDMInputError("text", f"the prompt uses every placeholder word {SENTINEL_WORDS}; rephrase it")
 
+    def input_embeddings(self) -> torch.Tensor:
+        """[vocab, D]: the towers' token-embedding tables joined in tower order (one vocabulary for all towers)."""
+        return torch.cat([model.get_input_embeddings().weight for model in self.text_models], dim=-1)
+
     def word_embedding(self, word: str) -> torch.Tensor | None:
-        ids = [entry[0] for entry in self._token_ids(word)]
+        ids = self._token_ids(word)
         body = [i for i in ids[1:] if i != ids[-1]]  # drop BOS and the EOS/padding run
         if len(body) != 1:
             return None
-        table = self.text_model.get_input_embeddings().weight
-        return table[body[0]].detach().float().clone()
+        return torch.cat([model.get_input_embeddings().weight[body[0]] for model in self.text_models]).detach() \
+            .float().clone()
 
     def encode_with_pooled(self, text: str, embeddings: dict[str, torch.Tensor], whole: bool = True):
-        """([L, k·77, D], pooled) for a prompt whose concept tokens are keys of `embeddings` (token -> [L, D]).
+        """([L, k·77, D], pooled) for a prompt whose concept tokens are keys of `embeddings` (token -> [L, D], D
+        the towers' widths joined).
 
         A prompt longer than 75 tokens is k 77-token chunks joined along the tokens, as ComfyUI's CLIPTextEncode
         joins them, and a concept token may sit in any chunk. `whole=False` keeps the first chunk only (k = 1),
-        for training, whose batches need one length.
+        for training, whose batches need one length. The pooled output is ComfyUI's for the packed prompt: that of
+        its first chunk (comfy/sd1_clip.py:48-49), i.e. of layer 0's first chunk, through the family's pooling
+        tower (SDXL: CLIP-G's projected end token, the UNet's ADM input; SD1.5: CLIP-L's, unused by its UNet).
 
         Raises:
             CIDMInputError: ("text") when, with `whole=False`, a concept token falls past the first 75 tokens.
@@ -73,33 +86,40 @@ class ComfyLayerwiseEncoder:
         occurrences = [t for t in TOKEN_PATTERN.findall(text) if t in embeddings]
         word, sentinel = self._sentinel(text)
         substituted = TOKEN_PATTERN.sub(lambda m: word if m.group(0) in embeddings else m.group(0), text)
-        base = self._chunks(substituted)
-        if not whole and len(base) > 1:
+        towers = self._chunks(substituted)
+        first = towers[self.family.towers[0].key]
+        if not whole and len(first) > 1:
             logging.warning("CIDM: training prompt longer than 75 tokens, truncated to the first 77-token chunk: %r",
                             text)
-            base = base[:1]
-        positions = [(chunk, i) for chunk, ids in enumerate(base) for i, entry in enumerate(ids)
-                     if entry[0] == sentinel]
-        if len(positions) != len(occurrences):
-            raise CIDMInputError("text", f"{occurrences[len(positions)]} falls past the first 75 tokens of the "
-                                         f"training prompt {text!r}, which is all training reads; shorten the caption")
-        tokenizer_key = next(iter(self.clip.tokenize("")))
-        chunks = []
-        for layer in range(self.num_layers):
-            tokens = [list(ids) for ids in base]
-            for (chunk, i), token in zip(positions, occurrences):
-                tokens[chunk][i] = (embeddings[token][layer],) + tuple(base[chunk][i][1:])
-            chunks += tokens
+            towers = {key: chunks[:1] for key, chunks in towers.items()}
+        packed, start = {}, 0
+        for tower in self.family.towers:
+            base = towers[tower.key]
+            positions = [(chunk, i) for chunk, ids in enumerate(base) for i, entry in enumerate(ids)
+                         if entry[0] == sentinel]
+            if len(positions) != len(occurrences):
+                raise CIDMInputError("text", f"{occurrences[len(positions)]} falls past the first 75 tokens of the "
+                                             f"training prompt {text!r}, which is all training reads; shorten the "
+                                             "caption")
+            packed[tower.key] = []
+            for layer in range(self.num_layers):
+                tokens = [list(ids) for ids in base]
+                for (chunk, i), token in zip(positions, occurrences):
+                    own = embeddings[token][layer][start:start + tower.width]
+                    tokens[chunk][i] = (own,) + tuple(base[chunk][i][1:])
+                packed[tower.key] += tokens
+            start += tower.width
         # ComfyUI encodes a prompt's 77-token chunks as one batch and joins them along the token axis, so one call
-        # with the chunks of every layer runs the text encoder once and returns the packed [1, L·k·77, D] layout.
-        cond, pooled = self.clip.encode_from_tokens({tokenizer_key: chunks}, return_pooled=True)
-        return cond[0].reshape(self.num_layers, len(base) * TOKENS_PER_LAYER, -1), pooled
+        # with the chunks of every layer runs each text tower once and returns the packed [1, L·k·77, D] layout.
+        cond, pooled = self.clip.encode_from_tokens(packed, return_pooled=True)
+        chunks = len(packed[self.family.towers[0].key]) // self.num_layers
+        return cond[0].reshape(self.num_layers, chunks * self.tokens_per_layer, -1), pooled
 
     def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
         """[L, 77, D]: the training encoding (the first chunk, `encode_with_pooled` with whole=False)."""
         if not torch.is_grad_enabled():
             return self.encode_with_pooled(text, embeddings, whole=False)[0]
-        with _out_of_place_residuals(self.text_model):
+        with _out_of_place_residuals(self.text_models):
             return self.encode_with_pooled(text, embeddings, whole=False)[0]
 
 
@@ -111,11 +131,11 @@ def _residual_forward(layer):
 
 
 @contextlib.contextmanager
-def _out_of_place_residuals(text_model: torch.nn.Module):
+def _out_of_place_residuals(text_models: list[torch.nn.Module]):
     """ComfyUI's CLIPLayer adds its residuals in place (x += ...), which autograd rejects once the token embeddings
     require grad. While training, each layer runs the same arithmetic out of place."""
-    layers = [m for m in text_model.modules() if all(hasattr(m, a) for a in
-                                                     ("self_attn", "layer_norm1", "mlp", "layer_norm2"))]
+    layers = [m for text_model in text_models for m in text_model.modules()
+              if all(hasattr(m, a) for a in ("self_attn", "layer_norm1", "mlp", "layer_norm2"))]
     for layer in layers:
         layer.forward = _residual_forward(layer)
     try:
@@ -126,8 +146,9 @@ def _out_of_place_residuals(text_model: torch.nn.Module):
 
 
 def text_encoder_fingerprint(encoder: ComfyLayerwiseEncoder) -> str:
-    """A short hash of the CLIP's first token-embedding rows: which text encoder a library was trained with."""
-    return token_embedding_fingerprint(encoder.text_model.get_input_embeddings().weight)
+    """A short hash of the CLIP's first token-embedding rows (every tower's, joined): which text encoder a library
+    was trained with."""
+    return token_embedding_fingerprint(encoder.input_embeddings())
 
 
 def check_text_encoder(library, fingerprint: str) -> None:
