@@ -242,6 +242,23 @@ def test_a_latent_not_a_multiple_of_64_pixels(comfy):
     assert image.shape == (72, 104, 3)
 
 
+def concept_graph(ckpt: str, library: str, negative_kind: str, **aggregate):
+    """A graph with `library`'s concepts aggregated on checkpoint `ckpt`: (graph, model, encode(text) -> a CIDM
+    Text Encode conditioning, the negative "blurry" from CIDM Text Encode or, for "stock", CLIPTextEncode)."""
+    graph = Graph()
+    checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=ckpt)
+    lib = graph.add("CIDM_LoadConceptLibrary", library=library)
+    model = graph.add("CIDM_ElasticAggregateLoRAs", model=checkpoint[0], library=lib[0], tasks="all", weights="",
+                      uncond_weights="match cond", **aggregate)[0]
+
+    def encode(text):
+        return graph.add("CIDM_TextEncode", clip=checkpoint[1], library=lib[0], text=text)[0]
+
+    negative = encode("blurry") if negative_kind == "cidm" else \
+        graph.add("CLIPTextEncode", clip=checkpoint[1], text="blurry")[0]
+    return graph, model, encode, negative
+
+
 @pytest.mark.parametrize("negative_kind", ["cidm", "stock"])
 def test_region_attention_on_the_sixteen_layer_checkpoint(comfy, negative_kind):
     """A region holding the global prompt over the whole image is the plain global prompt (the region path's
@@ -251,18 +268,8 @@ def test_region_attention_on_the_sixteen_layer_checkpoint(comfy, negative_kind):
     library = f"sixteen_regions_{negative_kind}"
     synthesize_library(comfy.workspace / "models" / "checkpoints" / ckpt, comfy.workspace / "models" / "cidm" / library,
                        ["dog", "duck"])
-    graph = Graph()
-    checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=ckpt)
-    lib = graph.add("CIDM_LoadConceptLibrary", library=library)
-    model = graph.add("CIDM_ElasticAggregateLoRAs", model=checkpoint[0], library=lib[0], tasks="all", scale=0.8,
-                      mode="elastic", weights="", uncond_weights="match cond")[0]
-
-    def encode(text):
-        return graph.add("CIDM_TextEncode", clip=checkpoint[1], library=lib[0], text=text)[0]
-
+    graph, model, encode, negative = concept_graph(ckpt, library, negative_kind, scale=0.8, mode="elastic")
     positive = encode("a <dog> and a <duck> on a beach")
-    negative = encode("blurry") if negative_kind == "cidm" else \
-        graph.add("CLIPTextEncode", clip=checkpoint[1], text="blurry")[0]
     everywhere = graph.add("CIDM_RegionCondition", conditioning=positive, x=0.0, y=0.0, width=1.0, height=1.0,
                            strength=1.0)
     left = graph.add("CIDM_RegionCondition", conditioning=encode("a photo of a <dog>"), x=0.0, y=0.0, width=0.5,
@@ -364,3 +371,60 @@ def test_region_attention_under_an_attn2_replace_patch_is_a_clear_error(comfy):
     scene.ours("never_written", regions=scene.two_regions()[0], alpha=1.0)
     error = comfy.run_expecting_error(scene.graph.prompt())
     assert "model:" in error and "region_attention" in error, error
+
+LEAK_SIZE = 64
+LEAK_CASES = {"attention": dict(alpha=1.0, region_attention=True), "noise": dict(alpha=0.1, region_attention=False),
+              "both": dict(alpha=0.1, region_attention=True)}
+
+
+@pytest.fixture(scope="module")
+def leak_library(comfy):
+    synthesize_library(comfy.workspace / "models" / "checkpoints" / CKPT, comfy.workspace / "models" / "cidm" / "leak",
+                       ["dog", "duck"], lora_std=0.2)
+    return "leak"
+
+
+@pytest.mark.parametrize("negative_kind", ["cidm", "stock"])
+def test_a_regions_concept_stays_in_its_region_when_the_global_prompt_names_none(comfy, leak_library, negative_kind):
+    """Issue 29, kind 1: a region's concept acts only inside its region, whatever the global prompt names. The
+    example: a global prompt naming no concept and a region of a 1e-6 mask (or a 1-pixel box) naming <dog> moved
+    the latent by up to 507 here (190 on a real model): the negative was routed with every positive's concepts,
+    the region's too."""
+    graph, model, encode, negative = concept_graph(CKPT, leak_library, negative_kind, scale=1.0, mode="named")
+    positive = encode("a photo")
+    latent = graph.add("EmptyLatentImage", width=LEAK_SIZE, height=LEAK_SIZE, batch_size=1)[0]
+    tiny = graph.add("SolidMask", value=1e-6, width=LEAK_SIZE, height=LEAK_SIZE)[0]
+    common = dict(model=model, negative=negative, latent_image=latent, **SAMPLING)
+
+    def save(name, sampled):
+        graph.add("SaveLatent", samples=sampled[0], filename_prefix=name)
+
+    save("none", graph.add("KSampler", positive=positive, **common))
+    everywhere = graph.add("CIDM_RegionCondition", conditioning=encode("a photo of a <dog>"), x=0.0, y=0.0,
+                           width=1.0, height=1.0, strength=1.0)[0]
+    save("everywhere", graph.add("CIDM_ContextControlledKSampler", positive=positive, regions=everywhere, **common,
+                                 **LEAK_CASES["attention"]))
+    for prompt_name, text in (("dog", "a photo of a <dog>"), ("plain", "a photo of a dog")):
+        conditioning = encode(text)
+        regions = {"tiny": graph.add("CIDM_RegionCondition", conditioning=conditioning, x=0.0, y=0.0, width=1.0,
+                                     height=1.0, strength=1.0, mask=tiny)[0],
+                   "pixel": graph.add("CIDM_RegionCondition", conditioning=conditioning, x=0.0, y=0.0, width=1.0,
+                                      height=1.0, strength=1.0, units="pixels", canvas_width=LEAK_SIZE,
+                                      canvas_height=LEAK_SIZE)[0]}
+        for region_name, region in regions.items():
+            for case, settings in LEAK_CASES.items():
+                save(f"{prompt_name}-{region_name}-{case}",
+                     graph.add("CIDM_ContextControlledKSampler", positive=positive, regions=region, **common,
+                               **settings))
+        masked = graph.add("ConditioningSetMask", conditioning=conditioning, mask=tiny, strength=1.0,
+                           set_cond_area="default")[0]
+        save(f"{prompt_name}-stockmask", graph.add("KSampler", positive=graph.add(
+            "ConditioningCombine", conditioning_1=positive, conditioning_2=masked)[0], **common))
+    found = latents(comfy, comfy.run(graph.prompt()))
+    moved = {name: float(np.abs(value - found["none"]).max()) for name, value in found.items()}
+    assert moved["everywhere"] > 1.0, "the concept has no effect even over the whole canvas"
+    for name in [n for n in moved if n.startswith("dog-")]:
+        # A 1-pixel box is 1/4096 of the canvas: its concept may move the latent a little, never like a whole one.
+        assert moved[name] <= 0.02 * moved["everywhere"], (name, moved)
+        if "tiny" in name or "stockmask" in name:  # a mask of 1e-6: as little as the same region naming no concept
+            assert moved[name] <= 2 * moved[name.replace("dog-", "plain-")] + 2e-3, (name, moved)
