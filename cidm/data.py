@@ -3,7 +3,8 @@
 Images arrive as ComfyUI IMAGE tensors [N, H, W, 3] in [0, 1] or as files. Files are normalised to RGB (EXIF
 orientation applied; alpha composited on white; grayscale, palette and CMYK converted; 16-bit and float greyscale
 scaled by their mode's white level, `FULL_SCALE`). Every image is
-resized so its short side matches the training resolution and centre-cropped (or randomly cropped) to a square.
+resized so its short side matches the training resolution and centre-cropped (or randomly cropped) to a square;
+its original size and the crop are recorded (`ImageSize`) for families that condition on them (SDXL).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 OS_METADATA_FILES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"})
 MIN_SIDE = 64
 MAX_PIXELS = 64 * 1024 * 1024  # larger files are almost surely a mistake (and would exhaust memory)
+# Pixels per latent cell, as ComfyUI's sampler derives an image size from a latent (comfy/samplers.py:695-698,
+# v0.3.75).
+LATENT_DOWNSCALE = 8
 
 OBJECT_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
                     "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}",
@@ -57,11 +61,22 @@ class ConceptExample:
     source: str
 
 
+@dataclass(frozen=True)
+class ImageSize:
+    """Where a training image came from: its size before resizing and the offset of its training crop, in pixels,
+    as SDXL's size conditioning reads them (the crop offset is in the resized image, before cropping)."""
+
+    original: tuple[int, int]  # (height, width)
+    crop: tuple[int, int]  # (top, left)
+
+
 @dataclass
 class TrainingSet:
     images: torch.Tensor  # [N, R, R, 3]
     captions: list[str | None]
     sources: list[str]
+    # Per image; None when the images were given at their training size (each then counts as uncropped).
+    sizes: list[ImageSize] | None = None
 
     def digest(self) -> str:
         """sha256 of the pixels and captions (not the file names): the same data gives the same digest."""
@@ -212,8 +227,10 @@ def examples_from_image_batch(images: torch.Tensor, input_name: str) -> list[Con
             for i, image in enumerate(images)]
 
 
-def resize_and_crop(image: torch.Tensor, resolution: int, rng: random.Random | None = None) -> torch.Tensor:
-    """[H, W, 3] -> [R, R, 3]: short side scaled to R (antialiased), then a centre (or random) square crop."""
+def resize_and_crop(image: torch.Tensor, resolution: int,
+                    rng: random.Random | None = None) -> tuple[torch.Tensor, ImageSize]:
+    """[H, W, 3] -> ([R, R, 3], its ImageSize): short side scaled to R (antialiased), then a centre (or random)
+    square crop."""
     height, width = image.shape[:2]
     scale = resolution / min(height, width)
     size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
@@ -221,7 +238,19 @@ def resize_and_crop(image: torch.Tensor, resolution: int, rng: random.Random | N
                             align_corners=False)[0].permute(1, 2, 0)
     top = (size[0] - resolution) // 2 if rng is None else rng.randint(0, size[0] - resolution)
     left = (size[1] - resolution) // 2 if rng is None else rng.randint(0, size[1] - resolution)
-    return resized[top:top + resolution, left:left + resolution].clamp(0, 1)
+    return resized[top:top + resolution, left:left + resolution].clamp(0, 1), ImageSize((height, width), (top, left))
+
+
+def size_conditioning(size: ImageSize | None, latent_shape: tuple[int, ...]) -> dict[str, int]:
+    """SDXL's size conditioning of one training sample, keyed as ComfyUI's `CLIPTextEncodeSDXL` and
+    `SDXL.encode_adm` name it (comfy_extras/nodes_clip_sdxl.py:28-58, comfy/model_base.py:469-492, v0.3.75), in
+    pixels: the original size and crop offset from `size`, the target size from the latent's spatial axes
+    ([..., h, w] -> h·8, w·8). Without a `size` the sample counts as an uncropped image of the target size, as
+    ComfyUI's sampler assumes (comfy/samplers.py:689-700)."""
+    height, width = latent_shape[-2] * LATENT_DOWNSCALE, latent_shape[-1] * LATENT_DOWNSCALE
+    size = size or ImageSize((height, width), (0, 0))
+    return {"height": size.original[0], "width": size.original[1], "crop_h": size.crop[0], "crop_w": size.crop[1],
+            "target_height": height, "target_width": width}
 
 
 def bind_concept_tokens(caption: str, concept_word: str, tokens: list[str]) -> str:
@@ -267,7 +296,8 @@ def make_prompt(caption: str | None, concept_word: str, tokens: list[str], templ
 
 def build_training_set(examples: list[ConceptExample], resolution: int, seed: int,
                        random_crop: bool = False) -> TrainingSet:
-    """The examples as one [N, R, R, 3] batch at `resolution` R (`resize_and_crop`; random crops seeded by `seed`).
+    """The examples as one [N, R, R, 3] batch at `resolution` R (`resize_and_crop`; random crops seeded by `seed`),
+    with each image's original size and crop.
 
     Raises:
         CIDMInputError: ("resolution") when R is under MIN_SIDE or not a multiple of 8.
@@ -275,5 +305,5 @@ def build_training_set(examples: list[ConceptExample], resolution: int, seed: in
     if resolution < MIN_SIDE or resolution % 8:
         raise CIDMInputError("resolution", f"must be a multiple of 8 and at least {MIN_SIDE}, got {resolution}")
     rng = random.Random(seed) if random_crop else None
-    images = torch.stack([resize_and_crop(example.image, resolution, rng) for example in examples])
-    return TrainingSet(images, [e.caption for e in examples], [e.source for e in examples])
+    images, sizes = zip(*(resize_and_crop(example.image, resolution, rng) for example in examples))
+    return TrainingSet(torch.stack(images), [e.caption for e in examples], [e.source for e in examples], list(sizes))

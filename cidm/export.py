@@ -1,14 +1,22 @@
 """Export of one task as a standard LoRA file that ComfyUI's LoraLoader and diffusers' `load_lora_weights` read.
 
-Keys use kohya-ss sd-scripts' SD1.x names: `lora_unet_<diffusers module path with "." as "_">` with
-`.lora_down.weight`, `.lora_up.weight` and `.alpha`, e.g.
-`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight` (sd-scripts trains SD1.x
-on the diffusers UNet). Both hosts read these names:
-- ComfyUI (v0.3.75, `comfy/lora.py` `model_lora_keys_unet`) maps them through `comfy.utils.unet_to_diffusers`;
-- diffusers (v0.42.1, `src/diffusers/loaders/lora_conversion_utils.py` `_convert_unet_lora_key`) turns `_` back
-  into module paths.
-The LDM names a ComfyUI library stores (`input_blocks.1.1.…`) load in ComfyUI only: diffusers turns
-`lora_unet_input_blocks_1_1_…` into `down_blocks.1.1.…`, a module that does not exist.
+Keys use kohya-ss sd-scripts' names, `lora_unet_<UNet module path with "." as "_">` with `.lora_down.weight`,
+`.lora_up.weight` and `.alpha`, on the module paths sd-scripts itself uses for the family (`ModelFamily.lora_paths`):
+- SD1.x (`"diffusers"`): sd-scripts trains on the diffusers UNet, so the diffusers module path, e.g.
+  `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q`. The LDM names a ComfyUI library stores
+  (`input_blocks.1.1.…`) load in ComfyUI only: diffusers' SD1.x loader turns `lora_unet_input_blocks_1_1_…` into
+  `down_blocks.1.1.…`, a module that does not exist.
+- SDXL (`"ldm"`): sd-scripts' `sdxl_original_unet.py` keeps the LDM names, so the library's own path, e.g.
+  `lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q`. The names need no block arithmetic here: each
+  loader maps them by its own model's structure, which also holds for SDXL-layout models with other block counts
+  (SSD-1B, Vega, KOALA).
+Both hosts read the names of either family:
+- ComfyUI (v0.3.75, `comfy/lora.py:175-201` `model_lora_keys_unet`) maps every `lora_unet_<LDM path>` of the model
+  directly and every `lora_unet_<diffusers path>` through `comfy.utils.unet_to_diffusers` of the model's own config;
+- diffusers (v0.42.1, `loaders/lora_conversion_utils.py:261` `_convert_unet_lora_key`) turns `_` back into module
+  paths; its SDXL loader (`loaders/lora_pipeline.py:597-631` `StableDiffusionXLLoraLoaderMixin.load_lora_weights`)
+  first maps LDM block names onto its UNet by `unet.config.layers_per_block` (`lora_pipeline.py:768-770`,
+  `lora_conversion_utils.py:31` `_maybe_map_sgm_blocks_to_diffusers`), then calls `load_lora_into_unet`.
 
 Loaders scale by alpha/rank, so alpha is written as rank·multiplier to reproduce h = Wx + m·BAx.
 What the format cannot carry: the layer-wise concept token embeddings (one per cross-attention layer). A stock
@@ -31,6 +39,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .adapters import TaskFactors
 from .errors import CIDMInputError
+from .family import SD15, ModelFamily
 from .files import write_atomic
 from .library import TaskRecord
 
@@ -75,20 +84,39 @@ def diffusers_unet_path(path: str) -> str:
     return f"down_blocks.{level}.attentions.{position}.{rest}"
 
 
-def standard_lora_state_dict(lora: TaskFactors, layer_paths: list[str], multiplier: float,
-                             dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """One task's factors as a kohya-named SD1.x LoRA state dict (see the module docstring).
-
-    `lora` maps (layer index, projection) to (down [r, in], up [out, r]); `layer_paths[layer]` is that layer's
-    attn2 path from the UNet root, in LDM or diffusers form. Factors are stored as `dtype` (fp16, as most LoRA
-    files are); `.alpha` is the fp32 scalar rank·multiplier.
+def lora_unet_path(path: str, family: ModelFamily) -> str:
+    """The module path an exported LoRA of `family` names for the UNet attention submodule at `path` (a library's
+    layer path, LDM or diffusers form): `diffusers_unet_path(path)` for `lora_paths` "diffusers", `path` itself
+    for "ldm" (module docstring).
 
     Raises:
-        CIDMInputError: ("library") when a layer path is not an SD1.x UNet attention module.
+        CIDMInputError: ("library") when `path` is not a UNet attention submodule in a form the family's names
+            come from: for "ldm", an LDM path (`input_blocks.N.1.…`, `middle_block.1.…`, `output_blocks.N.1.…`).
+    """
+    if family.lora_paths == "diffusers":
+        return diffusers_unet_path(path)
+    if not _LDM_ATTENTION.fullmatch(path):
+        raise CIDMInputError("library", f"layer {path!r} is not an {family.name} UNet attention module in LDM form "
+                                        "(input_blocks.N.1..., middle_block.1..., output_blocks.N.1...)")
+    return path
+
+
+def standard_lora_state_dict(lora: TaskFactors, layer_paths: list[str], multiplier: float,
+                             family: ModelFamily = SD15, dtype: torch.dtype = torch.float16
+                             ) -> dict[str, torch.Tensor]:
+    """One task's factors as a kohya-named LoRA state dict of `family` (see the module docstring).
+
+    `lora` maps (layer index, projection) to (down [r, in], up [out, r]); `layer_paths[layer]` is that layer's
+    attn2 path from the UNet root, in LDM or diffusers form; `family` is the library's (`ConceptLibrary.family`,
+    SD1.5 for libraries that record none). Factors are stored as `dtype` (fp16, as most LoRA files are); `.alpha`
+    is the fp32 scalar rank·multiplier.
+
+    Raises:
+        CIDMInputError: ("library") as `lora_unet_path`, for a layer path the family's names cannot come from.
     """
     state = {}
     for (layer, proj), (down, up) in sorted(lora.items()):
-        name = "lora_unet_" + f"{diffusers_unet_path(layer_paths[layer])}.{proj}".replace(".", "_")
+        name = "lora_unet_" + f"{lora_unet_path(layer_paths[layer], family)}.{proj}".replace(".", "_")
         state[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
         state[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         state[f"{name}.alpha"] = torch.tensor(float(down.shape[0]) * multiplier)

@@ -46,6 +46,9 @@ class ModelFamily:
     adm_channels: width of the UNet's `y` input (0: none); SDXL's is pooled 1280 + 6 size embeddings of 256.
     latent_scale: the VAE latent scale factor.
     resolution: the default training and sampling resolution, in pixels (the family's native size).
+    lora_paths: the UNet module paths an exported LoRA's kohya names are built on (`cidm.export`), those kohya-ss
+        sd-scripts uses for the family: "diffusers" (SD1.x: `lora_unet_down_blocks_0_attentions_0_…`) or "ldm"
+        (SDXL, sd-scripts' `sdxl_original_unet.py`: `lora_unet_input_blocks_4_1_…`).
     shared_slots: whether the attn2 layers of one transformer stack share one token slot (`token_slots`); on SD1.5
         every stack has one layer, so both rules give one slot per layer.
     """
@@ -58,6 +61,7 @@ class ModelFamily:
     adm_channels: int
     latent_scale: float
     resolution: int
+    lora_paths: str
     shared_slots: bool = False
 
     @property
@@ -88,18 +92,17 @@ CLIP_G = TextTower("g", 1280, pads_with_end=False)
 # comfy/latent_formats.py SD15 (0.18215); 512 px, the released CIDM SD1.5 configs (JiahuaDong/CIFC@9819aa8
 # options/train/*.yml).
 SD15 = ModelFamily(name="SD1.5", comfy_names=("SD15",), towers=(CLIP_L,), tokens_per_chunk=77, pooled_width=0,
-                   adm_channels=0, latent_scale=0.18215, resolution=512)
+                   adm_channels=0, latent_scale=0.18215, resolution=512, lora_paths="diffusers")
 
 # SDXL and its fine-tunes (Pony, Illustrious, NoobAI, v-prediction ones too): comfy/supported_models.py SDXL and
 # the SDXL-layout subclasses (context 2048, adm 2816); pooled CLIP-G 1280 (comfy/sdxl_clip.py); latent scale
 # comfy/latent_formats.py SDXL (0.13025); 1024 px native.
 SDXL = ModelFamily(name="SDXL", comfy_names=("SDXL",), towers=(CLIP_L, CLIP_G), tokens_per_chunk=77,
-                   pooled_width=1280, adm_channels=2816, latent_scale=0.13025, resolution=1024)
+                   pooled_width=1280, adm_channels=2816, latent_scale=0.13025, resolution=1024, lora_paths="ldm")
 
 FAMILIES = (SD15, SDXL)
-# The families the whole pipeline (training, sampling, regions, export) runs on today; the others are described
-# for detection, so that their models get a message naming what they are.
-SUPPORTED = (SD15,)
+# The families the pipeline runs on; a described family left out gets a message naming what it is.
+SUPPORTED = FAMILIES
 
 
 def family_named(name: str) -> ModelFamily:
@@ -115,5 +118,5 @@ def family_named(name: str) -> ModelFamily:
 
 
 def supported_names() -> str:
-    """The supported families, for messages: "SD1.5"."""
+    """The supported families, for messages: "SD1.5, SDXL"."""
     return ", ".join(family.name for family in SUPPORTED)

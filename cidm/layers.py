@@ -1,9 +1,11 @@
 """Finds the UNet's cross-attention (attn2) layers in CIDM's layer order.
 
 The order is down/input blocks, then the middle block, then up/output blocks, in forward order: the order in
-which ComfyUI's `transformer_index` counts and in which the official CIDM code indexes its layer-wise tokens
-(JiahuaDong/CIFC@9819aa8 `lib/models/edlora.py` `revise_edlora_unet_attention_forward`: down_blocks, mid_block,
-up_blocks). The count is read from the model (16 for SD1.5, 4 for the mini test UNet), never assumed.
+which the official CIDM code indexes its layer-wise tokens (JiahuaDong/CIFC@9819aa8 `lib/models/edlora.py`
+`revise_edlora_unet_attention_forward`: down_blocks, mid_block, up_blocks). The count is read from the model (16
+for SD1.5, 70 for SDXL, 4 for the mini test UNet), never assumed. A layer is known by its module path: ComfyUI's
+`transformer_options["transformer_index"]` counts SpatialTransformers, not layers (0..10 on SDXL, whose stacks
+hold up to 10 layers; comfy/ldm/modules/diffusionmodules/openaimodel.py:41-46, v0.3.75), so nothing keys on it.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
         layers.append(CrossAttentionLayer(index=index, path=path, query_dim=module.to_q.in_features,
                                           context_dim=module.to_k.in_features, heads=module.heads))
     if not layers:
-        raise CIDMInputError("model", "no cross-attention (attn2) layers found; supported: SD1.5-layout UNets")
+        raise CIDMInputError("model", "no cross-attention (attn2) layers found; supported: SD1.5- and SDXL-layout "
+                                      "UNets")
     return layers
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .adapters import LayerLoRABank, TaskFactors, init_task_factors
 from .aggregation import ConstantRouter
 from .consolidation import ConsolidationWeights, make_consolidator
-from .data import TEMPLATES, TrainingSet, make_prompt
+from .data import TEMPLATES, ImageSize, TrainingSet, make_prompt
 from .errors import CIDMInputError, require_finite
 from .layers import PROJECTIONS, CrossAttentionLayer
 from .tokens import LayerwiseTextEncoder, concept_features, initial_embeddings, mean_embedding_norm
@@ -80,10 +80,29 @@ class ConceptSpec:
     class_words: list[str | None]  # per token; the first token always starts random
 
 
+@dataclass
+class PooledConditioning:
+    """The extra conditioning of a family whose UNet also takes the pooled text output and the image sizes through
+    its ADM input (SDXL, `cidm.family.ModelFamily.adm_channels`), per sample of a batch."""
+
+    pooled: torch.Tensor  # [B, P]: each sample's pooled text output, P the family's pooled_width
+    # Each sample's original size and crop (cidm.data.size_conditioning); None: uncropped at the latent's size.
+    sizes: list[ImageSize | None]
+
+
+class PooledTextEncoder(LayerwiseTextEncoder, Protocol):
+    """The text encoder of a family with pooled conditioning (a Denoiser whose pooled_width is above 0)."""
+
+    def encode_pooled(self, text: str, embeddings: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """([L, T, D], pooled [1, P]) as `encode`; both differentiable with respect to `embeddings`."""
+        ...
+
+
 class Denoiser(Protocol):
     """What the loop needs from a diffusion model."""
 
     layers: list[CrossAttentionLayer]
+    pooled_width: int  # width P of the pooled text output `predict` takes; 0 when it takes none (SD1.5)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """ComfyUI IMAGE [N, H, W, 3] in [0, 1] -> latents [N, C, h, w]."""
@@ -94,8 +113,10 @@ class Denoiser(Protocol):
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         ...
 
-    def predict(self, noisy: torch.Tensor, level: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The model's raw output (eps, v, ...) for a packed layer-wise context [B, L·T, D]."""
+    def predict(self, noisy: torch.Tensor, level: torch.Tensor, context: torch.Tensor, *,
+                extra: PooledConditioning | None = None) -> torch.Tensor:
+        """The model's raw output (eps, v, ...) for a packed layer-wise context [B, L·T, D], with the pooled
+        conditioning when pooled_width is above 0 (None otherwise)."""
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, level: torch.Tensor,
                noisy: torch.Tensor) -> torch.Tensor:
@@ -144,7 +165,8 @@ def _linear_decay(total: int) -> Callable[[int], float]:
 
 
 class ConceptTrainer:
-    """Trains one concept increment. Holds everything a resume must restore."""
+    """Trains one concept increment. Holds everything a resume must restore. The encoder is a PooledTextEncoder
+    when the denoiser takes pooled conditioning (`Denoiser.pooled_width` above 0)."""
 
     def __init__(self, denoiser: Denoiser, encoder: LayerwiseTextEncoder, training_set: TrainingSet,
                  concept: ConceptSpec, old_tasks: list[TaskFactors], config: TrainingConfig):
@@ -152,6 +174,7 @@ class ConceptTrainer:
         self.denoiser, self.encoder, self.concept, self.config = denoiser, encoder, concept, config
         self.training_set = training_set
         self.layers = denoiser.layers
+        self.pooled = denoiser.pooled_width > 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.consolidator = make_consolidator(config.method, old_tasks, config.consolidation)
         self.active_old = old_tasks if self.consolidator.uses_old_in_forward else []
@@ -175,7 +198,7 @@ class ConceptTrainer:
             self.frozen_at = 0
             self.embeddings.requires_grad_(False)
         self.losses: list[float] = []
-        self.context_cache: dict[str, torch.Tensor] = {}
+        self.context_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         with torch.no_grad():
             self.latents = torch.cat([denoiser.encode_images(training_set.images[i:i + 1])
                                       for i in range(len(training_set.images))])
@@ -246,31 +269,46 @@ class ConceptTrainer:
         return [p for pair in self.lora.values() for p in pair] + [self.embeddings]
 
     # Training -----------------------------------------------------------------------------------------------
-    def _context(self, prompt: str, track_grad: bool = True) -> torch.Tensor:
-        """[L·T, D] packed layer contexts; cached per prompt once the embeddings are frozen."""
+    def _context(self, prompt: str, track_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([L·T, D] packed layer contexts, pooled [P] or None when the denoiser takes none); cached per prompt once
+        the embeddings are frozen."""
         if prompt in self.context_cache:
             return self.context_cache[prompt]
         table = {token: self.embeddings[i] for i, token in enumerate(self.concept.tokens)}
         with torch.set_grad_enabled(track_grad and self.frozen_at is None):
-            encoded = self.encoder.encode(prompt, table)
-        packed = encoded.reshape(-1, encoded.shape[-1])
+            encoded, pooled = self.encoder.encode_pooled(prompt, table) if self.pooled \
+                else (self.encoder.encode(prompt, table), None)
+        packed, pooled = encoded.reshape(-1, encoded.shape[-1]), None if pooled is None else pooled[0]
         if self.frozen_at is not None:
-            self.context_cache[prompt] = packed.detach()
-        return packed
+            self.context_cache[prompt] = (packed.detach(), None if pooled is None else pooled.detach())
+        return packed, pooled
 
-    def preview_contexts(self) -> torch.Tensor:
-        """[2, L·T, D]: a template prompt for the concept and the empty prompt, with the current embeddings."""
+    def _conditioning(self, prompts: list[str], sizes: list[ImageSize | None],
+                      track_grad: bool = True) -> tuple[torch.Tensor, PooledConditioning | None]:
+        """[B, L·T, D] contexts of `prompts` on the denoiser's device, with their pooled conditioning (None when the
+        denoiser takes none)."""
+        encoded = [self._context(prompt, track_grad) for prompt in prompts]
+        device = self.denoiser.device
+        context = torch.stack([packed for packed, _ in encoded]).to(device)
+        if not self.pooled:
+            return context, None
+        return context, PooledConditioning(torch.stack([pooled for _, pooled in encoded]).to(device), sizes)
+
+    def preview_contexts(self) -> tuple[torch.Tensor, PooledConditioning | None]:
+        """([2, L·T, D], pooled conditioning or None): a template prompt for the concept and the empty prompt, with
+        the current embeddings, for an uncropped image of the sample's size."""
         prompt = TEMPLATES[self.config.template][0].format(" ".join(self.concept.tokens))
         with torch.no_grad():
-            return torch.stack([self._context(prompt, track_grad=False), self._context("", track_grad=False)])
+            return self._conditioning([prompt, ""], [None, None], track_grad=False)
 
-    def _batch(self) -> tuple[torch.Tensor, list[str]]:
+    def _batch(self) -> tuple[torch.Tensor, list[str], list[ImageSize | None]]:
         count = len(self.latents)
         indices = torch.randint(count, (self.config.batch_size,), generator=self.generator).tolist()
         prompt_rng = random.Random(int(torch.randint(2**31, (1,), generator=self.generator)))
         prompts = [make_prompt(self.training_set.captions[i], self.concept.name, self.concept.tokens,
                                self.config.template, prompt_rng) for i in indices]
-        return self.latents[indices], prompts
+        sizes = self.training_set.sizes
+        return self.latents[indices], prompts, [sizes[i] if sizes else None for i in indices]
 
     def train_step(self) -> float:
         """One optimizer step; returns the diffusion loss.
@@ -279,16 +317,16 @@ class ConceptTrainer:
             CIDMInputError: ("lora_lr") when the loss or a gradient is not finite: the step is not taken, so the
                 factors and any saved state stay as they were.
         """
-        latents, prompts = self._batch()
+        latents, prompts, sizes = self._batch()
         device = self.denoiser.device
         latents = latents.to(device)
         noise = torch.randn(latents.shape, generator=self.generator)
         noise = noise + self.config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=self.generator)
         noise = noise.to(device)
         level = self.denoiser.sample_noise_level(len(latents), self.generator).to(device)
-        context = torch.stack([self._context(p) for p in prompts]).to(device)
+        context, extra = self._conditioning(prompts, sizes)
         noisy = self.denoiser.add_noise(latents, noise, level)
-        prediction = self.denoiser.predict(noisy, level, context)
+        prediction = self.denoiser.predict(noisy, level, context, extra=extra)
         target = self.denoiser.target(latents, noise, level, noisy)
         diffusion_loss = F.mse_loss(prediction.float(), target.float())
         current = {key: (down, up) for key, (down, up) in self.lora.items()}

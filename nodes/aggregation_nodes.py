@@ -107,7 +107,8 @@ class ElasticAggregateLoRAs(io.ComfyNode):
             description="Puts the library's concepts into one model. By default a prompt (from CIDM Text Encode) "
                         "gets exactly the concepts it names; a prompt naming none samples as the base model. "
                         "Chain several nodes to use several libraries.",
-            inputs=[io.Model.Input("model", tooltip="The SD1.5 base model the library was trained on."),
+            inputs=[io.Model.Input("model", tooltip="The base model the library was trained on (an SD1.5- or "
+                                                    "SDXL-family checkpoint)."),
                     ConceptLibraryType.Input("library", tooltip="The concept library whose tasks are aggregated."),
                     io.String.Input("tasks", default="all", tooltip="'all', or task numbers / concept names, "
                                     "comma separated."),

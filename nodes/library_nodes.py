@@ -101,14 +101,16 @@ class TrainConceptIncrement(io.ComfyNode):
 
 
 def concept_lora(library, concept: str) -> tuple[str, dict, dict[str, torch.Tensor]]:
-    """(library name, task record, standard LoRA state dict) of the library's task named `concept`."""
+    """(library name, task record, standard LoRA state dict with the library family's key names) of the library's
+    task named `concept`."""
     lib = library.open()
     task = lib.concept_task(concept.strip())
     if task is None:
         raise CIDMInputError("concept", f"no concept '{concept}' in library '{lib.name}'; known (any case): "
                                         + ", ".join(t.concept for t in lib.tasks))
     data = lib.load_task(task.index)
-    return lib.name, task, standard_lora_state_dict(data.lora, lib.base_model["layer_paths"], task.multiplier)
+    return lib.name, task, standard_lora_state_dict(data.lora, lib.base_model["layer_paths"], task.multiplier,
+                                                    lib.family)
 
 
 class ExportConceptLoRA(io.ComfyNode):
@@ -149,7 +151,8 @@ class LoadConceptAsLoRA(io.ComfyNode):
             description="Applies one library concept to a MODEL as the standard LoRA that Export Concept LoRA "
                         "writes, as LoraLoaderModelOnly would load that file: export and use in one graph. "
                         + EXPORT_NOTE + ".",
-            inputs=[io.Model.Input("model", tooltip="The SD1.5 base model the library was trained on."),
+            inputs=[io.Model.Input("model", tooltip="The base model (SD1.5 or SDXL family) the library was "
+                                                    "trained on."),
                     ConceptLibraryType.Input("library", tooltip="The library that holds the concept."),
                     io.String.Input("concept", default="dog", tooltip="The concept (task) to apply."),
                     io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,

@@ -22,6 +22,7 @@ from ..cidm.tokens import TOKEN_PATTERN
 from ..cidm.train import ConceptSpec, ConceptTrainer, TrainingCallbacks, TrainingConfig
 from .common import input_root, input_subfolder, library_ref
 from .host.denoiser import ComfyDenoiser
+from .host.family import model_family
 from .host.model import base_model_info, check_trainable, check_unpatched
 from .host.text_encoder import TEXT_ENCODER_KEY, ComfyLayerwiseEncoder, check_text_encoder, text_encoder_fingerprint
 
@@ -75,7 +76,8 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
                             images, folder: str, config: TrainingConfig, resolution: int, resume: bool,
                             preview_every: int, node_id: str | None):
     """Trains and appends the task, or reuses the task that a run with the same inputs appended before; returns
-    (library ref, loss plot, preview samples taken, possibly none)."""
+    (library ref, loss plot, preview samples taken, possibly none). `resolution` 0 is the model family's native
+    size (cidm.family), recorded as the size trained at."""
     concept = validate_name(concept.strip(), "concept")
     token_list = parse_tokens(concept, tokens)
     if config.method not in METHODS:
@@ -90,6 +92,7 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     info[TEXT_ENCODER_KEY] = text_encoder_fingerprint(encoder)
     # Methods that keep the class word out (c-lora) start every token random: their class words are not recorded.
     words = class_words.split() if CONSOLIDATORS[config.method].class_word_in_prompt else []
+    resolution = resolution or model_family(model).resolution
     training_set = build_training_set(gather_examples(images, folder), resolution, config.seed)
     settings = task_settings(config, resolution, words, training_set)
     library = ConceptLibrary.open(root) if ref.content is not None else None
@@ -133,7 +136,7 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
 
         def preview(step):
             # One seed for every preview, so successive samples show the weights changing, not the noise.
-            image = denoiser.sample(trainer.preview_contexts(), tuple(trainer.latents[:1].shape), PREVIEW_STEPS,
+            image = denoiser.sample(*trainer.preview_contexts(), tuple(trainer.latents[:1].shape), PREVIEW_STEPS,
                                     PREVIEW_CFG, torch.Generator().manual_seed(config.seed)).cpu()
             previews.append(image)
             pixels = (image[0].clamp(0, 1) * 255).to(torch.uint8).numpy()

@@ -22,7 +22,10 @@ TrainingOptionsType = io.Custom("CIDM_TRAINING_OPTIONS")
 class TrainingOptions:
     """Everything Train Concept Increment needs besides its own inputs. The method's defaults are cidm's own
     (`TrainingConfig`, `ConsolidationWeights`: the released CIDM configs for SD1.5, JiahuaDong/CIFC
-    `options/train/*.yml`); resolution 512 is SD1.5's; the node saves a resumable state every 100 steps."""
+    `options/train/*.yml`), on every family: CIDM's SDXL settings were never released (JiahuaDong/CIFC README,
+    TODO). Resolution 0 trains at the model family's native size (`cidm.family.ModelFamily.resolution`: SD1.5 512
+    px, as those configs; SDXL 1024 px, its native size, the default of ComfyUI's CLIPTextEncodeSDXL,
+    comfy_extras/nodes_clip_sdxl.py:34-39, v0.3.75). The node saves a resumable state every 100 steps."""
     tokens: str = ""
     class_words: str = ""
     template: str = TrainingConfig.template
@@ -33,7 +36,7 @@ class TrainingOptions:
     orthogonal_weight: float = ConsolidationWeights.orthogonal
     shared_weight: float = ConsolidationWeights.shared
     clora_lambda: float = ConsolidationWeights.clora
-    resolution: int = 512
+    resolution: int = 0  # the model family's native size
     batch_size: int = TrainingConfig.batch_size
     training_seed: int = TrainingConfig.seed
     save_every: int = 100
@@ -82,9 +85,10 @@ def _inputs() -> list:
                        tooltip="c-lora: overlap penalty weight (Smith et al.), normalised by the old updates' "
                                "size, so the same value works at any learning rate (trains only attn2 key/value; "
                                "tokens start random; keep the class word out of captions)."),
-        io.Int.Input("resolution", default=d.resolution, min=64, max=2048, step=8,
+        io.Int.Input("resolution", default=d.resolution, min=0, max=2048, step=8,
                      tooltip="Training images are scaled (short side) and centre-cropped to this square size, "
-                             "in pixels. SD1.5: 512."),
+                             "in pixels (a multiple of 8, at least 64). 0: the model family's native size, "
+                             "SD1.5 512 and SDXL 1024."),
         io.Int.Input("batch_size", default=d.batch_size, min=1, max=64, tooltip="Images per optimizer step."),
         # Not named `seed`: the frontend gives inputs named seed a "randomize after every run" control, and a
         # training seed that changes each run would retrain a different concept.

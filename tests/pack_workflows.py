@@ -10,7 +10,7 @@ from comfy_host import Graph
 
 CKPT = "cidm_mini_sd15.safetensors"
 LIBRARY = "continual"
-# CPU-sized Concept Training Options for tests (the node defaults are SD1.5's 512 px setting).
+# CPU-sized Concept Training Options for tests (the node defaults train at the model family's native size).
 TRAIN_OPTIONS = dict(tokens="", class_words="", template="object", lora_lr=1e-2, embedding_lr=1e-3, rank=4,
                      multiplier=1.0, orthogonal_weight=0.1, shared_weight=0.01, clora_lambda=1.0, resolution=64,
                      batch_size=1, training_seed=0, save_every=0, resume=False, gradient_checkpointing=False,

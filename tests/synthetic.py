@@ -11,12 +11,18 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from cidm.family import FAMILIES, SD15, SDXL
 from cidm.layers import PROJECTIONS, base_model_fingerprint
 from cidm.library import ConceptLibrary, TaskData
 from cidm.tokens import token_embedding_fingerprint
 
 UNET = "model.diffusion_model."
-TOKEN_EMBEDDING = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+# Each family's token-embedding tables, in tower order (cidm.family): SD1.5's CLIP-L; SDXL's CLIP-L and CLIP-G
+# (as scripts/make_test_checkpoint.py writes them).
+_EMBEDDING = "text_model.embeddings.token_embedding.weight"
+TOKEN_EMBEDDINGS = {SD15.name: [f"cond_stage_model.transformer.{_EMBEDDING}"],
+                    SDXL.name: [f"conditioner.embedders.0.transformer.{_EMBEDDING}",
+                                f"conditioner.embedders.1.model.transformer.{_EMBEDDING}"]}
 _STAGES = ("input_blocks", "middle_block", "output_blocks")
 
 
@@ -34,12 +40,15 @@ def checkpoint_layers(checkpoint: Path) -> tuple[list[str], dict[str, tuple[int,
 
 
 def checkpoint_base_model(checkpoint: Path) -> dict:
-    paths, _ = checkpoint_layers(checkpoint)
+    """What the pack records of a generated checkpoint's base model (nodes/host/model.py:base_model_info)."""
+    paths, shapes = checkpoint_layers(checkpoint)
+    context_dim = shapes[(paths[0], "to_k")][1]
+    family = next(f for f in FAMILIES if f.context_dim == context_dim)
     with safe_open(str(checkpoint), "pt") as f:
         fingerprint = base_model_fingerprint(lambda key: f.get_tensor(UNET + key).float(), len(paths))
-        text_encoder = token_embedding_fingerprint(f.get_tensor(TOKEN_EMBEDDING))
-    return {"fingerprint": fingerprint, "num_layers": len(paths), "context_dim": 768, "layer_paths": paths,
-            "text_encoder": text_encoder}
+        tables = [f.get_tensor(key) for key in TOKEN_EMBEDDINGS[family.name]]
+    return {"fingerprint": fingerprint, "family": family.name, "num_layers": len(paths), "context_dim": context_dim,
+            "layer_paths": paths, "text_encoder": token_embedding_fingerprint(torch.cat(tables, dim=-1))}
 
 
 def synthesize_library(checkpoint: Path, root: Path, concepts: list[str], rank: int = 4, seed: int = 0,
@@ -58,8 +67,8 @@ def synthesize_library(checkpoint: Path, root: Path, concepts: list[str], rank: 
                 lora[(layer, proj)] = (torch.randn(rank, in_features, generator=generator) * lora_std,
                                        torch.randn(out_features, rank, generator=generator) * lora_std)
         tokens = [f"<{concept}{i}>" for i in (1, 2)]
-        embeddings = torch.randn(len(tokens), len(paths), 768, generator=generator) * 0.02
-        features = torch.randn(len(tokens), len(paths), 768, generator=generator)
+        embeddings = torch.randn(len(tokens), len(paths), info["context_dim"], generator=generator) * 0.02
+        features = torch.randn(len(tokens), len(paths), info["context_dim"], generator=generator)
         library.append_task(concept=concept, tokens=tokens, method="cidm", rank=rank, multiplier=multiplier, steps=0,
                             seed=seed + number, hyperparameters={"synthetic": True},
                             data=TaskData(lora=lora, embeddings=embeddings, features=features))

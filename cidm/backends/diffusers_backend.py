@@ -131,6 +131,7 @@ class DiffusersDenoiser:
         self.tokens_per_layer = tokens_per_layer
         self.to_model_space = to_model_space or (lambda images: images.permute(0, 3, 1, 2) * 2 - 1)
         self.layers = cross_attention_layers(unet)
+        self.pooled_width = 0  # SD1.x-layout UNets: no pooled text or size conditioning (no ADM input)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise CIDMInputError("scheduler", f"prediction type {self.prediction_type!r} is not supported")
@@ -151,8 +152,9 @@ class DiffusersDenoiser:
     def add_noise(self, latents, noise, level):
         return self.scheduler.add_noise(latents, noise, level.to(latents.device))
 
-    def predict(self, noisy, level, context, cond_or_uncond: list[int] | None = None):
-        """`cond_or_uncond` labels the batch's chunks (0 cond, 1 uncond) for routers that match uncond to cond."""
+    def predict(self, noisy, level, context, cond_or_uncond: list[int] | None = None, *, extra: None = None):
+        """`cond_or_uncond` labels the batch's chunks (0 cond, 1 uncond) for routers that match uncond to cond;
+        `extra` is always None here (pooled_width 0, cidm.train.Denoiser)."""
         extra = {"cross_attention_kwargs": {"cond_or_uncond": cond_or_uncond}} if cond_or_uncond else {}
         return self.unet(noisy, level, encoder_hidden_states=context, **extra).sample
 

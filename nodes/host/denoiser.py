@@ -12,6 +12,8 @@ import torch.utils.checkpoint
 import comfy.model_management
 import comfy.samplers
 
+from ...cidm.data import size_conditioning
+from ...cidm.train import PooledConditioning
 from .attention import ComfyCrossAttention
 from .family import model_family
 from .model import UNET_PREFIX, model_layers
@@ -32,7 +34,8 @@ def _detach_from_inference_mode(module: torch.nn.Module) -> None:
 
 class ComfyDenoiser:
     """The cidm.train Denoiser protocol over a ComfyUI model, honouring its model_sampling (eps, v, ...), including
-    one that a node such as ModelSamplingDiscrete set on the MODEL as an object patch."""
+    one that a node such as ModelSamplingDiscrete set on the MODEL as an object patch. A family with an ADM input
+    (SDXL) takes the pooled text output and size conditioning as the UNet's `y` (`adm`)."""
 
     def __init__(self, model, vae, gradient_checkpointing: bool = False):
         self.model = model
@@ -42,6 +45,7 @@ class ComfyDenoiser:
         self.vae = vae
         self.layers = model_layers(model)
         self.family = model_family(model)
+        self.pooled_width = self.family.pooled_width if self.family.adm_channels else 0
         self.gradient_checkpointing = gradient_checkpointing
 
     @property
@@ -58,12 +62,25 @@ class ComfyDenoiser:
     def add_noise(self, latents, noise, level):
         return self.sampling.noise_scaling(level, noise, latents)
 
-    def predict(self, noisy, level, context):
+    def adm(self, extra: PooledConditioning, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """The UNet's `y` [B, adm_channels] for a latent batch of `latent_shape` [B, C, h, w]: per sample, the
+        model's own `encode_adm` of its pooled output [P] and size conditioning (`cidm.data.size_conditioning`:
+        original size and crop of its image, target = the latent's h·8 × w·8), every size given explicitly
+        (encode_adm falls back to 768 px, comfy/model_base.py:469-492, v0.3.75). Differentiable in the pooled
+        output."""
+        return torch.cat([self.base.encode_adm(pooled_output=pooled[None], device=self.device,
+                                               **size_conditioning(size, latent_shape))
+                          for pooled, size in zip(extra.pooled, extra.sizes)])
+
+    def predict(self, noisy, level, context, *, extra: PooledConditioning | None = None):
         dtype = self.base.get_dtype()
         model_input = self.sampling.calculate_input(level, noisy).to(dtype)
         timestep = self.sampling.timestep(level).float()
+        conditioning = {"context": context.to(dtype)}
+        if self.pooled_width:
+            conditioning["y"] = self.adm(extra, tuple(noisy.shape)).to(noisy.device, dtype)
         with torch.autocast(noisy.device.type, dtype=dtype, enabled=noisy.device.type == "cuda"):
-            return self.unet(model_input, timestep, context=context.to(dtype), transformer_options={}).float()
+            return self.unet(model_input, timestep, transformer_options={}, **conditioning).float()
 
     def target(self, latents, noise, level, noisy):
         # calculate_denoised is affine in the model output: denoised = a − b·out. The output that denoises to the
@@ -73,17 +90,19 @@ class ComfyDenoiser:
         return (at_zero - latents) / (at_zero - at_one)
 
     @torch.no_grad()
-    def sample(self, contexts: torch.Tensor, latent_shape: tuple[int, ...], steps: int, cfg: float,
-               generator: torch.Generator) -> torch.Tensor:
-        """Euler sampling with classifier-free guidance over packed contexts [cond, uncond] -> IMAGE [1, H, W, 3].
-        Used for training previews, inside `adapted`, so the sample shows the weights as they are now."""
+    def sample(self, contexts: torch.Tensor, extra: PooledConditioning | None, latent_shape: tuple[int, ...],
+               steps: int, cfg: float, generator: torch.Generator) -> torch.Tensor:
+        """Euler sampling with classifier-free guidance over packed contexts [cond, uncond] (and their pooled
+        conditioning, as `predict` takes it) -> IMAGE [1, H, W, 3]. Used for training previews, inside `adapted`,
+        so the sample shows the weights as they are now."""
         sigmas = comfy.samplers.calculate_sigmas(self.sampling, "normal", steps).to(self.device)
         noise = torch.randn(latent_shape, generator=generator).to(self.device)
         x = self.sampling.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
         for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
             level = sigma.repeat(2)
             batch = x.repeat(2, 1, 1, 1)
-            cond, uncond = self.sampling.calculate_denoised(level, self.predict(batch, level, contexts), batch)
+            output = self.predict(batch, level, contexts, extra=extra)
+            cond, uncond = self.sampling.calculate_denoised(level, output, batch)
             denoised = uncond + cfg * (cond - uncond)
             x = x + (x - denoised) / sigma * (next_sigma - sigma)
         latents = self.sampling.inverse_noise_scaling(sigmas[-1], x)

@@ -40,28 +40,34 @@ def model_layers(model) -> list[CrossAttentionLayer]:
 def check_trainable(model) -> None:
     """Refuses, before any work, a MODEL whose UNet the pack cannot train: training denoises the VAE's latents
     with text conditioning only, so the UNet must take and predict exactly the latent channels and need no class
-    or image-embedding input. Inpainting (latent + mask + masked image: 2C+1 input channels), image-conditioned
-    (e.g. InstructPix2Pix: 2C), depth (C+1) and learned-variance (2C output) UNets, and unCLIP-style class inputs,
-    are refused with the reason.
+    or image-embedding input beyond its family's ADM input (SDXL's pooled text and sizes: `num_classes`
+    "sequential" with the model's `adm_channels` equal to the family's, comfy/model_detection.py:629-633 and
+    comfy/model_base.py:149-151, v0.3.75). Inpainting (latent + mask + masked image: 2C+1 input channels),
+    image-conditioned (e.g. InstructPix2Pix: 2C), depth (C+1) and learned-variance (2C output) UNets, and
+    unCLIP-style class inputs, are refused with the reason.
 
     Raises:
-        CIDMInputError: ("model") naming the layout found and the one the pack trains.
+        CIDMInputError: ("model") naming the layout found and the one the pack trains, or for a model of no
+            supported family (`model_family`).
     """
+    family = model_family(model)
     unet, channels = unet_of(model), model.model.latent_format.latent_channels
     inputs, outputs = getattr(unet, "in_channels", channels), getattr(unet, "out_channels", channels)
     kinds = {2 * channels + 1: "an inpainting UNet: it also takes a mask and the masked image",
              2 * channels: "an image-conditioned UNet (like InstructPix2Pix): it also takes a source image",
              channels + 1: "a depth-conditioned UNet: it also takes a depth map"}
     supported = (f"the pack trains text-to-image UNets whose input and output are the {channels}-channel latent; "
-                 "train on the plain SD1.5 checkpoint this model was made from")
+                 f"train on the plain {family.name} checkpoint this model was made from")
     if inputs != channels:
         kind = kinds.get(inputs, "not a plain text-to-image UNet")
         raise CIDMInputError("model", f"this UNet takes {inputs} input channels ({kind}); {supported}")
     if outputs != channels:
         raise CIDMInputError("model", f"this UNet predicts {outputs} channels, not the {channels} of its latent "
                                       f"(e.g. a learned-variance UNet); {supported}")
-    if getattr(unet, "num_classes", None) is not None:
-        raise CIDMInputError("model", f"this UNet needs a class or image-embedding input ({unet.num_classes!r}, "
+    classes = getattr(unet, "num_classes", None)
+    family_adm = family.adm_channels and classes == "sequential" and model.model.adm_channels == family.adm_channels
+    if classes is not None and not family_adm:
+        raise CIDMInputError("model", f"this UNet needs a class or image-embedding input ({classes!r}, "
                                       f"as unCLIP models do); {supported}")
 
 

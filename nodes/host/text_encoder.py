@@ -76,15 +76,18 @@ class ComfyLayerwiseEncoder:
 
         A prompt longer than 75 tokens is k 77-token chunks joined along the tokens, as ComfyUI's CLIPTextEncode
         joins them, and a concept token may sit in any chunk. `whole=False` keeps the first chunk only (k = 1),
-        for training, whose batches need one length. The pooled output is ComfyUI's for the packed prompt: that of
-        its first chunk (comfy/sd1_clip.py:48-49), i.e. of layer 0's first chunk, through the family's pooling
-        tower (SDXL: CLIP-G's projected end token, the UNet's ADM input; SD1.5: CLIP-L's, unused by its UNet).
+        for training, whose batches need one length. A prompt naming no concept is encoded once and shared by
+        every layer, exactly as CLIPTextEncode encodes it (so it samples the base model bit for bit).
+
+        The pooled output is ComfyUI's for the packed prompt: that of its first chunk (comfy/sd1_clip.py:48-49),
+        i.e. of layer 0's first chunk, through the family's pooling tower (SDXL: CLIP-G's projected end token, the
+        UNet's ADM input; SD1.5: CLIP-L's, unused by its UNet).
 
         Raises:
             CIDMInputError: ("text") when, with `whole=False`, a concept token falls past the first 75 tokens.
         """
         occurrences = [t for t in TOKEN_PATTERN.findall(text) if t in embeddings]
-        word, sentinel = self._sentinel(text)
+        word, sentinel = self._sentinel(text) if occurrences else (None, None)
         substituted = TOKEN_PATTERN.sub(lambda m: word if m.group(0) in embeddings else m.group(0), text)
         towers = self._chunks(substituted)
         first = towers[self.family.towers[0].key]
@@ -92,6 +95,9 @@ class ComfyLayerwiseEncoder:
             logging.warning("CIDM: training prompt longer than 75 tokens, truncated to the first 77-token chunk: %r",
                             text)
             towers = {key: chunks[:1] for key, chunks in towers.items()}
+        if not occurrences:  # every layer sees the same prompt: encoded once, exactly as CLIPTextEncode encodes it
+            cond, pooled = self.clip.encode_from_tokens(towers, return_pooled=True)
+            return cond[0][None].expand(self.num_layers, -1, -1), pooled
         packed, start = {}, 0
         for tower in self.family.towers:
             base = towers[tower.key]
@@ -115,12 +121,17 @@ class ComfyLayerwiseEncoder:
         chunks = len(packed[self.family.towers[0].key]) // self.num_layers
         return cond[0].reshape(self.num_layers, chunks * self.tokens_per_layer, -1), pooled
 
-    def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[L, 77, D]: the training encoding (the first chunk, `encode_with_pooled` with whole=False)."""
+    def encode_pooled(self, text: str, embeddings: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """([L, 77, D], pooled [1, P]): the training encoding (the first chunk, `encode_with_pooled` with
+        whole=False), differentiable with respect to `embeddings` while grad is enabled."""
         if not torch.is_grad_enabled():
-            return self.encode_with_pooled(text, embeddings, whole=False)[0]
+            return self.encode_with_pooled(text, embeddings, whole=False)
         with _out_of_place_residuals(self.text_models):
-            return self.encode_with_pooled(text, embeddings, whole=False)[0]
+            return self.encode_with_pooled(text, embeddings, whole=False)
+
+    def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[L, 77, D]: the contexts of the training encoding (`encode_pooled`)."""
+        return self.encode_pooled(text, embeddings)[0]
 
 
 def _residual_forward(layer):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cidm.data import (bind_concept_tokens, build_training_set, examples_from_image_batch, load_concept_folder, make_prompt,
-                       resize_and_crop, to_rgb)
+from cidm.data import (ImageSize, bind_concept_tokens, build_training_set, examples_from_image_batch,
+                       load_concept_folder, make_prompt, resize_and_crop, size_conditioning, to_rgb)
 from cidm.errors import CIDMInputError
 
 CIFC = Path(os.environ.get("CIDM_CIFC", Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifc"))
@@ -134,10 +134,30 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_resize_and_crop_is_aspect_aware():
     image = torch.zeros(100, 200, 3)
     image[:, 90:110] = 1.0  # a bar in the centre survives the centre crop
-    out = resize_and_crop(image, 64)
+    out, size = resize_and_crop(image, 64)
     assert out.shape == (64, 64, 3)
     assert out[:, 32].mean() > 0.9 and out[:, 0].mean() < 0.1
-    assert resize_and_crop(image, 64, random.Random(0)).shape == (64, 64, 3)
+    assert size == ImageSize(original=(100, 200), crop=(0, 32))  # resized to 64×128, the centre crop starts at 32
+    out, size = resize_and_crop(image, 64, random.Random(0))
+    assert out.shape == (64, 64, 3) and size.original == (100, 200) and size.crop[0] == 0 <= size.crop[1] <= 64
+
+
+def test_training_set_records_each_original_size_and_crop():
+    examples = examples_from_image_batch(torch.rand(1, 300, 100, 3), "images") \
+        + examples_from_image_batch(torch.rand(1, 64, 64, 3), "images")
+    training_set = build_training_set(examples, 64, seed=0)
+    assert training_set.images.shape == (2, 64, 64, 3)
+    assert training_set.sizes == [ImageSize((300, 100), (64, 0)), ImageSize((64, 64), (0, 0))]
+
+
+def test_size_conditioning_reads_the_spatial_axes_of_the_latent():
+    """SDXL's six size values, as CLIPTextEncodeSDXL names them; the target from the latent's H and W (never its
+    channel axis, Concept-Conductor's bug), the original and crop from the image."""
+    latent_shape = (2, 4, 9, 13)  # 72×104 px
+    assert size_conditioning(ImageSize((300, 100), (64, 0)), latent_shape) == dict(
+        height=300, width=100, crop_h=64, crop_w=0, target_height=72, target_width=104)
+    assert size_conditioning(None, latent_shape) == dict(
+        height=72, width=104, crop_h=0, crop_w=0, target_height=72, target_width=104)
 
 
 def test_image_batch_and_resolution_errors():

@@ -14,10 +14,10 @@ from cidm.adapters import LayerLoRABank
 from cidm.aggregation import RowRouter, make_router
 from cidm.backends.diffusers_backend import DiffusersDenoiser, DiffusersLayerwiseEncoder, RegionBatch
 from cidm.consolidation import ConsolidationWeights
-from cidm.data import TrainingSet
+from cidm.data import ImageSize, TrainingSet
 from cidm.errors import CIDMInputError
 from cidm.layers import PROJECTIONS
-from cidm.train import ConceptSpec, ConceptTrainer, TrainingCallbacks, TrainingConfig
+from cidm.train import ConceptSpec, ConceptTrainer, PooledConditioning, TrainingCallbacks, TrainingConfig
 from comfy_host import COMFY_ROOT
 
 TOKENIZER = COMFY_ROOT / "comfy" / "sd1_tokenizer"  # files only: ComfyUI is never imported here
@@ -127,7 +127,7 @@ def test_zero_embedding_rate_freezes_tokens_and_caches_contexts(tiny_world):
     start = trainer.embeddings.detach().clone()
     task = trainer.run(TrainingCallbacks())
     assert task.embeddings_frozen_at == 0 and torch.equal(task.embeddings, start)
-    assert trainer.context_cache and not any(c.requires_grad for c in trainer.context_cache.values())
+    assert trainer.context_cache and not any(c.requires_grad for c, _ in trainer.context_cache.values())
 
 
 def test_cond_uncond_layout_reaches_the_router_and_the_other_processors_quietly(tiny_world):
@@ -252,3 +252,56 @@ def test_unusable_resume_state_says_to_untick_resume(tiny_world, damage):
     with pytest.raises(CIDMInputError, match="untick resume") as error:
         trainer().restore(tensors, meta)
     assert error.value.input_name == "resume"
+
+# The training loop's pooled conditioning (cidm.train.PooledConditioning, for families with an ADM input such as
+# SDXL): a denoiser with pooled_width > 0 gets, per sample, the pooled output of its prompt and its image's original
+# size and crop; the pooled output carries gradient to the concept embeddings.
+
+
+class PooledEncoder(DiffusersLayerwiseEncoder):
+    def encode_pooled(self, text, embeddings):
+        encoded = self.encode(text, embeddings)
+        return encoded, encoded[0, -1:]  # layer 0's last token stands for a pooled output [1, D]
+
+
+class PooledDenoiser(DiffusersDenoiser):
+    """Sees the context only without gradient, so the embeddings learn through the pooled output alone."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pooled_width = WIDTH
+        self.seen: list[PooledConditioning] = []
+
+    def predict(self, noisy, level, context, cond_or_uncond=None, *, extra=None):
+        self.seen.append(extra)
+        plain = super().predict(noisy, level, context.detach())
+        return plain + extra.pooled.sum(-1)[:, None, None, None]
+
+
+def test_each_sample_gets_its_pooled_output_and_image_size(tiny_world):
+    tokenizer, text_encoder, unet = tiny_world
+    denoiser = PooledDenoiser(unet, DDPMScheduler(), tokens_per_layer=TOKENS)
+    encoder = PooledEncoder(tokenizer, text_encoder, len(denoiser.layers))
+    plain = images((1.0, 0.0, 0.0))
+    sizes = [ImageSize((100 + i, 50), (i, 0)) for i in range(len(plain.images))]
+    training_set = TrainingSet(plain.images, plain.captions, plain.sources, sizes)
+    config = TrainingConfig(steps=1, lora_lr=1e-2, embedding_lr=1e-2, batch_size=2)
+    trainer = ConceptTrainer(denoiser, encoder, training_set, ConceptSpec("ball", ["<ball1>"], [None]), [], config)
+    start = trainer.embeddings.detach().clone()
+    trainer.run(TrainingCallbacks())
+    (extra,) = denoiser.seen
+    assert extra.pooled.shape == (2, WIDTH) and all(size in sizes for size in extra.sizes)
+    assert trainer.embeddings.grad is not None and trainer.embeddings.grad.abs().sum() > 0
+    assert not torch.equal(trainer.embeddings.detach(), start)
+    contexts, preview = trainer.preview_contexts()
+    assert contexts.shape[0] == 2 and preview.pooled.shape == (2, WIDTH) and preview.sizes == [None, None]
+    assert not preview.pooled.requires_grad
+
+
+def test_a_denoiser_without_pooled_input_gets_none(tiny_world):
+    tokenizer, text_encoder, unet = tiny_world
+    denoiser = DiffusersDenoiser(unet, DDPMScheduler(), tokens_per_layer=TOKENS)
+    encoder = DiffusersLayerwiseEncoder(tokenizer, text_encoder, len(denoiser.layers))
+    trainer = ConceptTrainer(denoiser, encoder, images((0.0, 1.0, 0.0)), ConceptSpec("cube", ["<cube1>"], [None]),
+                             [], TrainingConfig(steps=1))
+    assert trainer.preview_contexts()[1] is None
