@@ -33,7 +33,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common_arguments(parser, resolution=256, steps=4, repeats=2)
     parser.add_argument("--mode", default="named", help="routing mode of Elastic Aggregate LoRAs")
+    parser.add_argument("--variants", default=";".join(VARIANTS),
+                        help="rows besides stock, separated by ';' (default: all), e.g. 'no regions;2 regions, "
+                             "attention' where each step costs seconds (SDXL on a CPU)")
     args = parser.parse_args()
+    variants = [name.strip() for name in args.variants.split(";")]
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}; known: {'; '.join(VARIANTS)}")
     on = basis(args)  # the Timing field the verdicts use: cpu, or wall on a GPU
 
     with BenchServer(args) as bench:
@@ -74,19 +80,19 @@ def main() -> None:
                 return bench.step_times(graph, node, args.steps)
             return run
 
-        configurations = {"stock": sampler("stock")} | {name: sampler(name) for name in VARIANTS}
+        configurations = {"stock": sampler("stock")} | {name: sampler(name) for name in variants}
         per_step, steps = seconds_per_step(configurations, args.repeats)
 
     print(f"checkpoint {args.layout}, {args.resolution}×{args.resolution}, euler, cfg {CFG}, batch 1, "
           f"{args.device.upper()}, {args.threads} torch thread(s), routing {args.mode}; median of "
           f"{len(steps['stock'])} steps per row")
-    ratios = print_table(per_step, {"stock": "stock KSampler"} | {name: name for name in VARIANTS}, "stock", on)
-    for name, goal in GOALS.items():
+    ratios = print_table(per_step, {"stock": "stock KSampler"} | {name: name for name in variants}, "stock", on)
+    for name, goal in ((name, goal) for name, goal in GOALS.items() if name in variants):
         print(f"{name}: {ratios[name].cpu:.3f} (CPU), {ratios[name].wall:.3f} (wall)   "
               f"{verdict(getattr(ratios[name], on), goal)}")
     write_json(args.json, {"layout": args.layout, "resolution": args.resolution, "steps": args.steps,
                            "repeats": args.repeats, "threads": args.threads, "device": args.device,
-                           "verdict_basis": on, "mode": args.mode,
+                           "verdict_basis": on, "mode": args.mode, "variants": variants,
                            "seconds_per_step": per_step, "ratio_to_stock": ratios, "goals": GOALS,
                            "step_seconds": steps})
 

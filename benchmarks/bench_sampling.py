@@ -72,18 +72,20 @@ def main() -> None:
             configurations[f"{count} tasks"] = sampler(cidm_inputs(library, args.mode))
         per_step, steps = seconds_per_step(configurations, args.repeats)
 
-    # Least-squares cost of one more task, as a fraction of the stock step, in CPU and in wall time.
+    # Least-squares cost of one more task, as a fraction of the stock step, in CPU and in wall time (with two or more
+    # library sizes; `--tasks 50` alone measures only the ratio, where each step costs seconds).
     slopes = Timing(*(least_squares_slope(task_counts, [getattr(per_step[f"{count} tasks"], kind)
                                                         for count in task_counts]) / getattr(per_step["stock"], kind)
-                      for kind in Timing._fields))
+                      for kind in Timing._fields)) if len(set(task_counts)) > 1 else None
     print(f"checkpoint {args.layout}, {args.resolution}×{args.resolution}, euler, cfg {CFG}, batch 1, "
           f"{args.device.upper()}, {args.threads} torch thread(s); mode {args.mode}, one concept named; median of "
           f"{len(steps['stock'])} steps per row")
     ratios = print_table(per_step, {name: name for name in per_step}, "stock", on)
     print(f"ratio at {largest}: {ratios[largest].cpu:.3f} (CPU), {ratios[largest].wall:.3f} (wall)   "
           f"{verdict(getattr(ratios[largest], on), 1.05)}")
-    print(f"per added task (least squares over {args.tasks} tasks): {100 * slopes.cpu:+.3f} % of the stock step "
-          f"(CPU), {100 * slopes.wall:+.3f} % (wall)   {verdict(100 * getattr(slopes, on), 0.1, ' %')}")
+    if slopes is not None:
+        print(f"per added task (least squares over {args.tasks} tasks): {100 * slopes.cpu:+.3f} % of the stock "
+              f"step (CPU), {100 * slopes.wall:+.3f} % (wall)   {verdict(100 * getattr(slopes, on), 0.1, ' %')}")
     write_json(args.json, {"layout": args.layout, "resolution": args.resolution, "steps": args.steps, "mode": args.mode,
                            "repeats": args.repeats, "threads": args.threads, "device": args.device,
                            "verdict_basis": on, "seconds_per_step": per_step,

@@ -33,7 +33,10 @@ sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests"), str(REPO)]
 
 from comfy_host import ComfyServer, Graph, ensure_checkpoint  # noqa: E402
 
-LAYOUTS = ("mini", "sd15-blocks", "full")
+LAYOUTS = ("mini", "sd15-blocks", "full", "sdxl-blocks", "sdxl-full")
+# The SDXL layouts' checkpoints hold 3-layer CLIP towers, which CheckpointLoaderSimple would build at full depth and
+# leave mostly uninitialised; the test-only loader (tests/host_nodes, linked by ComfyServer) sets their depth.
+SDXL_LAYOUTS = ("sdxl-blocks", "sdxl-full")
 DEVICES = ("cpu", "gpu")
 _unique = itertools.count(1)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -44,6 +47,13 @@ class Timing(NamedTuple):
     cpu: float
 
 
+class Memory(NamedTuple):
+    """The server's resident set when a prompt was submitted and its peak while the prompt ran, in bytes (host
+    memory: /proc VmRSS, and VmHWM reset through clear_refs just before the prompt)."""
+    start: int
+    peak: int
+
+
 def unique() -> int:
     """A fresh number per run: a prompt whose inputs all match an earlier one is answered from ComfyUI's cache
     without executing, so every measured run changes a seed or a name."""
@@ -52,7 +62,9 @@ def unique() -> int:
 
 def common_arguments(parser: argparse.ArgumentParser, resolution: int, steps: int, repeats: int) -> None:
     parser.add_argument("--layout", default="sd15-blocks", choices=LAYOUTS,
-                        help="generated checkpoint: mini (4 attn2 layers), sd15-blocks (16), full (real SD1.5 size)")
+                        help="generated checkpoint: mini (4 attn2 layers), sd15-blocks (16), full (real SD1.5 size), "
+                             "sdxl-blocks (SDXL's 70 attn2 layers, 283 M UNet), sdxl-full (real SDXL UNet size, "
+                             "2.6 B); the SDXL ones have 3-layer text towers")
     parser.add_argument("--resolution", type=int, default=resolution, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=steps, help="steps per run (the first is not timed)")
     parser.add_argument("--repeats", type=int, default=repeats, help="runs per configuration")
@@ -72,15 +84,18 @@ def basis(args: argparse.Namespace) -> str:
 
 class BenchServer:
     """`with BenchServer(args) as bench:` a ComfyUI server on a fresh temporary workspace with the checkpoint of
-    `args.layout`, named `bench.ckpt` in prompts and found at `bench.ckpt_path`."""
+    `args.layout`, named `bench.ckpt` in prompts and found at `bench.ckpt_path`, loaded by `bench.loader`.
+    `bench.last_memory` is the Memory of the latest prompt that `step_times` ran."""
 
     def __init__(self, args: argparse.Namespace):
         self.ckpt = f"cidm_{args.layout.replace('-', '_')}.safetensors"
+        self.loader = "CIDMTest_SmallTowerCheckpointLoader" if args.layout in SDXL_LAYOUTS else "CheckpointLoaderSimple"
         self.threads = args.threads
         self._scratch = tempfile.TemporaryDirectory(prefix="cidm-bench-")
         self.workspace = Path(self._scratch.name)
         self.server = ComfyServer(self.workspace, {self.ckpt: ensure_checkpoint(args.layout)}, device=args.device)
         self.ckpt_path = self.workspace / "models" / "checkpoints" / self.ckpt
+        self.last_memory: Memory | None = None
 
     def __enter__(self) -> "BenchServer":
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed benchmark still stops its server
@@ -99,15 +114,25 @@ class BenchServer:
         cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime: fields 14, 15 of proc(5)
         return Timing(time.monotonic(), cpu)
 
+    def _resident(self, field: str) -> int:
+        """VmRSS or VmHWM of the server in bytes (proc(5): /proc/pid/status, in kB)."""
+        for line in Path(f"/proc/{self.server.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {field} in /proc/{self.server.process.pid}/status")
+
     def checkpoint_graph(self) -> tuple[Graph, object]:
         graph = Graph()
-        return graph, graph.add("CheckpointLoaderSimple", ckpt_name=self.ckpt)
+        return graph, graph.add(self.loader, ckpt_name=self.ckpt)
 
     def step_times(self, graph: Graph, node, steps: int) -> list[Timing]:
-        """Runs the prompt; returns the wall and CPU seconds of `node`'s steps 2..steps."""
+        """Runs the prompt; returns the wall and CPU seconds of `node`'s steps 2..steps. Sets `last_memory`."""
+        Path(f"/proc/{self.server.process.pid}/clear_refs").write_text("5")  # VmHWM restarts from VmRSS
+        start = self._resident("VmRSS")
         prompt_id = self.server.submit(graph.prompt(), self.events.client_id)
         self.server.wait(prompt_id, timeout=3600)
         self.events.wait_finished(prompt_id)
+        self.last_memory = Memory(start, self._resident("VmHWM"))
         arrivals = {}
         for kind, data, clock in list(self.events.messages):
             if kind == "progress" and data["prompt_id"] == prompt_id and data["node"] == node.id and data["value"] >= 1:
@@ -158,7 +183,7 @@ def verdict(value: float, goal: float, unit: str = "") -> str:
 
 def write_json(path: Path | None, result: dict) -> None:
     def plain(value):
-        if isinstance(value, Timing):
+        if isinstance(value, (Timing, Memory)):
             return value._asdict()
         if isinstance(value, dict):
             return {key: plain(item) for key, item in value.items()}
