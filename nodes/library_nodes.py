@@ -58,7 +58,7 @@ class TrainConceptIncrement(io.ComfyNode):
             # The whole image list of a dataset node (e.g. Load Image Dataset from Folder) is one task.
             is_input_list=True,
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 base model (the same one for every task)."),
+                io.Model.Input("model", tooltip="The base model, SD1.5 or SDXL family (the same one for every task)."),
                 io.Clip.Input("clip", tooltip="The base model's CLIP text encoder; the concept tokens are learned "
                                               "in its embedding space."),
                 io.Vae.Input("vae", tooltip="The base model's VAE; encodes the training images to latents."),
