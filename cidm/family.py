@@ -69,18 +69,19 @@ class ModelFamily:
         """Width of the cross-attention context: the towers' widths joined."""
         return sum(tower.width for tower in self.towers)
 
-    def token_slots(self, layer_paths: list[str]) -> list[int]:
+    def token_slots(self, layer_paths: list[str], shared: bool | None = None) -> list[int]:
         """The token slot of each cross-attention layer, given the layers' module paths in CIDM order
-        (`cidm.layers.cross_attention_layers`): one slot per layer, or, with `shared_slots`, one per transformer
-        stack (the layers under one `…transformer_blocks` module: 11 stacks of SDXL's 70 layers). Slots are numbered
-        in order of first use, so the identity map for one slot per layer.
+        (`cidm.layers.cross_attention_layers`): one slot per layer, or, when `shared` (None: the family's
+        `shared_slots`), one per transformer stack (the layers under one `…transformer_blocks` module: 11 stacks of
+        SDXL's 70 layers). Slots are numbered in order of first use, so the identity map for one slot per layer.
 
         Raises:
             CIDMInputError: ("model") for an empty layer list.
         """
         if not layer_paths:
             raise CIDMInputError("model", f"no cross-attention layers to map to {self.name} token slots")
-        keys = [path.rsplit(".transformer_blocks.", 1)[0] if self.shared_slots else path for path in layer_paths]
+        shared = self.shared_slots if shared is None else shared
+        keys = [path.rsplit(".transformer_blocks.", 1)[0] if shared else path for path in layer_paths]
         numbers: dict[str, int] = {}
         return [numbers.setdefault(key, len(numbers)) for key in keys]
 
@@ -97,8 +98,15 @@ SD15 = ModelFamily(name="SD1.5", comfy_names=("SD15",), towers=(CLIP_L,), tokens
 # SDXL and its fine-tunes (Pony, Illustrious, NoobAI, v-prediction ones too): comfy/supported_models.py SDXL and
 # the SDXL-layout subclasses (context 2048, adm 2816); pooled CLIP-G 1280 (comfy/sdxl_clip.py); latent scale
 # comfy/latent_formats.py SDXL (0.13025); 1024 px native.
+# One token slot per transformer stack (11 of 70 layers): a training step encodes the prompt once per slot through
+# both towers, and 70 slots made the token encode 14.6 of an 18.6 s step (benchmarks/results/sdxl-cpu.md).
 SDXL = ModelFamily(name="SDXL", comfy_names=("SDXL",), towers=(CLIP_L, CLIP_G), tokens_per_chunk=77,
-                   pooled_width=1280, adm_channels=2816, latent_scale=0.13025, resolution=1024, lora_paths="ldm")
+                   pooled_width=1280, adm_channels=2816, latent_scale=0.13025, resolution=1024, lora_paths="ldm",
+                   shared_slots=True)
+
+# The token-slot rules a user may choose for a new library (Concept Training Options `token_slots`): the value is
+# `token_slots`'s `shared` argument, None for the family's own rule.
+TOKEN_SLOT_RULES = {"family default": None, "per layer": False, "per transformer stack": True}
 
 FAMILIES = (SD15, SDXL)
 # The families the pipeline runs on; a described family left out gets a message naming what it is.

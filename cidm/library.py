@@ -30,8 +30,9 @@ from safetensors.torch import save as safetensors_bytes
 
 from .errors import CIDMInputError
 from .family import SD15, ModelFamily, family_named
-from .names import automatic_tokens, name_key, validate_name, validate_tokens, were_automatic
 from .files import TEMP_PATTERN, check_room, fsync_folder, write_atomic, write_error
+from .names import automatic_tokens, name_key, validate_name, validate_tokens, were_automatic
+from .tokens import check_token_slots
 
 if os.name == "nt":
     import msvcrt
@@ -55,7 +56,10 @@ else:
 
 
 MANIFEST_FORMAT = "cidm-concept-library"
-MANIFEST_VERSION = 1
+# Version 2 (issue #30) records the model family and the token slots in `base_model`; version 1 manifests (SD1.5,
+# one slot per layer) are read as such and sample bit for bit as before.
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
 RESUME_FOLDER = ".resume"
@@ -153,14 +157,19 @@ def _read_safetensors(path: Path, expected_format: str, what: str, input_name: s
     return tensors, metadata
 
 
+def token_slots_of(base_model: dict) -> list[int]:
+    """The token slot of each layer (cidm.tokens) a library records; one per layer where none is recorded."""
+    return base_model.get("token_slots", list(range(base_model["num_layers"])))
+
+
 def _task_data_problem(data: TaskData, n_tokens: int, rank: int, base_model: dict) -> str | None:
     """Describe why `data` does not fit its task record and library, or None when it fits."""
     num_layers, context_dim = base_model["num_layers"], base_model["context_dim"]
-    expected = (n_tokens, num_layers, context_dim)
+    expected = (n_tokens, max(token_slots_of(base_model)) + 1, context_dim)
     if tuple(data.embeddings.shape) != expected:
         return f"embeddings have shape {tuple(data.embeddings.shape)}, expected {expected}"
-    if data.features is not None and data.features.shape != data.embeddings.shape:
-        return f"features have shape {tuple(data.features.shape)}, expected {tuple(data.embeddings.shape)}"
+    if data.features is not None and tuple(data.features.shape) != (n_tokens, num_layers, context_dim):
+        return f"features have shape {tuple(data.features.shape)}, expected {(n_tokens, num_layers, context_dim)}"
     for (layer, projection), (down, up) in data.lora.items():
         if projection not in PROJECTIONS or not 0 <= layer < num_layers:
             return f"LoRA key ({layer}, {projection!r}) is not one of {num_layers} layers x {PROJECTIONS}"
@@ -189,7 +198,8 @@ def bytes_for_task(layer_shapes: list[dict[str, tuple[int, int]]], rank: int, n_
 
     `layer_shapes` holds each cross-attention layer's (out_features, in_features) per projection. The task file
     holds every projection's factors (rank·(out + in) values) and the token embeddings and features
-    (n_tokens·layers·context_dim values each) as `dtype`, plus a header within RECORD_ALLOWANCE. With
+    (n_tokens·layers·context_dim values each at most, fewer embeddings with shared token slots) as `dtype`, plus a
+    header within RECORD_ALLOWANCE. With
     `resume_states`, a save writes the new state before the old one goes: two states, each the factors and the
     embeddings in float32 with AdamW's two moments of each.
     """
@@ -272,8 +282,12 @@ def _check_base_model_dict(base_model: dict) -> None:
     if not isinstance(base_model, dict):
         raise ValueError("base_model must be a dict")
     for key, kind in _BASE_MODEL_REQUIRED.items():
-        if not isinstance(base_model.get(key), kind):
+        if not isinstance(base_model.get(key), kind) or isinstance(base_model.get(key), bool):
             raise ValueError(f"base_model[{key!r}] must be a {kind.__name__}")
+    try:
+        check_token_slots(token_slots_of(base_model), base_model["num_layers"])
+    except (CIDMInputError, TypeError) as error:
+        raise ValueError(f"base_model['token_slots']: {error}") from None
 
 
 def _finite_float(text: str) -> float:
@@ -335,6 +349,11 @@ class ConceptLibrary:
     @property
     def num_layers(self) -> int:
         return self.base_model["num_layers"]
+
+    @property
+    def token_slots(self) -> list[int]:
+        """[L]: the token slot each cross-attention layer reads (cidm.tokens); a task's embeddings are [n, S, D]."""
+        return token_slots_of(self.base_model)
 
     @property
     def manifest_path(self) -> Path:
@@ -420,7 +439,7 @@ class ConceptLibrary:
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
             raise CIDMInputError("library", f"{path} is not a CIDM concept library manifest (format is {found!r})")
-        if manifest.get("version") != MANIFEST_VERSION:
+        if manifest.get("version") not in READABLE_VERSIONS:
             raise CIDMInputError(
                 "library",
                 f"manifest {path} has version {manifest.get('version')!r}; this node pack reads version "

@@ -1,7 +1,11 @@
-"""Layer-wise concept tokens: each concept token has one input embedding per cross-attention layer.
+"""Layer-wise concept tokens: each concept token has one input embedding per token slot, and each cross-attention
+layer reads one slot.
 
 A prompt such as "a <dog> on a beach" is expanded to the concept's tokens ("a <dog1> <dog2> on a beach") and encoded
-once per layer l with every token replaced by its layer-l embedding; layer l's attn2 then attends to encoding l.
+once per slot s with every token replaced by its slot-s embedding; layer l's attn2 then attends to the encoding of
+its slot. The token slots (`token_slots[l]`, the slot of layer l) are one per layer, as the CIDM paper has it
+(Sec. 3.3, one token embedding per layer, after P+ and Mix-of-Show), or one shared by several layers (the layers of
+one SDXL transformer stack: `cidm.family.ModelFamily.token_slots`), which takes fewer text-encoder passes.
 """
 
 from __future__ import annotations
@@ -23,10 +27,35 @@ RANDOM_INIT_STD = 0.013
 FINGERPRINT_ROWS = 2048  # token-embedding rows hashed: enough to tell text encoders apart, cheap to read
 
 
+def check_token_slots(token_slots: list[int], num_layers: int, input_name: str = "library") -> list[int]:
+    """`token_slots` as a list of ints after checking it maps `num_layers` layers to slots 0..S-1 numbered in order of
+    first use (so every slot is used and the identity map is one slot per layer).
+
+    Raises:
+        CIDMInputError: (`input_name`) saying what is wrong.
+    """
+    slots = list(token_slots)
+    if len(slots) != num_layers or not all(isinstance(s, int) and not isinstance(s, bool) for s in slots):
+        raise CIDMInputError(input_name, f"token slots {slots!r} do not map {num_layers} layers to slot numbers")
+    seen = 0
+    for slot in slots:
+        if not 0 <= slot <= seen:
+            raise CIDMInputError(input_name, f"token slots {slots!r} are not numbered 0, 1, ... in order of first use")
+        seen = max(seen, slot + 1)
+    return slots
+
+
+def layers_from_slots(encoded: torch.Tensor, token_slots: list[int]) -> torch.Tensor:
+    """[S, ...] per slot -> [L, ...] per layer: layer l takes slot token_slots[l]'s row (differentiably)."""
+    if token_slots == list(range(encoded.shape[0])):
+        return encoded
+    return encoded[torch.tensor(token_slots, device=encoded.device)]
+
+
 @dataclass(frozen=True)
 class ConceptVocabulary:
     """What a prompt may name: concept names (`<dog>`) expand to their tokens; tokens (`<dog1>`) stand for
-    themselves. `embeddings[token]` is that token's [L, D] layer-wise embedding."""
+    themselves. `embeddings[token]` is that token's [S, D] embedding, one row per token slot."""
 
     concept_tokens: dict[str, list[str]]  # concept name -> its tokens
     embeddings: dict[str, torch.Tensor]
@@ -62,33 +91,35 @@ class ConceptVocabulary:
         return [t for t in TOKEN_PATTERN.findall(text) if t in self.embeddings]
 
 
-def initial_embeddings(num_tokens: int, num_layers: int, dim: int, class_vectors: list[torch.Tensor | None],
+def initial_embeddings(num_tokens: int, num_slots: int, dim: int, class_vectors: list[torch.Tensor | None],
                        generator: torch.Generator, random_std: float = RANDOM_INIT_STD) -> torch.Tensor:
-    """[n, L, D]: token 0 (and any token without a class word) starts random with σ = `random_std`, the others from
-    their class word's input embedding, copied to every layer."""
+    """[n, S, D]: token 0 (and any token without a class word) starts random with σ = `random_std`, the others from
+    their class word's input embedding, copied to every slot."""
     rows = []
     for index in range(num_tokens):
         vector = class_vectors[index] if index < len(class_vectors) else None
         if vector is None or index == 0:
             vector = torch.randn(dim, generator=generator) * random_std
-        rows.append(vector.detach().float().expand(num_layers, dim))
+        rows.append(vector.detach().float().expand(num_slots, dim))
     return torch.stack(rows).clone()
 
 
 def mean_embedding_norm(embeddings: torch.Tensor) -> float:
-    """Mean L2 norm over all (token, layer) rows. The official code freezes the embeddings once this reaches
+    """Mean L2 norm over all (token, slot) rows. The official code freezes the embeddings once this reaches
     `emb_norm_threshold` = 0.55 (JiahuaDong/CIFC@9819aa8 `train.py`, `options/cidm/task_*.yml`)."""
     return embeddings.detach().norm(dim=-1).mean().item()
 
 
 class LayerwiseTextEncoder(Protocol):
-    """Encodes a prompt once per cross-attention layer with the layer's concept-token embeddings."""
+    """Encodes a prompt once per token slot with the slot's concept-token embeddings, for every cross-attention
+    layer the contexts of its slot."""
 
     num_layers: int
+    token_slots: list[int]  # [L]: the slot of each layer (check_token_slots)
     tokens_per_layer: int
 
     def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[L, T, D]; differentiable with respect to `embeddings` (token -> [L, D])."""
+        """[L, T, D]; differentiable with respect to `embeddings` (token -> [S, D])."""
         ...
 
     def word_embedding(self, word: str) -> torch.Tensor | None:
@@ -104,7 +135,7 @@ def pack_layer_contexts(contexts: torch.Tensor) -> torch.Tensor:
 
 def concept_features(encoder: LayerwiseTextEncoder, tokens: list[str], embeddings: torch.Tensor) -> torch.Tensor:
     """[n, L, D]: each token's encoding inside the prompt made of the concept's tokens alone (after BOS), per
-    layer. Stored with the task, so routing needs no text encoder and does not depend on the other tasks."""
+    layer (`embeddings` [n, S, D]). Stored with the task, so routing needs no text encoder and does not depend on the other tasks."""
     table = {token: embeddings[i] for i, token in enumerate(tokens)}
     with torch.no_grad():
         encoded = encoder.encode(" ".join(tokens), table)  # [L, T, D]
@@ -113,7 +144,7 @@ def concept_features(encoder: LayerwiseTextEncoder, tokens: list[str], embedding
 
 def vocabulary_from_tasks(concepts: list[str], tokens: list[list[str]],
                           embeddings: list[torch.Tensor]) -> ConceptVocabulary:
-    """The vocabulary of a library's tasks (each task's embeddings are [n_tokens, L, D])."""
+    """The vocabulary of a library's tasks (each task's embeddings are [n_tokens, S, D])."""
     table = {}
     for task_tokens, task_embeddings in zip(tokens, embeddings):
         table.update({token: task_embeddings[i] for i, token in enumerate(task_tokens)})

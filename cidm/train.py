@@ -142,7 +142,7 @@ class TrainingCallbacks:
 @dataclass
 class TrainedTask:
     lora: TaskFactors
-    embeddings: torch.Tensor  # [n, L, D]
+    embeddings: torch.Tensor  # [n, S, D]: one row per token slot (cidm.tokens)
     features: torch.Tensor  # [n, L, D]
     losses: list[float]
     embeddings_frozen_at: int | None
@@ -186,7 +186,8 @@ class ConceptTrainer:
         class_words = concept.class_words if self.consolidator.class_word_in_prompt else []
         class_vectors = [encoder.word_embedding(w) if w else None for w in class_words]
         self.embeddings = torch.nn.Parameter(initial_embeddings(
-            len(concept.tokens), encoder.num_layers, self.layers[0].context_dim, class_vectors, self.generator))
+            len(concept.tokens), max(encoder.token_slots) + 1, self.layers[0].context_dim, class_vectors,
+            self.generator))
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for pair in self.lora.values() for p in pair if p.requires_grad], "lr": config.lora_lr},
              {"params": [self.embeddings], "lr": config.embedding_lr}],

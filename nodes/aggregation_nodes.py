@@ -47,7 +47,7 @@ def encode_layerwise(clip, library, text: str, input_name: str = "text"):
     vocabulary = vocabulary_from_tasks([t.concept for t in library.tasks], [t.tokens for t in library.tasks],
                                        [d.embeddings for d in datas])
     expanded = vocabulary.expand(text, input_name)
-    encoder = ComfyLayerwiseEncoder(clip, library.num_layers)
+    encoder = ComfyLayerwiseEncoder(clip, library.num_layers, library.token_slots)
     check_text_encoder(library, text_encoder_fingerprint(encoder))
     layers, pooled = encoder.encode_with_pooled(expanded, vocabulary.embeddings)
     tokens = tuple(vocabulary.tokens_in(expanded))

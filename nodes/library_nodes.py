@@ -95,7 +95,7 @@ class TrainConceptIncrement(io.ComfyNode):
         updated, plot, previews = train_concept_increment(
             single["model"], single["clip"], single["vae"], single["library"].name, single["concept"], opts.tokens,
             opts.class_words, images or [], single["folder"], opts.config(single["method"], single["steps"]),
-            opts.resolution, opts.resume, opts.preview_every, cls.hidden.unique_id)
+            opts.resolution, opts.resume, opts.preview_every, cls.hidden.unique_id, opts.token_slots)
         shown = ui.PreviewImage(torch.cat(previews), cls=cls) if previews else None
         return io.NodeOutput(updated, plot, ui=shown)
 

@@ -15,6 +15,7 @@ from server import PromptServer
 from ..cidm.consolidation import CONSOLIDATORS, METHODS
 from ..cidm.data import build_training_set, examples_from_image_batch, load_concept_folder
 from ..cidm.errors import CIDMInputError
+from ..cidm.family import TOKEN_SLOT_RULES, ModelFamily
 from ..cidm.library import ConceptLibrary, TaskData, TaskRecord, bytes_for_task, validate_name, validate_tokens
 from ..cidm.names import automatic_tokens
 from ..cidm.plots import line_plot
@@ -74,10 +75,11 @@ def task_settings(config: TrainingConfig, resolution: int, class_words: list[str
 
 def train_concept_increment(model, clip, vae, library_name: str, concept: str, tokens: str, class_words: str,
                             images, folder: str, config: TrainingConfig, resolution: int, resume: bool,
-                            preview_every: int, node_id: str | None):
+                            preview_every: int, node_id: str | None, token_slots: str = "family default"):
     """Trains and appends the task, or reuses the task that a run with the same inputs appended before; returns
     (library ref, loss plot, preview samples taken, possibly none). `resolution` 0 is the model family's native
-    size (cidm.family), recorded as the size trained at."""
+    size (cidm.family), recorded as the size trained at; `token_slots` is a `cidm.family.TOKEN_SLOT_RULES` name,
+    which a new library records (`library_token_slots`)."""
     concept = validate_name(concept.strip(), "concept")
     token_list = parse_tokens(concept, tokens)
     if config.method not in METHODS:
@@ -88,14 +90,15 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     info = base_model_info(model)
     check_trainable(model)
     check_unpatched(model)
-    encoder = ComfyLayerwiseEncoder(clip, info["num_layers"])
+    library = ConceptLibrary.open(root) if ref.content is not None else None
+    info["token_slots"] = library_token_slots(library, model_family(model), info["layer_paths"], token_slots)
+    encoder = ComfyLayerwiseEncoder(clip, info["num_layers"], info["token_slots"])
     info[TEXT_ENCODER_KEY] = text_encoder_fingerprint(encoder)
     # Methods that keep the class word out (c-lora) start every token random: their class words are not recorded.
     words = class_words.split() if CONSOLIDATORS[config.method].class_word_in_prompt else []
     resolution = resolution or model_family(model).resolution
     training_set = build_training_set(gather_examples(images, folder), resolution, config.seed)
     settings = task_settings(config, resolution, words, training_set)
-    library = ConceptLibrary.open(root) if ref.content is not None else None
     token_list = token_list or (library.automatic_tokens(concept) if library is not None else automatic_tokens(concept))
     old_tasks, saved = [], None
     if library is not None:
@@ -166,6 +169,28 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
                             data=TaskData(lora=trained.lora, embeddings=trained.embeddings, features=trained.features))
     plot = line_plot(trained.losses, f"{concept}: diffusion loss ({config.method})")
     return library_ref(ref.name), plot, previews
+
+
+def library_token_slots(library: ConceptLibrary | None, family: ModelFamily, layer_paths: list[str],
+                        rule: str) -> list[int]:
+    """The token slot of each layer for a training run: the library's own map once it exists, else the map of
+    `rule` (a `TOKEN_SLOT_RULES` name) for these layers.
+
+    Raises:
+        CIDMInputError: ("token_slots") for an unknown rule, or a rule other than "family default" that the
+            existing library was not made with (its map is fixed by its first task).
+    """
+    if rule not in TOKEN_SLOT_RULES:
+        raise CIDMInputError("token_slots", f"unknown rule {rule!r}; one of {', '.join(TOKEN_SLOT_RULES)}")
+    wanted = family.token_slots(layer_paths, TOKEN_SLOT_RULES[rule])
+    if library is None:
+        return wanted
+    if TOKEN_SLOT_RULES[rule] is not None and wanted != library.token_slots:
+        raise CIDMInputError("token_slots", f"library '{library.name}' has {max(library.token_slots) + 1} token "
+                                            f"slots for {library.num_layers} layers, fixed by its first task; "
+                                            f"'{rule}' gives {max(wanted) + 1}. Choose 'family default' to "
+                                            "train with the library's own, or use a new library")
+    return library.token_slots
 
 
 def reuse(library: ConceptLibrary, task: TaskRecord, node_id: str | None):

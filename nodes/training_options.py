@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from comfy_api.latest import io
 
 from ..cidm.consolidation import ConsolidationWeights
+from ..cidm.family import TOKEN_SLOT_RULES
 from ..cidm.train import TrainingConfig
 
 TrainingOptionsType = io.Custom("CIDM_TRAINING_OPTIONS")
@@ -43,6 +44,7 @@ class TrainingOptions:
     resume: bool = True
     gradient_checkpointing: bool = TrainingConfig.gradient_checkpointing
     preview_every: int = 0
+    token_slots: str = "family default"
 
     def config(self, method: str, steps: int) -> TrainingConfig:
         return TrainingConfig(
@@ -103,6 +105,11 @@ def _inputs() -> list:
         io.Int.Input("preview_every", default=d.preview_every, min=0, max=100000,
                      tooltip="Every N steps, sample the concept with the weights so far and show it on the node "
                              "(0: never). Each preview costs about 24 model passes."),
+        io.Combo.Input("token_slots", options=list(TOKEN_SLOT_RULES), default=d.token_slots,
+                       tooltip="How many embeddings each concept token has: one per cross-attention layer, or one "
+                               "per transformer stack (SDXL: 11 instead of 70, about 6x fewer text-encoder passes "
+                               "per training step). A new library records its choice; later concepts use it. "
+                               "Family default: SD1.5 per layer, SDXL per transformer stack."),
     ]
 
 

@@ -99,10 +99,15 @@ class ProtocolConfig:
     guidance: float = 2.5  # v2.1 ran at 4, which pulled learned concepts away (toy README, "Learnability")
     seed: int = 0
     layouts: tuple[str, ...] = tuple(LAYOUTS)
+    # a key of TOKEN_SLOT_RULES: one concept-token slot per attn2 layer (the paper's, and every run before issue
+    # #30), or one per resolution stage (`stage_slots`), the toy model's analogue of SDXL's shared slots
+    token_slots: str = "layer"
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:  # checked here, before any training, not at the first sampling
             raise ValueError(f"sampler {self.sampler!r}: expected one of {sorted(SAMPLERS)}")
+        if self.token_slots not in TOKEN_SLOT_RULES:
+            raise ValueError(f"token_slots {self.token_slots!r}: expected one of {sorted(TOKEN_SLOT_RULES)}")
 
 
 def _scheduler(scheduler_class, **options):
@@ -178,8 +183,30 @@ def make_denoiser(base: models.BaseModel) -> DiffusersDenoiser:
                              tokens_per_layer=base.config.max_tokens)
 
 
-def make_encoder(base: models.BaseModel, num_layers: int) -> DiffusersLayerwiseEncoder:
-    return DiffusersLayerwiseEncoder(base.tokenizer, base.text_encoder, num_layers)
+def stage_slots(layer_paths: list[str]) -> list[int]:
+    """One token slot per resolution stage of a diffusers UNet: down block i and up block n-1-i (n down blocks) work
+    at the same resolution, the mid block at the coarsest. The toy model's 7 attn2 layers share 2 slots (8×8: down
+    block 1 and up block 1's two; 4×4: down block 2, the mid block and up block 0's two), about as many layers per
+    slot as SDXL's 70 layers in 11 stacks (`cidm.family.ModelFamily.token_slots`), whose stacks of one layer each
+    here would change nothing."""
+    blocks = 1 + max(int(path.split(".")[1]) for path in layer_paths if path.startswith("down_blocks."))
+
+    def stage(path: str) -> int:
+        if path.startswith("mid_block."):
+            return blocks - 1
+        index = int(path.split(".")[1])
+        return index if path.startswith("down_blocks.") else blocks - 1 - index
+    numbers: dict[int, int] = {}
+    return [numbers.setdefault(stage(path), len(numbers)) for path in layer_paths]
+
+
+# ProtocolConfig.token_slots: layer paths -> the slot of each layer
+TOKEN_SLOT_RULES = {"layer": lambda paths: list(range(len(paths))), "stage": stage_slots}
+
+
+def make_encoder(base: models.BaseModel, layer_paths: list[str], rule: str) -> DiffusersLayerwiseEncoder:
+    return DiffusersLayerwiseEncoder(base.tokenizer, base.text_encoder, len(layer_paths),
+                                     TOKEN_SLOT_RULES[rule](layer_paths))
 
 
 class Composer:
@@ -189,7 +216,7 @@ class Composer:
     def __init__(self, setup: Setup, learned: list[LearnedConcept], config: ProtocolConfig, mode: str = "named"):
         self.config, self.mode = config, mode
         self.denoiser = make_denoiser(setup.base)
-        self.encoder = make_encoder(setup.base, len(self.denoiser.layers))
+        self.encoder = make_encoder(setup.base, [layer.path for layer in self.denoiser.layers], config.token_slots)
         self.vocabulary: ConceptVocabulary = vocabulary_from_tasks(
             [c.concept.name for c in learned], [c.tokens for c in learned], [c.task.embeddings for c in learned])
         tasks = [c.task for c in learned]
@@ -384,7 +411,8 @@ def learn(setup: Setup, index: int, old: list[LearnedConcept], method: str,
     training = dataclasses.replace(config.training, method=method, seed=config.seed + index,
                                    embedding_norm_threshold=freeze_threshold(setup.base))
     denoiser = make_denoiser(setup.base)
-    trainer = ConceptTrainer(denoiser, make_encoder(setup.base, len(denoiser.layers)),
+    trainer = ConceptTrainer(denoiser, make_encoder(setup.base, [layer.path for layer in denoiser.layers],
+                                                    config.token_slots),
                              training_set(concept, config, setup.world.seed, class_word),
                              ConceptSpec(concept.name, concept_tokens(concept), [None, concept.look.shape]),
                              [c.task.lora for c in old], training)

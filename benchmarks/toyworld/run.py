@@ -55,20 +55,22 @@ def protocol_key(base_config, oracle_config, protocol_config) -> str:
     return digest.hexdigest()[:16]
 
 
-def configurations(smoke: bool, world_seed: int, methods: tuple[str, ...] | None = None) -> tuple:
+def configurations(smoke: bool, world_seed: int, methods: tuple[str, ...] | None = None,
+                   token_slots: str = "layer") -> tuple:
     """(base, oracle, protocol): the oracle knows the world seed's concepts; the base model is the same for all.
-    `methods` (default: all) does not change where finished runs are kept."""
+    `methods` (default: all) does not change where finished runs are kept; `token_slots` does."""
     base_config, oracle_config, protocol_config = SMOKE if smoke else FULL
+    protocol_config = dataclasses.replace(protocol_config, token_slots=token_slots)
     if methods:
         protocol_config = dataclasses.replace(protocol_config, methods=tuple(methods))
     return base_config, dataclasses.replace(oracle_config, world_seed=world_seed), protocol_config
 
 
 def setup(smoke: bool, cache: Path, threads: int | None, log, world_seed: int = 0,
-          methods: tuple[str, ...] | None = None) -> tuple[protocol.Setup, tuple, Path]:
+          methods: tuple[str, ...] | None = None, token_slots: str = "layer") -> tuple[protocol.Setup, tuple, Path]:
     """The base model and oracle, the three configurations (base, oracle, protocol) and the folder where finished
     methods are kept."""
-    configs = base_config, oracle_config, protocol_config = configurations(smoke, world_seed, methods)
+    configs = base_config, oracle_config, protocol_config = configurations(smoke, world_seed, methods, token_slots)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(protocol_config.seed)
@@ -79,18 +81,19 @@ def setup(smoke: bool, cache: Path, threads: int | None, log, world_seed: int = 
 
 
 def run_only(names: list[str], smoke: bool, cache: Path = models.CACHE, threads: int | None = None,
-             log=print, world_seed: int = 0) -> Path:
+             log=print, world_seed: int = 0, token_slots: str = "layer") -> Path:
     """Some of the runs, kept in the cache for the full command to pick up: lets several processes share the work."""
-    context, (_, _, protocol_config), finished = setup(smoke, cache, threads, log, world_seed)
+    context, (_, _, protocol_config), finished = setup(smoke, cache, threads, log, world_seed, token_slots=token_slots)
     protocol.run_methods(context, protocol_config, names, log, finished)
     return finished
 
 
 def run(smoke: bool, out: Path, cache: Path = models.CACHE, threads: int | None = None,
-        log=print, world_seed: int = 0,
-        methods: tuple[str, ...] | None = None) -> tuple[dict, dict[str, protocol.MethodRun]]:
+        log=print, world_seed: int = 0, methods: tuple[str, ...] | None = None,
+        token_slots: str = "layer") -> tuple[dict, dict[str, protocol.MethodRun]]:
     started = time.monotonic()
-    context, (base_config, _, protocol_config), finished = setup(smoke, cache, threads, log, world_seed, methods)
+    context, (base_config, _, protocol_config), finished = setup(smoke, cache, threads, log, world_seed, methods,
+                                                                 token_slots)
     results, runs = protocol.run_protocol(context, protocol_config, log, finished)
     results["oracle"] = oracle.held_out_accuracy(context.oracle, context.world, 60 if smoke else 600,
                                                  ORACLE_CHECK_SEED)
@@ -118,14 +121,19 @@ def main() -> None:
                         "the plain command to collect them")
     parser.add_argument("--methods", nargs="+", choices=protocol.METHODS,
                         help="report only these methods (default: all), beside the upper bound")
+    parser.add_argument("--token-slots", choices=sorted(protocol.TOKEN_SLOT_RULES), default="layer",
+                        help="concept-token slots: one per attn2 layer (default), or one per resolution stage")
     args = parser.parse_args()
     threads = args.threads or (1 if args.smoke else None)
     if args.only:
         names = [protocol.UPPER_BOUND if name == "upper-bound" else name for name in args.only]
-        print(f"kept in {run_only(names, args.smoke, args.cache, threads, world_seed=args.world_seed)}")
+        kept = run_only(names, args.smoke, args.cache, threads, world_seed=args.world_seed,
+                        token_slots=args.token_slots)
+        print(f"kept in {kept}")
         return
     out = args.out or (args.cache / "smoke-results" if args.smoke else RESULTS / f"world-{args.world_seed}")
-    results, _ = run(args.smoke, out, args.cache, threads, world_seed=args.world_seed, methods=args.methods)
+    results, _ = run(args.smoke, out, args.cache, threads, world_seed=args.world_seed, methods=args.methods,
+                     token_slots=args.token_slots)
     print(f"results in {out} (results.md, results.json, PNGs) after {results['seconds'] / 60:.1f} min")
 
 

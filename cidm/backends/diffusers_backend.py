@@ -15,7 +15,7 @@ from ..adapters import ConceptCrossAttention, LayerLoRABank, scaled_dot_product_
 from ..errors import CIDMInputError
 from ..layers import cross_attention_layers, get_submodule
 from ..regions import RegionMasks, prepare_region_attention, region_cross_attention, row_branches
-from ..tokens import TOKEN_PATTERN
+from ..tokens import TOKEN_PATTERN, check_token_slots, layers_from_slots
 
 SENTINEL_WORDS = ("sks", "xqz", "zwx", "qxv")
 
@@ -193,8 +193,12 @@ class DiffusersLayerwiseEncoder:
     single-token placeholder whose input embedding is swapped for the token's layer embedding (differentiably) by a
     hook on the embedding table."""
 
-    def __init__(self, tokenizer, text_encoder: nn.Module, num_layers: int):
+    def __init__(self, tokenizer, text_encoder: nn.Module, num_layers: int, token_slots: list[int] | None = None):
+        """`token_slots`: the token slot of each layer (cidm.tokens.check_token_slots); None, one per layer."""
         self.tokenizer, self.text_encoder, self.num_layers = tokenizer, text_encoder, num_layers
+        self.token_slots = check_token_slots(list(range(num_layers)) if token_slots is None else token_slots,
+                                             num_layers, "token_slots")
+        self.num_slots = max(self.token_slots) + 1
         self.tokens_per_layer = tokenizer.model_max_length
         self.table = text_encoder.get_input_embeddings()
 
@@ -211,8 +215,8 @@ class DiffusersLayerwiseEncoder:
         return None if token is None else self.table.weight[token].detach().float().clone()
 
     def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[L, T, D]: `text` encoded once per layer l, every token of `embeddings` ([L, D] each) at its layer-l
-        embedding.
+        """[L, T, D]: `text` encoded once per token slot s, every token of `embeddings` ([S, D] each) at its slot-s
+        embedding; layer l gets its slot's encoding.
 
         Raises:
             CIDMInputError: ("text") when every placeholder word already occurs in the prompt, or when the concept
@@ -229,16 +233,17 @@ class DiffusersLayerwiseEncoder:
         device = self.table.weight.device
         if not occurrences:  # every layer reads the same encoding
             return self.text_encoder(ids[None].to(device)).last_hidden_state.expand(self.num_layers, -1, -1)
-        replacement = torch.stack([embeddings[token] for token in occurrences], dim=1)  # [L, occurrences, D]
+        replacement = torch.stack([embeddings[token] for token in occurrences], dim=1)  # [S, occurrences, D]
 
-        def swap(module, inputs, output):  # batch row l is layer l: the placeholders take their layer-l vectors
+        def swap(module, inputs, output):  # batch row s is slot s: the placeholders take their slot-s vectors
             output = output.clone()
             output[:, positions] = replacement.to(output)
             return output
 
-        # one text-encoder call with a batch row per layer, as ComfyUI's encoder does (nodes/host/text_encoder.py)
+        # one text-encoder call with a batch row per slot, as ComfyUI's encoder does (nodes/host/text_encoder.py)
         handle = self.table.register_forward_hook(swap)
         try:
-            return self.text_encoder(ids[None].expand(self.num_layers, -1).to(device)).last_hidden_state
+            encoded = self.text_encoder(ids[None].expand(self.num_slots, -1).to(device)).last_hidden_state
         finally:
             handle.remove()
+        return layers_from_slots(encoded, self.token_slots)

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from ...cidm.errors import CIDMInputError
-from ...cidm.tokens import TOKEN_PATTERN, token_embedding_fingerprint
+from ...cidm.tokens import TOKEN_PATTERN, check_token_slots, layers_from_slots, token_embedding_fingerprint
 from .family import clip_family
 
 TEXT_ENCODER_KEY = "text_encoder"  # the library's base_model entry: the fingerprint of the CLIP it was trained with
@@ -18,19 +18,23 @@ SENTINEL_WORDS = ("sks", "xqz", "zwx", "qxv")
 
 
 class ComfyLayerwiseEncoder:
-    """cidm's LayerwiseTextEncoder over a ComfyUI CLIP: one encode per layer with the layer's token embeddings
+    """cidm's LayerwiseTextEncoder over a ComfyUI CLIP: one encode per token slot with the slot's token embeddings
     inserted as embedding tensors (ComfyUI's tokenizer accepts tensors in place of token ids,
     comfy/sd1_clip.py:179-224, v0.3.75).
 
     Every text tower of the CLIP's family (cidm.family: CLIP-L for SD1.5; CLIP-L and CLIP-G for SDXL) gets the
-    same prompt with the concept tokens at the same positions; a token's embedding for one layer is the towers'
+    same prompt with the concept tokens at the same positions; a token's embedding for one slot is the towers'
     embeddings joined in tower order ([768] for SD1.5, [768 | 1280] for SDXL), each tower taking its slice. The
     output joins the towers' hidden states in the same order, as ComfyUI does (comfy/sdxl_clip.py:56-62)."""
 
-    def __init__(self, clip, num_layers: int):
+    def __init__(self, clip, num_layers: int, token_slots: list[int] | None = None):
+        """`token_slots`: the token slot of each layer (a library's `token_slots`); None, one per layer."""
         self.clip = clip
         self.family = clip_family(clip)
         self.num_layers = num_layers
+        self.token_slots = check_token_slots(list(range(num_layers)) if token_slots is None else token_slots,
+                                             num_layers, "token_slots")
+        self.num_slots = max(self.token_slots) + 1
         self.tokens_per_layer = self.family.tokens_per_chunk
         self.text_models = [self._text_model(tower.key) for tower in self.family.towers]
 
@@ -71,8 +75,8 @@ class ComfyLayerwiseEncoder:
             .float().clone()
 
     def encode_with_pooled(self, text: str, embeddings: dict[str, torch.Tensor], whole: bool = True):
-        """([L, k·77, D], pooled) for a prompt whose concept tokens are keys of `embeddings` (token -> [L, D], D
-        the towers' widths joined).
+        """([L, k·77, D], pooled) for a prompt whose concept tokens are keys of `embeddings` (token -> [S, D], D
+        the towers' widths joined), encoded once per token slot; layer l gets its slot's encoding.
 
         A prompt longer than 75 tokens is k 77-token chunks joined along the tokens, as ComfyUI's CLIPTextEncode
         joins them, and a concept token may sit in any chunk. `whole=False` keeps the first chunk only (k = 1),
@@ -80,7 +84,7 @@ class ComfyLayerwiseEncoder:
         every layer, exactly as CLIPTextEncode encodes it (so it samples the base model bit for bit).
 
         The pooled output is ComfyUI's for the packed prompt: that of its first chunk (comfy/sd1_clip.py:48-49),
-        i.e. of layer 0's first chunk, through the family's pooling tower (SDXL: CLIP-G's projected end token, the
+        i.e. of slot 0's (layer 0's) first chunk, through the family's pooling tower (SDXL: CLIP-G's projected end token, the
         UNet's ADM input; SD1.5: CLIP-L's, unused by its UNet).
 
         Raises:
@@ -108,18 +112,19 @@ class ComfyLayerwiseEncoder:
                                              f"training prompt {text!r}, which is all training reads; shorten the "
                                              "caption")
             packed[tower.key] = []
-            for layer in range(self.num_layers):
+            for slot in range(self.num_slots):
                 tokens = [list(ids) for ids in base]
                 for (chunk, i), token in zip(positions, occurrences):
-                    own = embeddings[token][layer][start:start + tower.width]
+                    own = embeddings[token][slot][start:start + tower.width]
                     tokens[chunk][i] = (own,) + tuple(base[chunk][i][1:])
                 packed[tower.key] += tokens
             start += tower.width
         # ComfyUI encodes a prompt's 77-token chunks as one batch and joins them along the token axis, so one call
-        # with the chunks of every layer runs each text tower once and returns the packed [1, L·k·77, D] layout.
+        # with the chunks of every slot runs each text tower once and returns the packed [1, S·k·77, D] layout.
         cond, pooled = self.clip.encode_from_tokens(packed, return_pooled=True)
-        chunks = len(packed[self.family.towers[0].key]) // self.num_layers
-        return cond[0].reshape(self.num_layers, chunks * self.tokens_per_layer, -1), pooled
+        chunks = len(packed[self.family.towers[0].key]) // self.num_slots
+        slots = cond[0].reshape(self.num_slots, chunks * self.tokens_per_layer, -1)
+        return layers_from_slots(slots, self.token_slots), pooled
 
     def encode_pooled(self, text: str, embeddings: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """([L, 77, D], pooled [1, P]): the training encoding (the first chunk, `encode_with_pooled` with

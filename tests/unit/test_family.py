@@ -31,8 +31,9 @@ def test_token_slots_one_per_layer_or_one_per_transformer_stack():
     assert SD15.token_slots(SD15_PATHS) == list(range(16))
     shared_sd15 = replace(SD15, shared_slots=True)
     assert shared_sd15.token_slots(SD15_PATHS) == list(range(16)), "SD1.5's stacks hold one layer each"
-    assert SDXL.token_slots(SDXL_PATHS) == list(range(70))
-    shared = replace(SDXL, shared_slots=True).token_slots(SDXL_PATHS)
+    assert SDXL.token_slots(SDXL_PATHS, shared=False) == list(range(70))
+    shared = SDXL.token_slots(SDXL_PATHS)  # SDXL's default: one slot per transformer stack
+    assert shared == SDXL.token_slots(SDXL_PATHS, shared=True)
     assert max(shared) == 10 and shared[:4] == [0, 0, 1, 1] and shared[-2:] == [10, 10]
     assert [shared.count(s) for s in range(11)] == [depth for _, depth in SDXL_STACKS]
     with pytest.raises(CIDMInputError, match="model"):
