@@ -15,7 +15,7 @@ from common import (SDXL_LAYOUTS, BenchServer, Timing, common_arguments, print_t
                     write_json)
 from comfy_host import stage
 from pack_workflows import TRAIN_OPTIONS, add_trainer
-from synthetic import synthesize_library
+from synthetic import checkpoint_layers, synthesize_library
 
 RANK = 4
 LEARNING_RATE = 1e-4
@@ -38,18 +38,24 @@ def stage_two_images(workspace) -> tuple[str, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common_arguments(parser, resolution=128, steps=6, repeats=3)
+    parser.add_argument("--per-layer-slots", action="store_true",
+                        help="also time cidm with one token slot per layer (on SDXL the default is one per "
+                             "transformer stack, cidm.family)")
     args = parser.parse_args()
 
     with BenchServer(args) as bench:
         folder, names = stage_two_images(bench.workspace)
         task_files = []
 
-        def cidm(embedding_lr: float):
+        def cidm(embedding_lr: float, per_layer_slots: bool = False):
             def run() -> list[Timing]:
-                # Every run appends to a fresh one-task library; the new name also keeps ComfyUI's cache out.
+                # Every run appends to a fresh one-task library; the new name also keeps ComfyUI's cache out. The
+                # new concept trains with the library's token slots: the family's default, or one per layer.
                 library = f"bench{unique()}"
                 root = bench.workspace / "models" / "cidm" / library
-                synthesize_library(bench.ckpt_path, root, ["old"], rank=RANK)
+                layers = len(checkpoint_layers(bench.ckpt_path)[0])
+                synthesize_library(bench.ckpt_path, root, ["old"], rank=RANK,
+                                   token_slots=list(range(layers)) if per_layer_slots else None)
                 graph, checkpoint = bench.checkpoint_graph()
                 lib = graph.add("CIDM_LoadConceptLibrary", library=library)
                 node = add_trainer(graph, checkpoint, lib[0], "dog", folder, method="cidm", steps=args.steps,
@@ -90,13 +96,16 @@ def main() -> None:
                 return steps
             return wrapped
         runs = {"stock": stock, "cidm": cidm(TRAIN_OPTIONS["embedding_lr"]), "cidm frozen tokens": cidm(0.0)}
+        if args.per_layer_slots:
+            runs["cidm per-layer slots"] = cidm(TRAIN_OPTIONS["embedding_lr"], per_layer_slots=True)
         per_step, steps = seconds_per_step({name: measured(name, run) for name, run in runs.items()}, args.repeats)
         size = task_files[-1].stat().st_size
 
     print(f"checkpoint {args.layout}, {args.resolution}×{args.resolution}, batch 1, rank {RANK}, fp32, CPU, "
           f"{args.threads} torch thread(s); median of {len(steps['stock'])} steps per row")
     ratios = print_table(per_step, {"stock": "stock TrainLoraNode", "cidm": "Train Concept Increment, cidm",
-                                    "cidm frozen tokens": "  same, tokens frozen (embedding_lr 0)"}, "stock")
+                                    "cidm frozen tokens": "  same, tokens frozen (embedding_lr 0)",
+                                    "cidm per-layer slots": "  same, one token slot per layer"}, "stock")
     goal = 1.3 if args.layout in SDXL_LAYOUTS else 1.10
     print(f"ratio cidm / stock: {ratios['cidm'].cpu:.3f} (CPU), {ratios['cidm'].wall:.3f} (wall)   "
           f"{verdict(ratios['cidm'].cpu, goal)}")

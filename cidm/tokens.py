@@ -104,10 +104,15 @@ def initial_embeddings(num_tokens: int, num_slots: int, dim: int, class_vectors:
     return torch.stack(rows).clone()
 
 
-def mean_embedding_norm(embeddings: torch.Tensor) -> float:
-    """Mean L2 norm over all (token, slot) rows. The official code freezes the embeddings once this reaches
-    `emb_norm_threshold` = 0.55 (JiahuaDong/CIFC@9819aa8 `train.py`, `options/cidm/task_*.yml`)."""
-    return embeddings.detach().norm(dim=-1).mean().item()
+def mean_embedding_norm(embeddings: torch.Tensor, width: int | None = None) -> float:
+    """Mean L2 norm over all (token, slot) rows of `embeddings` [n, S, D], reading the first `width` features only
+    (None: all). The official code freezes the embeddings once this reaches `emb_norm_threshold` = 0.55 for SD1.5's
+    CLIP-L (JiahuaDong/CIFC@9819aa8 `train.py`, `options/cidm/task_*.yml`). On SDXL a row joins CLIP-L's 768 and
+    CLIP-G's 1280 features, so the whole row's norm is not the rule's: a random start of σ 0.013 alone has norm
+    0.013·√2048 ≈ 0.59, past the threshold before any step. The rule reads the CLIP-L part (`LayerwiseTextEncoder.
+    norm_width`), the same text encoder the threshold was set for."""
+    rows = embeddings.detach() if width is None else embeddings.detach()[..., :width]
+    return rows.norm(dim=-1).mean().item()
 
 
 class LayerwiseTextEncoder(Protocol):
@@ -117,6 +122,7 @@ class LayerwiseTextEncoder(Protocol):
     num_layers: int
     token_slots: list[int]  # [L]: the slot of each layer (check_token_slots)
     tokens_per_layer: int
+    norm_width: int  # the leading features of an embedding that the freeze rule reads (`mean_embedding_norm`)
 
     def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
         """[L, T, D]; differentiable with respect to `embeddings` (token -> [S, D])."""

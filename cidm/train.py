@@ -344,7 +344,8 @@ class ConceptTrainer:
         self.optimizer.step()
         self.schedule.step()
         self.step += 1
-        if self.frozen_at is None and mean_embedding_norm(self.embeddings) >= self.config.embedding_norm_threshold:
+        if self.frozen_at is None and mean_embedding_norm(self.embeddings, self.encoder.norm_width) \
+                >= self.config.embedding_norm_threshold:
             self.frozen_at = self.step
             self.embeddings.requires_grad_(False)
         return diffusion_loss.item()

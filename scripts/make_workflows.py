@@ -6,8 +6,9 @@ defaults taken from a real server's /object_info (so a node gaining an input mea
 The files are the source of truth afterwards: the demo and the tests convert them to API format at run time
 (scripts/workflow_format.py) and the browser test opens them from the Templates dialog. Values here are the real
 SD1.5 ones (512 px, 800 training steps per concept, a stock SD1.5 checkpoint name); the CPU-sized settings of the
-tests are applied at run time and never written. The thumbnails beside them (<name>.jpg, which the Templates dialog
-shows) are crops of the browser test's screenshots (tests/browser/screenshots/<name>.png).
+tests are applied at run time and never written. The SDXL versions (`<name>_sdxl`) carry SDXL's: 1024 px, a stock
+SDXL checkpoint name and its own library. The thumbnails beside them (<name>.jpg, which the Templates dialog shows)
+are crops of the browser test's screenshots (tests/browser/screenshots/<name>.png).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -23,7 +25,6 @@ from comfy_host import REPO, ComfyServer, ensure_checkpoint  # noqa: E402
 from workflow_format import is_widget, ordered_inputs, widget_layout  # noqa: E402
 
 OUT = REPO / "workflows"
-CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 COLUMN_WIDTH = 460
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
 CLEARANCE = 30  # free canvas between two nodes: the frontend draws a node's source badge above its title bar
@@ -33,7 +34,29 @@ ROW_GAP = TITLE_HEIGHT + CLEARANCE
 # enough for 9 px a character and a 10 px margin, whatever the browser's font
 TITLE_PX_PER_CHARACTER = 9
 NEGATIVE = "blurry, low quality, deformed"
-SAMPLING = dict(steps=30, cfg=7.5, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
+
+
+@dataclass(frozen=True)
+class FamilySettings:
+    """What a shipped workflow sets for one model family (cidm.family holds the family's own numbers)."""
+
+    label: str  # in titles and notes
+    suffix: str  # of the workflow file name
+    checkpoint: str  # a stock checkpoint of the family, as its users name it
+    resolution: int  # training and generation, in pixels
+    cfg: float
+    library: str
+
+
+SD15 = FamilySettings("SD1.5", "", "v1-5-pruned-emaonly.safetensors", 512, 7.5, "my-concepts")
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 ships sd_xl_base_1.0.safetensors), at its native 1024 px;
+# a lower CFG than SD1.5's, as SDXL users run it. Any SDXL-family checkpoint (Pony, Illustrious, NoobAI) fits.
+SDXL = FamilySettings("SDXL", "_sdxl", "sd_xl_base_1.0.safetensors", 1024, 6.0, "my-sdxl-concepts")
+
+
+def sampling(family: FamilySettings) -> dict:
+    return dict(steps=30, cfg=family.cfg, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
+
 CONCEPTS = [  # (concept, CIFC folder, tokens, class words); CIFC: Dong et al.'s continual customization benchmark
     ("dog", "cifc/dog", "<dog1> <dog2>", "dog"),
     ("duck", "cifc/duck_toy", "<duck1> <duck2> <duck3>", "duck toy"),
@@ -138,8 +161,8 @@ class Workflow:
         return path
 
 
-def checkpoint(wf: Workflow, column: int = 0) -> Node:
-    return wf.add("CheckpointLoaderSimple", column, ckpt_name=CHECKPOINT)
+def checkpoint(wf: Workflow, family: FamilySettings, column: int = 0) -> Node:
+    return wf.add("CheckpointLoaderSimple", column, ckpt_name=family.checkpoint)
 
 
 def train_sequence(wf: Workflow, ckpt: Node, library: Node, column: int, method: str, concepts, options) -> Node:
@@ -151,45 +174,51 @@ def train_sequence(wf: Workflow, ckpt: Node, library: Node, column: int, method:
     return library
 
 
-def concept_options(wf: Workflow, column: int, concepts) -> dict[str, Node]:
+def concept_options(wf: Workflow, family: FamilySettings, column: int, concepts) -> dict[str, Node]:
     return {concept: wf.add("CIDM_ConceptTrainingOptions", column, title=f"Options: {concept}", tokens=tokens,
-                            class_words=words, training_seed=index)
+                            class_words=words, training_seed=index, resolution=family.resolution)
             for index, (concept, _, tokens, words) in enumerate(concepts)}
 
 
-def generate(wf: Workflow, ckpt: Node, model: Node, library: Node, column: int, prompt: str, prefix: str,
-             seed: int = 2024) -> None:
-    """CIDM Text Encode (prompt and negative) → KSampler at 512×512 → VAE Decode → Save Image."""
+def generate(wf: Workflow, family: FamilySettings, ckpt: Node, model: Node, library: Node, column: int, prompt: str,
+             prefix: str, seed: int = 2024) -> None:
+    """CIDM Text Encode (prompt and negative) → KSampler at the family's square size → VAE Decode → Save Image."""
     positive = wf.add("CIDM_TextEncode", column, title=f"Prompt: {prompt}", clip=ckpt[1], library=library[0],
                       text=prompt)
     negative = wf.add("CIDM_TextEncode", column, title="Negative prompt", clip=ckpt[1], library=library[0],
                       text=NEGATIVE)
-    latent = wf.add("EmptyLatentImage", column, width=512, height=512, batch_size=1)
+    latent = wf.add("EmptyLatentImage", column, width=family.resolution, height=family.resolution, batch_size=1)
     sampled = wf.add("KSampler", column, model=model[0], positive=positive[0], negative=negative[0],
-                     latent_image=latent[0], seed=seed, **SAMPLING)
+                     latent_image=latent[0], seed=seed, **sampling(family))
     decoded = wf.add("VAEDecode", column, samples=sampled[0], vae=ckpt[2])
     wf.add("SaveImage", column, images=decoded[0], filename_prefix=prefix)
 
 
-def continual_customization(info: dict) -> Workflow:
+CONTINUAL_TIME = {SD15: "800 steps per concept at 512 px, as the paper trains; about 10 minutes per concept on a "
+                         "recent GPU",
+                  SDXL: "800 steps per concept at SDXL's 1024 px (the paper's SD1.5 step count; its SDXL settings were "
+                        "never released). Each concept token has one embedding per transformer stack (11), the "
+                        "SDXL default of Concept Training Options"}
+
+
+def continual_customization(info: dict, family: FamilySettings = SD15) -> Workflow:
     wf = Workflow(info)
-    wf.note(0, "Continual customization\n\nThree concepts are taught one after the other into one library "
-               "(models/cidm/my-concepts). Each Train Concept Increment appends the next task and never changes "
-               "the old ones; no old image is replayed.\n\nPut each concept's images (and optional same-name .txt "
-               "captions) in a folder under ComfyUI/input, e.g. input/cifc/dog, or change the folder widgets. "
-               "Prompts name a concept as <dog>.\n\n800 steps per concept at 512 px, as the paper trains; about "
-               "10 minutes per concept on a recent GPU. Queue again unchanged and the trained tasks are reused.",
-            title="Read me", height=330)
-    ckpt = checkpoint(wf)
-    library = wf.add("CIDM_LoadConceptLibrary", 0, library="my-concepts")
-    options = concept_options(wf, 1, CONCEPTS)
+    wf.note(0, f"Continual customization ({family.label})\n\nThree concepts are taught one after the other into "
+               f"one library (models/cidm/{family.library}). Each Train Concept Increment appends the next task "
+               "and never changes the old ones; no old image is replayed.\n\nPut each concept's images (and "
+               "optional same-name .txt captions) in a folder under ComfyUI/input, e.g. input/cifc/dog, or change "
+               f"the folder widgets. Prompts name a concept as <dog>.\n\n{CONTINUAL_TIME[family]}. Queue again "
+               "unchanged and the trained tasks are reused.", title="Read me", height=360)
+    ckpt = checkpoint(wf, family)
+    library = wf.add("CIDM_LoadConceptLibrary", 0, library=family.library)
+    options = concept_options(wf, family, 1, CONCEPTS)
     trained = train_sequence(wf, ckpt, library, 2, "cidm", CONCEPTS, options)
     model = wf.add("CIDM_ElasticAggregateLoRAs", 2, model=ckpt[0], library=trained[0])
     wf.add("CIDM_InspectAggregationWeights", 2, node_width=420, clip=ckpt[1], library=trained[0],
            text="a photo of a <duck> on a beach")
     for column, (concept, *_rest) in enumerate(CONCEPTS, start=3):
-        generate(wf, ckpt, model, trained, column, f"a photo of a <{concept}> on a beach", f"cidm/{concept}",
-                 seed=2024 + column)
+        generate(wf, family, ckpt, model, trained, column, f"a photo of a <{concept}> on a beach",
+                 f"cidm/{concept}{family.suffix}", seed=2024 + column)
     return wf
 
 
@@ -202,15 +231,16 @@ def method_comparison(info: dict) -> Workflow:
                "regularizer). Each column then samples one prompt naming both concepts with the same seed.\n\n"
                "c-lora and finetune were trained with the old tasks summed into the model, so they are sampled "
                "that way (fixed weights 1, 1); cidm applies the concepts the prompt names (named routing).", title="Read me", height=300)
-    ckpt = checkpoint(wf)
-    options = concept_options(wf, 1, concepts)
+    ckpt = checkpoint(wf, SD15)
+    options = concept_options(wf, SD15, 1, concepts)
     for column, method in enumerate(("cidm", "c-lora", "finetune"), start=2):
         library = wf.add("CIDM_LoadConceptLibrary", column, title=f"Library: compare-{method}",
                          library=f"compare-{method}")
         trained = train_sequence(wf, ckpt, library, column, method, concepts, options)
         routing = {} if method == "cidm" else dict(mode="fixed", weights="1, 1")
         model = wf.add("CIDM_ElasticAggregateLoRAs", column, model=ckpt[0], library=trained[0], **routing)
-        generate(wf, ckpt, model, trained, column, "a <dog> next to a <duck> on a beach", f"cidm/compare_{method}")
+        generate(wf, SD15, ckpt, model, trained, column, "a <dog> next to a <duck> on a beach",
+                 f"cidm/compare_{method}")
     return wf
 
 
@@ -222,57 +252,63 @@ def export_concept_lora(info: dict) -> Workflow:
                "as LoRA applies the same LoRA in this graph, so a plain CLIPTextEncode + KSampler workflow uses it "
                "at once. A standard LoRA cannot carry the layer-wise concept tokens: prompt with the class word "
                "('a photo of a dog').", title="Read me", height=320)
-    ckpt = checkpoint(wf)
-    library = wf.add("CIDM_LoadConceptLibrary", 0, library="my-concepts")
+    ckpt = checkpoint(wf, SD15)
+    library = wf.add("CIDM_LoadConceptLibrary", 0, library=SD15.library)
     wf.add("CIDM_ExportConceptLoRA", 1, library=library[0], concept="dog")
     model = wf.add("CIDM_LoadConceptAsLoRA", 1, model=ckpt[0], library=library[0], concept="dog")
     positive = wf.add("CLIPTextEncode", 2, title="Prompt", text="a photo of a dog on a beach", clip=ckpt[1])
     negative = wf.add("CLIPTextEncode", 2, title="Negative prompt", text=NEGATIVE, clip=ckpt[1])
     latent = wf.add("EmptyLatentImage", 2, width=512, height=512, batch_size=1)
     sampled = wf.add("KSampler", 3, model=model[0], positive=positive[0], negative=negative[0],
-                     latent_image=latent[0], seed=7, **SAMPLING)
+                     latent_image=latent[0], seed=7, **sampling(SD15))
     decoded = wf.add("VAEDecode", 3, samples=sampled[0], vae=ckpt[2])
     wf.add("SaveImage", 3, images=decoded[0], filename_prefix="cidm/exported_dog")
     return wf
 
 
-def region_composition(info: dict) -> Workflow:
+def region_composition(info: dict, family: FamilySettings = SD15) -> Workflow:
+    """Two concepts side by side on a 3:2 canvas whose short side is the family's resolution."""
+    height = family.resolution
+    width = height * 3 // 2
     wf = Workflow(info)
-    wf.note(0, "Multi-concept composition in regions\n\nRun Continual customization first (it fills the library "
-               "my-concepts with dog, duck and cat).\n\nThe global prompt names every concept; each Region "
-               "Condition gives one part of the image its own prompt (a box here, in pixels of the 768×512 "
-               "canvas; connect a MASK instead to paint it). Inside each region the Context-Controlled KSampler "
+    wf.note(0, f"Multi-concept composition in regions ({family.label})\n\nRun Continual customization "
+               f"{'' if family is SD15 else f'({family.label}) '}first (it fills the library {family.library} with "
+               "dog, duck and cat).\n\nThe global prompt names every concept; each Region Condition gives one part "
+               f"of the image its own prompt (a box here, in pixels of the {width}×{height} canvas; connect a MASK "
+               "instead to paint it). Inside each region the Context-Controlled KSampler "
                "lets the image follow that region's prompt through only its concepts (region-aware "
                "cross-attention); outside, the global prompt. alpha below 1 adds CIDM's region noise estimation "
                "(the paper uses 0.1). The layout preview on the last Region Condition shows the regions with the "
                "concepts they name.", title="Read me",
-            height=330)
-    ckpt = checkpoint(wf)
-    library = wf.add("CIDM_LoadConceptLibrary", 0, library="my-concepts")
+            height=360)
+    ckpt = checkpoint(wf, family)
+    library = wf.add("CIDM_LoadConceptLibrary", 0, library=family.library)
     model = wf.add("CIDM_ElasticAggregateLoRAs", 1, model=ckpt[0], library=library[0])
     positive = wf.add("CIDM_TextEncode", 1, title="Global prompt", clip=ckpt[1], library=library[0],
                       text="a photo of a <dog> and a <cat> sitting in a garden")
     negative = wf.add("CIDM_TextEncode", 1, title="Negative prompt", clip=ckpt[1], library=library[0],
                       text=NEGATIVE)
     regions = None
-    for index, (concept, x) in enumerate((("dog", 0), ("cat", 384))):
+    for index, (concept, x) in enumerate((("dog", 0), ("cat", width // 2))):
         prompt = wf.add("CIDM_TextEncode", 2, title=f"Region prompt: {concept}", clip=ckpt[1], library=library[0],
                         text=f"a photo of a <{concept}>")
         chained = {} if regions is None else {"regions": regions[0]}
         regions = wf.add("CIDM_RegionCondition", 2, title=f"Region {index + 1}: {concept}", node_width=400,
-                         conditioning=prompt[0], x=x, y=0, width=384, height=512, units="pixels",
-                         canvas_width=768, canvas_height=512, **chained)
-    latent = wf.add("EmptyLatentImage", 3, width=768, height=512, batch_size=1)
+                         conditioning=prompt[0], x=x, y=0, width=width // 2, height=height, units="pixels",
+                         canvas_width=width, canvas_height=height, **chained)
+    latent = wf.add("EmptyLatentImage", 3, width=width, height=height, batch_size=1)
     sampled = wf.add("CIDM_ContextControlledKSampler", 3, model=model[0], positive=positive[0],
                      negative=negative[0], regions=regions[0], latent_image=latent[0], seed=2024,
-                     **SAMPLING)
+                     **sampling(family))
     decoded = wf.add("VAEDecode", 3, samples=sampled[0], vae=ckpt[2])
-    wf.add("SaveImage", 3, images=decoded[0], filename_prefix="cidm/composition")
+    wf.add("SaveImage", 3, images=decoded[0], filename_prefix=f"cidm/composition{family.suffix}")
     return wf
 
 
 WORKFLOWS = {"continual_customization": continual_customization, "method_comparison": method_comparison,
-             "export_concept_lora": export_concept_lora, "region_composition": region_composition}
+             "export_concept_lora": export_concept_lora, "region_composition": region_composition,
+             "continual_customization_sdxl": lambda info: continual_customization(info, SDXL),
+             "region_composition_sdxl": lambda info: region_composition(info, SDXL)}
 
 
 def main() -> int:

@@ -1,8 +1,9 @@
 """Runs the shipped workflows headless in a real ComfyUI server, in the order a user would: continual
 customization (three CIFC concepts trained in sequence into one library, each then generated), composing two of
-them in regions, then exporting a concept as a standard LoRA used in a plain sampling graph. The files in workflows/ are converted to API format
-here; the CPU-sized settings (test checkpoint, few steps, small images) are applied at run time only.
-Outputs land in demo_output/ (printed at the end)."""
+them in regions, then exporting a concept as a standard LoRA used in a plain sampling graph; then the SDXL versions
+of the first two on an SDXL-layout test checkpoint. The files in workflows/ are converted to API format here; the
+CPU-sized settings (test checkpoints, few steps, small images) are applied at run time only. Outputs land in
+demo_output/ (printed at the end)."""
 
 import shutil
 import sys
@@ -15,8 +16,19 @@ from workflow_format import cpu_overrides  # noqa: E402
 
 OUT = REPO / "demo_output"
 CHECKPOINT = "cidm_mini_sd15.safetensors"
-DEMO_WORKFLOWS = ("continual_customization", "region_composition", "export_concept_lora")
-SIZE_DIVISOR = 4  # 512×512 latents become 128×128 images
+# SDXL's 70 cross-attention layers in a 283 M UNet, with small text towers (scripts/make_test_checkpoint.py)
+SDXL_CHECKPOINT = "cidm_sdxl_blocks.safetensors"
+SDXL_LOADER = "CIDMTest_SmallTowerCheckpointLoader"
+# (workflow, overrides, size divisor): 512×512 latents become 128×128 images, SDXL's 1024×1024 become 128×128 too
+DEMO_WORKFLOWS = (
+    ("continual_customization", cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8), 4),
+    ("region_composition", cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8), 4),
+    ("export_concept_lora", cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8), 4),
+    ("continual_customization_sdxl", cpu_overrides(SDXL_CHECKPOINT, training_steps=4, sampling_steps=4,
+                                                   loader=SDXL_LOADER), 8),
+    ("region_composition_sdxl", cpu_overrides(SDXL_CHECKPOINT, training_steps=4, sampling_steps=4,
+                                              loader=SDXL_LOADER), 8),
+)
 
 
 def main() -> int:
@@ -25,13 +37,13 @@ def main() -> int:
     if OUT.exists():
         shutil.rmtree(OUT)
     workspace = OUT / "workspace"
-    server = ComfyServer(workspace, {CHECKPOINT: ensure_checkpoint("mini")})
-    overrides = cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8)
+    server = ComfyServer(workspace, {CHECKPOINT: ensure_checkpoint("mini"),
+                                     SDXL_CHECKPOINT: ensure_checkpoint("sdxl-blocks")})
     started = time.time()
     server.start()
     try:
-        for name in DEMO_WORKFLOWS:
-            prompt = shipped_prompt(server, name, overrides, SIZE_DIVISOR)
+        for name, overrides, divisor in DEMO_WORKFLOWS:
+            prompt = shipped_prompt(server, name, overrides, divisor)
             entry = server.run(prompt, timeout=1800)
             print(f"{name}: finished after {time.time() - started:.0f}s")
             for path in server.output_files(entry):
@@ -43,7 +55,8 @@ def main() -> int:
                         print(table)  # the per-layer task weights of the inspected prompt
     finally:
         server.stop()
-    print(f"concept library: {workspace / 'models' / 'cidm' / 'my-concepts'}")
+    print(f"concept libraries: {workspace / 'models' / 'cidm' / 'my-concepts'}, "
+          f"{workspace / 'models' / 'cidm' / 'my-sdxl-concepts'}")
     print(f"server log: {server.log_path}")
     return 0
 

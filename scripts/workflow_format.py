@@ -90,12 +90,16 @@ def notes(workflow: dict) -> list[str]:
 def with_overrides(prompt: dict, overrides: dict[str, dict], scale_sizes: int = 1) -> dict:
     """A copy of an API prompt with `overrides[class_type][input] = value` applied to every node of that class
     (only to inputs the node has as values, never to links), and width/height inputs divided by `scale_sizes`
-    (rounded to multiples of 8, at least 64)."""
+    (rounded to multiples of 8, at least 64). An override `"class_type": other` swaps the node's class for `other`,
+    which must have the same inputs and outputs (a test checkpoint's loader for the stock one)."""
     changed = copy.deepcopy(prompt)
     for node in changed.values():
         inputs = node["inputs"]
-        for name, value in overrides.get(node["class_type"], {}).items():
-            if name in inputs and not isinstance(inputs[name], list):
+        kind = node["class_type"]
+        for name, value in overrides.get(kind, {}).items():
+            if name == "class_type":
+                node["class_type"] = value
+            elif name in inputs and not isinstance(inputs[name], list):
                 inputs[name] = value
         if scale_sizes > 1:
             for name in ("width", "height"):
@@ -105,10 +109,13 @@ def with_overrides(prompt: dict, overrides: dict[str, dict], scale_sizes: int = 
 
 
 def cpu_overrides(checkpoint: str, training_steps: int = 2, sampling_steps: int = 2,
-                  resolution: int = 64) -> dict[str, dict]:
-    """The run-time settings that make the shipped SD1.5 workflows run in CPU minutes on a test checkpoint."""
+                  resolution: int = 64, loader: str | None = None) -> dict[str, dict]:
+    """The run-time settings that make the shipped workflows run in CPU minutes on a test checkpoint, loaded by
+    `loader` in place of CheckpointLoaderSimple when given (SDXL test checkpoints:
+    CIDMTest_SmallTowerCheckpointLoader, for their small text towers)."""
     sampler = {"steps": sampling_steps}
-    return {"CheckpointLoaderSimple": {"ckpt_name": checkpoint},
+    swap = {"class_type": loader} if loader else {}
+    return {"CheckpointLoaderSimple": {"ckpt_name": checkpoint, **swap},
             "CIDM_TrainConceptIncrement": {"steps": training_steps},
             "CIDM_ConceptTrainingOptions": {"resolution": resolution, "save_every": 0, "preview_every": 0},
             "KSampler": sampler, "CIDM_ContextControlledKSampler": sampler}

@@ -14,7 +14,7 @@ LIBRARY = "continual"
 TRAIN_OPTIONS = dict(tokens="", class_words="", template="object", lora_lr=1e-2, embedding_lr=1e-3, rank=4,
                      multiplier=1.0, orthogonal_weight=0.1, shared_weight=0.01, clora_lambda=1.0, resolution=64,
                      batch_size=1, training_seed=0, save_every=0, resume=False, gradient_checkpointing=False,
-                     preview_every=0)
+                     preview_every=0, token_slots="family default")
 
 
 def add_trainer(graph: Graph, checkpoint, library, concept: str, folder: str = "", method: str = "cidm",

@@ -48,14 +48,19 @@ def checkpoint_base_model(checkpoint: Path) -> dict:
         fingerprint = base_model_fingerprint(lambda key: f.get_tensor(UNET + key).float(), len(paths))
         tables = [f.get_tensor(key) for key in TOKEN_EMBEDDINGS[family.name]]
     return {"fingerprint": fingerprint, "family": family.name, "num_layers": len(paths), "context_dim": context_dim,
-            "layer_paths": paths, "text_encoder": token_embedding_fingerprint(torch.cat(tables, dim=-1))}
+            "layer_paths": paths, "token_slots": family.token_slots(paths),
+            "text_encoder": token_embedding_fingerprint(torch.cat(tables, dim=-1))}
 
 
 def synthesize_library(checkpoint: Path, root: Path, concepts: list[str], rank: int = 4, seed: int = 0,
-                       lora_std: float = 0.05, multiplier: float = 1.0) -> ConceptLibrary:
+                       lora_std: float = 0.05, multiplier: float = 1.0,
+                       token_slots: list[int] | None = None) -> ConceptLibrary:
     """A library with one task per concept: random LoRA factors and embeddings, and concept features that are
-    distinct random directions (so routing between them is separable)."""
+    distinct random directions (so routing between them is separable). `token_slots`: the library's map (None: the
+    family's default, as training records it)."""
     info = checkpoint_base_model(checkpoint)
+    if token_slots is not None:
+        info["token_slots"] = token_slots
     paths, shapes = checkpoint_layers(checkpoint)
     generator = torch.Generator().manual_seed(seed)
     library = ConceptLibrary.create(root, info)
@@ -67,7 +72,8 @@ def synthesize_library(checkpoint: Path, root: Path, concepts: list[str], rank: 
                 lora[(layer, proj)] = (torch.randn(rank, in_features, generator=generator) * lora_std,
                                        torch.randn(out_features, rank, generator=generator) * lora_std)
         tokens = [f"<{concept}{i}>" for i in (1, 2)]
-        embeddings = torch.randn(len(tokens), len(paths), info["context_dim"], generator=generator) * 0.02
+        embeddings = torch.randn(len(tokens), max(info["token_slots"]) + 1, info["context_dim"],
+                                 generator=generator) * 0.02
         features = torch.randn(len(tokens), len(paths), info["context_dim"], generator=generator)
         library.append_task(concept=concept, tokens=tokens, method="cidm", rank=rank, multiplier=multiplier, steps=0,
                             seed=seed + number, hyperparameters={"synthetic": True},

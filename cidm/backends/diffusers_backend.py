@@ -201,6 +201,7 @@ class DiffusersLayerwiseEncoder:
         self.num_slots = max(self.token_slots) + 1
         self.tokens_per_layer = tokenizer.model_max_length
         self.table = text_encoder.get_input_embeddings()
+        self.norm_width = self.table.weight.shape[1]
 
     def _ids(self, text: str) -> torch.Tensor:
         return self.tokenizer(text, padding="max_length", max_length=self.tokens_per_layer, truncation=True,

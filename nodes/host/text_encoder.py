@@ -36,6 +36,7 @@ class ComfyLayerwiseEncoder:
                                              num_layers, "token_slots")
         self.num_slots = max(self.token_slots) + 1
         self.tokens_per_layer = self.family.tokens_per_chunk
+        self.norm_width = self.family.towers[0].width  # CLIP-L's part: the freeze rule's (cidm.tokens)
         self.text_models = [self._text_model(tower.key) for tower in self.family.towers]
 
     def _text_model(self, key: str):

@@ -1,6 +1,7 @@
 """Routing on the real server with the 16-layer checkpoint: named concepts, the per-cond transport through ComfyUI's
 batching, coexistence with other patches and samplers, and errors that name the real cause."""
 
+import json
 import re
 import shutil
 
@@ -44,7 +45,7 @@ def encode(graph, clip, text, library="routing"):
 
 
 def sample(comfy, tag, text="a photo of a <dog>", negative=77, patch=None, sampler="KSampler", count=False,
-           positive_patch=None, steps=SAMPLER["steps"]):
+           positive_patch=None, steps=SAMPLER["steps"], library="routing"):
     """The latent of one sampling run on the 16-layer checkpoint: `patch(graph, model, clip)` returns the model,
     `positive_patch(graph, positive)` the positive conditioning."""
     graph = Graph()
@@ -52,7 +53,7 @@ def sample(comfy, tag, text="a photo of a <dog>", negative=77, patch=None, sampl
     model = patch(graph, checkpoint[0], checkpoint[1]) if patch else checkpoint[0]
     if count:
         model = graph.add("CIDMTest_CountUNetCalls", model=model, tag=tag)[0]
-    positive = encode(graph, checkpoint[1], text)
+    positive = encode(graph, checkpoint[1], text, library)
     if positive_patch:
         positive = positive_patch(graph, positive)
     negative_cond = graph.add("CLIPTextEncode", clip=checkpoint[1], text=NEGATIVES[negative])[0]
@@ -100,6 +101,31 @@ def test_a_prompt_naming_no_concept_is_the_base_model_bit_for_bit(comfy, librari
         base = sample(comfy, f"base{negative}", text=text, negative=negative)
         patched = sample(comfy, f"noconcept{negative}", text=text, negative=negative, patch=named())
         assert np.array_equal(base, patched), negative
+
+
+def copy_library(comfy, source: str, name: str, version: int, **base_model) -> str:
+    """Library `name`: `source`'s folder with its manifest rewritten as `version`, `base_model` fields replaced
+    (None: removed)."""
+    root = comfy.workspace / "models" / "cidm"
+    if not (root / name).exists():
+        shutil.copytree(root / source, root / name)
+        manifest = json.loads((root / name / "manifest.json").read_text())
+        fields = {**manifest["base_model"], **base_model}
+        manifest.update(version=version, name=name,
+                        base_model={key: value for key, value in fields.items() if value is not None})
+        (root / name / "manifest.json").write_text(json.dumps(manifest))
+    return name
+
+
+def test_a_version_1_library_samples_bit_for_bit_as_with_its_per_layer_map(comfy, libraries):
+    """A library as the pack wrote it before token-slot maps (manifest version 1, no map) reads as one slot per
+    layer: it samples exactly as the same tasks recorded with that map explicitly (version 2)."""
+    old = copy_library(comfy, "routing", "routing-v1", 1, token_slots=None)
+    mapped = copy_library(comfy, "routing", "routing-v2", 2, token_slots=list(range(16)))
+    before = sample(comfy, "version1", library=old, patch=named(library=old))
+    after = sample(comfy, "version2", library=mapped, patch=named(library=mapped))
+    assert np.array_equal(before, after)
+    assert not np.array_equal(before, sample(comfy, "version-base"))
 
 
 def test_an_unnamed_task_is_not_applied_and_named_ones_are(comfy, libraries):

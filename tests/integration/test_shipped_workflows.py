@@ -14,12 +14,14 @@ from workflow_format import WorkflowFormatError, cpu_overrides, notes, to_api, w
 pytestmark = pytest.mark.integration
 
 SHIPPED = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
-SD15 = "v1-5-pruned-emaonly.safetensors"
+# what each workflow carries: (checkpoint, training and generation size in pixels)
+SETTINGS = {"": ("v1-5-pruned-emaonly.safetensors", 512), "_sdxl": ("sd_xl_base_1.0.safetensors", 1024)}
+SDXL_LOADER = "CIDMTest_SmallTowerCheckpointLoader"
 
 
 def test_the_set_of_workflows():
     assert set(SHIPPED) == {"continual_customization", "method_comparison", "export_concept_lora",
-                            "region_composition"}
+                            "region_composition", "continual_customization_sdxl", "region_composition_sdxl"}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -36,15 +38,17 @@ def test_workflow_is_ui_format_with_thumbnail_and_notes(name):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_workflow_converts_and_carries_real_sd15_settings(comfy, name):
+def test_workflow_converts_and_carries_real_settings_of_its_family(comfy, name):
+    checkpoint, size = SETTINGS["_sdxl" if name.endswith("_sdxl") else ""]
     prompt = to_api(shipped_workflow(name), comfy.object_info())
     by_class = {}
     for node in prompt.values():
         by_class.setdefault(node["class_type"], []).append(node["inputs"])
-    assert [inputs["ckpt_name"] for inputs in by_class["CheckpointLoaderSimple"]] == [SD15]
+    assert [inputs["ckpt_name"] for inputs in by_class["CheckpointLoaderSimple"]] == [checkpoint]
     assert all(inputs["steps"] == 800 for inputs in by_class.get("CIDM_TrainConceptIncrement", []))
-    assert all(inputs["resolution"] == 512 for inputs in by_class.get("CIDM_ConceptTrainingOptions", []))
-    assert all(min(inputs["width"], inputs["height"]) >= 512 for inputs in by_class.get("EmptyLatentImage", []))
+    assert all(inputs["resolution"] == size and inputs["token_slots"] == "family default"
+               for inputs in by_class.get("CIDM_ConceptTrainingOptions", []))
+    assert all(min(inputs["width"], inputs["height"]) == size for inputs in by_class.get("EmptyLatentImage", []))
     samplers = by_class.get("KSampler", []) + by_class.get("CIDM_ContextControlledKSampler", [])
     assert samplers and all(inputs["steps"] >= 20 for inputs in samplers)
 
@@ -113,6 +117,24 @@ def test_region_composition_composes_the_trained_concepts(comfy, continual_run):
     assert Image.open(image).size == (96, 64) and np.asarray(Image.open(image)).std() > 0
     regions = [node_id for node_id, node in prompt.items() if node["class_type"] == "CIDM_RegionCondition"]
     assert len(regions) == 2 and all(entry["outputs"][node_id]["images"] for node_id in regions)  # layouts
+
+
+def test_sdxl_workflows_train_generate_and_compose_on_an_sdxl_checkpoint(comfy, sdxl_checkpoint):
+    """The SDXL continual customization then region composition, with CPU-sized settings on the `sdxl-blocks` test
+    checkpoint (its small text towers through the test loader): three concepts land in an SDXL library, each is
+    generated, then two are composed."""
+    overrides = cpu_overrides(sdxl_checkpoint, training_steps=1, sampling_steps=1, loader=SDXL_LOADER)
+    prompt = shipped_prompt(comfy, "continual_customization_sdxl", overrides, scale_sizes=16)
+    entry = comfy.run(prompt, timeout=1800)
+    manifest = json.loads((library_root(comfy, "my-sdxl-concepts") / "manifest.json").read_text())
+    assert manifest["base_model"]["family"] == "SDXL" and max(manifest["base_model"]["token_slots"]) == 10
+    assert [task["concept"] for task in manifest["tasks"]] == ["dog", "duck", "cat"]
+    images = [path for path in comfy.output_files(entry) if path.parent.name == "cidm"]
+    assert sorted(path.name.split("_")[0] for path in images) == ["cat", "dog", "duck"]
+    assert all(Image.open(path).size == (64, 64) for path in images)
+    entry = comfy.run(shipped_prompt(comfy, "region_composition_sdxl", overrides, scale_sizes=16))
+    (image,) = [path for path in comfy.output_files(entry) if path.name.startswith("composition_sdxl")]
+    assert Image.open(image).size == (96, 64) and np.asarray(Image.open(image)).std() > 0
 
 
 @pytest.mark.slow

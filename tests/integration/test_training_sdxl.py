@@ -69,14 +69,39 @@ def test_task_records_the_sdxl_family_and_both_towers(comfy, eps_run):
     assert manifest["base_model"]["family"] == "SDXL" and manifest["base_model"]["num_layers"] == 70
     (task,) = manifest["tasks"]
     assert task["concept"] == "dog" and task["hyperparameters"]["resolution"] == 64
+    # The freeze rule reads CLIP-L's part of each [l | g] row: the whole row of a random start (σ 0.013 over 2048
+    # features, norm 0.59) is past the 0.55 threshold already, which froze SDXL tokens after their first step.
+    assert task["hyperparameters"]["embeddings_frozen_at"] is None
     tensors = task_tensors(root, 1)
-    assert tuple(tensors["tokens.embeddings"].shape) == (2, 70, 768 + 1280)  # [l | g] per layer slot
+    # SDXL's default token slots: one per transformer stack, 11 for the 70 layers (cidm.family.SDXL), recorded
+    slots = manifest["base_model"]["token_slots"]
+    assert len(slots) == 70 and max(slots) == 10 and slots[:4] == [0, 0, 1, 1]
+    assert tuple(tensors["tokens.embeddings"].shape) == (2, 11, 768 + 1280)  # [l | g] per slot
+    assert tuple(tensors["tokens.features"].shape) == (2, 70, 768 + 1280)  # routing reads every layer
     assert all(tensor.isfinite().all() for tensor in tensors.values())
     # the loss plot, and the preview shown on the node: sampled with the ADM input at the training size
     assert any(path.name.startswith("loss_sdxl_dog") for path in comfy.output_files(entry))
     (shown,) = entry["outputs"][trainer]["images"]
     preview = np.asarray(Image.open(comfy.workspace / "temp" / shown["subfolder"] / shown["filename"]))
     assert preview.shape == (64, 64, 3) and preview.std() > 0
+
+
+def test_token_slot_rule_per_layer_makes_70_slots_and_a_library_keeps_its_own(comfy, sdxl_checkpoint, eps_run):
+    """'per layer' gives a new library one slot per layer; a library's map is fixed by its first task, so asking
+    the 11-slot library for another rule is refused, naming the input, before any training."""
+    graph, _, _ = sdxl_train_graph(sdxl_checkpoint, "sdxl-per-layer", "dog", stage(comfy.workspace, "dog"), steps=1,
+                                   token_slots="per layer")
+    comfy.run(graph.prompt(), timeout=900)
+    root = library_root(comfy, "sdxl-per-layer")
+    assert json.loads((root / "manifest.json").read_text())["base_model"]["token_slots"] == list(range(70))
+    assert tuple(task_tensors(root, 1)["tokens.embeddings"].shape) == (2, 70, 2048)
+    before = snapshot(library_root(comfy, LIBRARY))
+    graph, _, _ = sdxl_train_graph(sdxl_checkpoint, LIBRARY, "bird", stage(comfy.workspace, "dog"), steps=1,
+                                   token_slots="per layer")
+    with pytest.raises(WorkflowFailed, match=r"token_slots: library 'sdxl-continual' has 11 token slots for 70 "
+                                             r"layers.*'per layer' gives 70"):
+        comfy.run(graph.prompt(), timeout=900)
+    assert snapshot(library_root(comfy, LIBRARY)) == before
 
 
 def test_v_prediction_checkpoint_trains_through_its_own_target(comfy, sdxl_checkpoint, eps_run):
@@ -113,4 +138,4 @@ def test_interrupt_keeps_library_and_resume_completes_with_gradient_checkpointin
     assert [t["concept"] for t in manifest["tasks"]] == ["dog", "cat"]
     assert not resume_file.exists()
     assert all(snapshot(root)[name] == digest for name, digest in before.items() if name.startswith("task_"))
-    assert tuple(task_tensors(root, 2)["tokens.embeddings"].shape) == (2, 70, 2048)
+    assert tuple(task_tensors(root, 2)["tokens.embeddings"].shape) == (2, 11, 2048)

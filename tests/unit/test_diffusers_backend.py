@@ -118,6 +118,25 @@ def test_one_batched_encode_gives_each_layer_its_own_token_vectors_and_gradients
     assert plain.shape == (layers, TOKENS, WIDTH) and torch.equal(plain[0], plain[2])
 
 
+def test_shared_token_slots_give_layers_of_one_slot_the_same_encoding_and_pool_their_gradients(tiny_world):
+    """Layers 0 and 2 share slot 0 and layer 1 has slot 1: one text-encoder row per slot, the layers of a slot read
+    the same encoding, equal to a per-layer encode with the slot's vector copied to its layers; the gradient of a
+    slot sums over its layers."""
+    tokenizer, text_encoder, _ = tiny_world
+    shared = DiffusersLayerwiseEncoder(tokenizer, text_encoder, 3, [0, 1, 0])
+    assert shared.num_slots == 2
+    vectors = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    encoded = shared.encode("a <cat1> on a mat", {"<cat1>": vectors})
+    per_layer = DiffusersLayerwiseEncoder(tokenizer, text_encoder, 3).encode(
+        "a <cat1> on a mat", {"<cat1>": vectors.detach()[[0, 1, 0]]})
+    assert encoded.shape == (3, TOKENS, WIDTH) and torch.allclose(encoded, per_layer, atol=1e-6)
+    assert torch.equal(encoded[0], encoded[2]) and not torch.allclose(encoded[0], encoded[1])
+    (encoded[0].sum() + encoded[2].sum()).backward()
+    assert vectors.grad[0].abs().sum() > 0 and vectors.grad[1].abs().sum() == 0
+    with pytest.raises(CIDMInputError, match="token_slots: token slots \\[1, 0, 0\\] are not numbered"):
+        DiffusersLayerwiseEncoder(tokenizer, text_encoder, 3, [1, 0, 0])
+
+
 def test_zero_embedding_rate_freezes_tokens_and_caches_contexts(tiny_world):
     tokenizer, text_encoder, unet = tiny_world
     denoiser = DiffusersDenoiser(unet, DDPMScheduler(num_train_timesteps=1000), tokens_per_layer=TOKENS)

@@ -3,9 +3,11 @@
 from dataclasses import replace
 
 import pytest
+import torch
 
 from cidm.errors import CIDMInputError
 from cidm.family import FAMILIES, SD15, SDXL, family_named
+from cidm.tokens import check_token_slots, layers_from_slots, mean_embedding_norm
 
 SD15_PATHS = [f"input_blocks.{b}.1.transformer_blocks.0.attn2" for b in (1, 2, 4, 5, 7, 8)] + \
     ["middle_block.1.transformer_blocks.0.attn2"] + \
@@ -38,3 +40,15 @@ def test_token_slots_one_per_layer_or_one_per_transformer_stack():
     assert [shared.count(s) for s in range(11)] == [depth for _, depth in SDXL_STACKS]
     with pytest.raises(CIDMInputError, match="model"):
         SDXL.token_slots([])
+
+
+def test_token_slot_checks_and_the_freeze_rule_reads_the_first_tower():
+    assert check_token_slots([0, 0, 1, 1, 2], 5) == [0, 0, 1, 1, 2]
+    for bad, count in (([0, 2], 2), ([1, 0], 2), ([0, 1], 3), ([0, 0.0], 2)):
+        with pytest.raises(CIDMInputError, match="library: token slots"):
+            check_token_slots(bad, count)
+    encoded = torch.arange(3.0)[:, None]
+    assert layers_from_slots(encoded, [0, 0, 1, 2, 1]).flatten().tolist() == [0, 0, 1, 2, 1]
+    # an SDXL row [CLIP-L 768 | CLIP-G 1280] started at sigma 0.013: 0.36 on CLIP-L, 0.59 over the whole row
+    row = torch.randn(1, 11, SDXL.context_dim, generator=torch.Generator().manual_seed(0)) * 0.013
+    assert mean_embedding_norm(row) > 0.55 > 0.4 > mean_embedding_norm(row, SDXL.towers[0].width) > 0.3

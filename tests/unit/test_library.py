@@ -585,3 +585,38 @@ def test_a_manifest_written_with_the_old_alpha_field_reads_as_the_multiplier(tmp
         task["alpha"] = task.pop("multiplier")
     library.manifest_path.write_text(json.dumps(manifest))
     assert ConceptLibrary.open(tmp_path / "old").tasks[0].multiplier == 1.5
+
+
+def test_shared_token_slots_store_one_embedding_per_slot_and_features_per_layer(tmp_path):
+    """A library recording a token-slot map (manifest v2) holds [n, S, D] embeddings and [n, L, D] features; a
+    task shaped for another map is refused, and a map that is not numbered by first use cannot be recorded."""
+    base = {**BASE_MODEL, "token_slots": [0, 0]}
+    library = ConceptLibrary.create(tmp_path / "shared", base)
+    assert library.token_slots == [0, 0]
+    data = make_task_data(0)
+    shared = TaskData(lora=data.lora, embeddings=data.embeddings[:, :1], features=data.features)
+    append(library, "dog", ["<dog1>", "<dog2>"], 0, data=shared)
+    reopened = ConceptLibrary.open(tmp_path / "shared")
+    assert json.loads(reopened.manifest_path.read_text())["version"] == 2
+    assert tuple(reopened.load_task(1).embeddings.shape) == (2, 1, DIM)
+    assert tuple(reopened.load_task(1).features.shape) == (2, NUM_LAYERS, DIM)
+    with pytest.raises(ValueError, match=r"embeddings have shape \(2, 2, 8\), expected \(2, 1, 8\)"):
+        append(reopened, "cat", ["<cat1>", "<cat2>"], 1)
+    for slots in ([1, 0], [0, 2], [0], [0, True]):
+        with pytest.raises(ValueError, match="token_slots"):
+            ConceptLibrary.create(tmp_path / f"bad{len(slots)}{slots[-1]}", {**BASE_MODEL, "token_slots": slots})
+
+
+def test_version_1_manifest_reads_as_one_slot_per_layer(tmp_path):
+    """A library written before the token-slot map (manifest version 1, no map) opens with one slot per layer, and
+    an append keeps its tasks and writes version 2."""
+    library = ConceptLibrary.create(tmp_path / "old", BASE_MODEL)
+    append(library, "dog", ["<dog1>", "<dog2>"], 0)
+    manifest = json.loads(library.manifest_path.read_text())
+    library.manifest_path.write_text(json.dumps({**manifest, "version": 1}))
+    old = ConceptLibrary.open(tmp_path / "old")
+    assert old.token_slots == list(range(NUM_LAYERS))
+    assert_task_data_close(old.load_task(1), make_task_data(0))
+    append(old, "cat", ["<cat1>", "<cat2>"], 1)
+    assert json.loads(old.manifest_path.read_text())["version"] == 2
+    assert [t.concept for t in ConceptLibrary.open(tmp_path / "old").tasks] == ["dog", "cat"]
