@@ -103,9 +103,10 @@ def main() -> None:
 
     print(f"checkpoint {args.layout}, {args.resolution}×{args.resolution}, batch 1, rank {RANK}, fp32, CPU, "
           f"{args.threads} torch thread(s); median of {len(steps['stock'])} steps per row")
-    ratios = print_table(per_step, {"stock": "stock TrainLoraNode", "cidm": "Train Concept Increment, cidm",
-                                    "cidm frozen tokens": "  same, tokens frozen (embedding_lr 0)",
-                                    "cidm per-layer slots": "  same, one token slot per layer"}, "stock")
+    labels = {"stock": "stock TrainLoraNode", "cidm": "Train Concept Increment, cidm",
+              "cidm frozen tokens": "  same, tokens frozen (embedding_lr 0)",
+              "cidm per-layer slots": "  same, one token slot per layer"}
+    ratios = print_table(per_step, {name: label for name, label in labels.items() if name in per_step}, "stock")
     goal = 1.3 if args.layout in SDXL_LAYOUTS else 1.10
     print(f"ratio cidm / stock: {ratios['cidm'].cpu:.3f} (CPU), {ratios['cidm'].wall:.3f} (wall)   "
           f"{verdict(ratios['cidm'].cpu, goal)}")

@@ -255,12 +255,18 @@ def previous_line(results: dict, previous: Path = PREVIOUS) -> list[str]:
             "final mean accuracy " + "; ".join(cells) + "."]
 
 
+def slots_flag(config: dict) -> str:
+    """The command-line flag of a run's token-slot rule; none for the default, one slot per layer."""
+    rule = config.get("token_slots", "layer")
+    return "" if rule == "layer" else f" --token-slots {rule}"
+
+
 def markdown(results: dict) -> str:
     methods, upper = results["methods"], results[UPPER_BOUND]
     base = results["base"]
     config = results["config"]
     lines = ["# Toy-world continual concept benchmark", "",
-             f"Command: `{COMMAND} --world-seed {results['world_seed']}` (seeds: world {results['world_seed']}, base "
+             f"Command: `{COMMAND} --world-seed {results['world_seed']}{slots_flag(config)}` (seeds: world {results['world_seed']}, base "
              f"model {results['base_model']['seed']}, protocol {config['seed']}); {results['seconds'] / 60:.0f} min "
              "for this report, the runs kept in the cache not counted. Composition at sampling time: "
              + ", ".join(f"{m} {s['composition']}" for m, s in methods.items()) + ".", "",
