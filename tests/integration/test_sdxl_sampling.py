@@ -1,7 +1,7 @@
 """Sampling on SDXL in the real server (issue 30, items 4, 5 and 7) with the generated `sdxl-blocks` checkpoint
 (70 cross-attention layers, two text towers): CIDM Text Encode on both towers with the pooled output, `named`
 routing, a stock negative batched into one UNet call per step, regions over all 70 layers, Inspect Aggregation
-Weights, and a library of the other family refused naming both. Each SDXL UNet step costs seconds on a CPU, so
+Weights, chained libraries, the Context-Controlled Guider, and a library of the other family refused naming both. Each SDXL UNet step costs seconds on a CPU, so
 every run is one or two steps at 64²."""
 
 import re
@@ -26,6 +26,7 @@ def sdxl(comfy, sdxl_checkpoint):
     checkpoints = comfy.workspace / "models" / "checkpoints"
     synthesize_library(checkpoints / sdxl_checkpoint, root / LIBRARY, ["dog", "duck"], lora_std=0.2)
     synthesize_library(checkpoints / CKPT, root / "sd15-for-sdxl", ["cat"])
+    synthesize_library(checkpoints / sdxl_checkpoint, root / "sdxl-routing-b", ["bird"], seed=5, lora_std=0.2)
     return sdxl_checkpoint
 
 
@@ -131,3 +132,31 @@ def test_a_library_of_the_other_family_is_refused_naming_both(comfy, sdxl):
     scene.save("never", scene.stock("a photo"), scene.stock("blurry"))
     error = comfy.run_expecting_error(scene.graph.prompt())
     assert "model:" in error and "SD1.5-family" in error and "SDXL-family" in error, error
+
+
+def test_chained_libraries_both_apply_and_the_guider_samples_as_the_sampler(comfy, sdxl):
+    """A second library's aggregate chained after the first (fixed weight 1) changes the image on SDXL, and the
+    Context-Controlled Guider under SamplerCustomAdvanced samples the regions exactly as the Context-Controlled
+    KSampler does."""
+    scene = Scene(sdxl)
+    second = scene.graph.add("CIDM_LoadConceptLibrary", library="sdxl-routing-b")[0]
+    chained = scene.graph.add("CIDM_ElasticAggregateLoRAs", model=scene.model, library=second, tasks="all",
+                              scale=1.0, mode="fixed", weights="1", uncond_weights="match cond")[0]
+    positive, negative = scene.cidm("a photo of a <dog>"), scene.stock("blurry")
+    scene.save("sdxl_first", positive, negative, steps=1)
+    scene.save("sdxl_chained", positive, negative, model=chained, steps=1)
+    regions = scene.graph.add("CIDM_RegionCondition", conditioning=scene.cidm("a photo of a <duck>"), x=0.5,
+                              y=0.0, width=0.5, height=1.0, strength=1.0)[0]
+    scene.save("sdxl_region_sampler", positive, negative, regions=regions, steps=1)
+    guider = scene.graph.add("CIDM_ContextControlledGuider", model=scene.model, positive=positive, negative=negative,
+                             regions=regions, cfg=SAMPLER["cfg"], alpha=1.0)[0]
+    sigmas = scene.graph.add("BasicScheduler", model=scene.model, scheduler=SAMPLER["scheduler"], steps=1,
+                             denoise=1.0)[0]
+    sampled = scene.graph.add("SamplerCustomAdvanced", noise=scene.graph.add("RandomNoise", noise_seed=3)[0],
+                              guider=guider, sampler=scene.graph.add("KSamplerSelect", sampler_name="euler")[0],
+                              sigmas=sigmas, latent_image=scene.latent)[0]
+    scene.graph.add("CIDMTest_SaveLatent", samples=sampled, tag="sdxl_region_guider")
+    comfy.run(scene.graph.prompt())
+    first, chained_latent = latent(comfy, "sdxl_first"), latent(comfy, "sdxl_chained")
+    assert np.isfinite(chained_latent).all() and np.abs(chained_latent - first).mean() > 1e-3
+    np.testing.assert_array_equal(latent(comfy, "sdxl_region_guider"), latent(comfy, "sdxl_region_sampler"))
