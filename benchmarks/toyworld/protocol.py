@@ -100,7 +100,8 @@ class ProtocolConfig:
     seed: int = 0
     layouts: tuple[str, ...] = tuple(LAYOUTS)
     # a key of TOKEN_SLOT_RULES: one concept-token slot per attn2 layer (the paper's, and every run before issue
-    # #30), or one per resolution stage (`stage_slots`), the toy model's analogue of SDXL's shared slots
+    # #30), one per resolution stage (`stage_slots`), the toy model's analogue of SDXL's shared slots, or one
+    # for every layer
     token_slots: str = "layer"
 
     def __post_init__(self):
@@ -200,8 +201,10 @@ def stage_slots(layer_paths: list[str]) -> list[int]:
     return [numbers.setdefault(stage(path), len(numbers)) for path in layer_paths]
 
 
-# ProtocolConfig.token_slots: layer paths -> the slot of each layer
-TOKEN_SLOT_RULES = {"layer": lambda paths: list(range(len(paths))), "stage": stage_slots}
+# ProtocolConfig.token_slots: layer paths -> the slot of each layer; "one" is one slot for every layer, a single
+# token embedding (issue #33's ablation of layer-wise tokens)
+TOKEN_SLOT_RULES = {"layer": lambda paths: list(range(len(paths))), "stage": stage_slots,
+                    "one": lambda paths: [0] * len(paths)}
 
 
 def make_encoder(base: models.BaseModel, layer_paths: list[str], rule: str) -> DiffusersLayerwiseEncoder:

@@ -122,7 +122,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=protocol.METHODS,
                         help="report only these methods (default: all), beside the upper bound")
     parser.add_argument("--token-slots", choices=sorted(protocol.TOKEN_SLOT_RULES), default="layer",
-                        help="concept-token slots: one per attn2 layer (default), or one per resolution stage")
+                        help="concept-token slots: one per attn2 layer (default), one per resolution stage, or one "
+                             "for every layer")
     args = parser.parse_args()
     threads = args.threads or (1 if args.smoke else None)
     if args.only:

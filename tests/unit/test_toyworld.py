@@ -360,3 +360,16 @@ def test_every_sampler_lands_on_the_image_that_a_perfect_denoiser_predicts(sampl
 def test_an_unknown_sampler_is_refused_by_name_when_the_settings_are_made():
     with pytest.raises(ValueError, match="'euler'"):
         learnability.replaced(protocol.ProtocolConfig(), {"sampler": "euler"})
+
+
+def test_token_slot_rules_of_the_toy_model_share_slots_by_resolution_stage_or_not_at_all():
+    """The toy model's 7 attn2 layers in CIDM order: 8×8 (down block 1, up block 1's two) and 4×4 (down block 2, the
+    mid block, up block 0's two)."""
+    unet = models.build_unet(models.BaseConfig())
+    paths = [layer.path for layer in DiffusersDenoiser(unet, models.make_scheduler()).layers]
+    assert len(paths) == 7
+    assert protocol.TOKEN_SLOT_RULES["stage"](paths) == [0, 1, 1, 1, 1, 0, 0]
+    assert protocol.TOKEN_SLOT_RULES["layer"](paths) == list(range(7))
+    assert protocol.TOKEN_SLOT_RULES["one"](paths) == [0] * 7
+    with pytest.raises(ValueError, match="token_slots 'per stack'"):
+        protocol.ProtocolConfig(token_slots="per stack")
