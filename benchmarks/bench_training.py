@@ -10,6 +10,7 @@ prints the size of the new concept's task file (fp16) and each trainer's peak re
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from common import (SDXL_LAYOUTS, BenchServer, Timing, common_arguments, print_table, seconds_per_step, unique, verdict,
                     write_json)
@@ -45,9 +46,9 @@ def main() -> None:
 
     with BenchServer(args) as bench:
         folder, names = stage_two_images(bench.workspace)
-        task_files = []
+        task_files: dict[str, Path] = {}  # the new task file of each cidm configuration's latest run
 
-        def cidm(embedding_lr: float, per_layer_slots: bool = False):
+        def cidm(name: str, embedding_lr: float, per_layer_slots: bool = False):
             def run() -> list[Timing]:
                 # Every run appends to a fresh one-task library; the new name also keeps ComfyUI's cache out. The
                 # new concept trains with the library's token slots: the family's default, or one per layer.
@@ -63,7 +64,7 @@ def main() -> None:
                                    embedding_lr=embedding_lr)
                 graph.add("PreviewImage", images=node[1])
                 steps = bench.step_times(graph, node, args.steps)
-                task_files.append(root / "task_002_dog.safetensors")
+                task_files[name] = root / "task_002_dog.safetensors"
                 return steps
             return run
 
@@ -95,11 +96,13 @@ def main() -> None:
                 memory.setdefault(name, []).append(bench.last_memory)
                 return steps
             return wrapped
-        runs = {"stock": stock, "cidm": cidm(TRAIN_OPTIONS["embedding_lr"]), "cidm frozen tokens": cidm(0.0)}
+        runs = {"stock": stock, "cidm": cidm("cidm", TRAIN_OPTIONS["embedding_lr"]),
+                "cidm frozen tokens": cidm("cidm frozen tokens", 0.0)}
         if args.per_layer_slots:
-            runs["cidm per-layer slots"] = cidm(TRAIN_OPTIONS["embedding_lr"], per_layer_slots=True)
+            runs["cidm per-layer slots"] = cidm("cidm per-layer slots", TRAIN_OPTIONS["embedding_lr"],
+                                                per_layer_slots=True)
         per_step, steps = seconds_per_step({name: measured(name, run) for name, run in runs.items()}, args.repeats)
-        size = task_files[-1].stat().st_size
+        size = task_files["cidm"].stat().st_size  # the default configuration's
 
     print(f"checkpoint {args.layout}, {args.resolution}×{args.resolution}, batch 1, rank {RANK}, fp32, CPU, "
           f"{args.threads} torch thread(s); median of {len(steps['stock'])} steps per row")

@@ -19,7 +19,7 @@ Both hosts read the names of either family:
   `lora_conversion_utils.py:31` `_maybe_map_sgm_blocks_to_diffusers`), then calls `load_lora_into_unet`.
 
 Loaders scale by alpha/rank, so alpha is written as rank·multiplier to reproduce h = Wx + m·BAx.
-What the format cannot carry: the layer-wise concept token embeddings (one per cross-attention layer). A stock
+What the format cannot carry: the layer-wise concept token embeddings (one per token slot, cidm.tokens). A stock
 LoRA applies to every prompt, so the concept is invoked by the class word, not by its tokens.
 
 An export never replaces a file the pack did not write for the same task: `write_export` recognises its own file by

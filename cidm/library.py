@@ -56,8 +56,8 @@ else:
 
 
 MANIFEST_FORMAT = "cidm-concept-library"
-# Version 2 (issue #30) records the model family and the token slots in `base_model`; version 1 manifests (SD1.5,
-# one slot per layer) are read as such and sample bit for bit as before.
+# Version 2 (issue #30) records the token slots in `base_model["token_slots"]`; version 1 manifests have none and
+# are read as one slot per layer (as they were written), so they sample bit for bit as before.
 MANIFEST_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
@@ -284,10 +284,12 @@ def _check_base_model_dict(base_model: dict) -> None:
     for key, kind in _BASE_MODEL_REQUIRED.items():
         if not isinstance(base_model.get(key), kind) or isinstance(base_model.get(key), bool):
             raise ValueError(f"base_model[{key!r}] must be a {kind.__name__}")
+    if base_model["num_layers"] < 1:
+        raise ValueError("base_model['num_layers'] must be at least 1")
     try:
-        check_token_slots(token_slots_of(base_model), base_model["num_layers"])
-    except (CIDMInputError, TypeError) as error:
-        raise ValueError(f"base_model['token_slots']: {error}") from None
+        check_token_slots(token_slots_of(base_model), base_model["num_layers"], "base_model['token_slots']")
+    except (CIDMInputError, TypeError) as error:  # TypeError: a map that is not a sequence
+        raise ValueError(str(error)) from None
 
 
 def _finite_float(text: str) -> float:
@@ -442,8 +444,8 @@ class ConceptLibrary:
         if manifest.get("version") not in READABLE_VERSIONS:
             raise CIDMInputError(
                 "library",
-                f"manifest {path} has version {manifest.get('version')!r}; this node pack reads version "
-                f"{MANIFEST_VERSION} (a newer node pack may be needed)",
+                f"manifest {path} has version {manifest.get('version')!r}; this node pack reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} (a newer node pack may be needed)",
             )
         if not isinstance(manifest.get("name"), str) or not isinstance(manifest.get("revision"), int):
             raise corrupt("'name' must be a string and 'revision' an integer")

@@ -141,7 +141,8 @@ def pack_layer_contexts(contexts: torch.Tensor) -> torch.Tensor:
 
 def concept_features(encoder: LayerwiseTextEncoder, tokens: list[str], embeddings: torch.Tensor) -> torch.Tensor:
     """[n, L, D]: each token's encoding inside the prompt made of the concept's tokens alone (after BOS), per
-    layer (`embeddings` [n, S, D]). Stored with the task, so routing needs no text encoder and does not depend on the other tasks."""
+    layer (`embeddings` [n, S, D]). Stored with the task, so routing needs no text encoder and does not depend on
+    the other tasks."""
     table = {token: embeddings[i] for i, token in enumerate(tokens)}
     with torch.no_grad():
         encoded = encoder.encode(" ".join(tokens), table)  # [L, T, D]

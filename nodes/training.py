@@ -91,6 +91,8 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     check_trainable(model)
     check_unpatched(model)
     library = ConceptLibrary.open(root) if ref.content is not None else None
+    if library is not None:  # the model first: a library's token slots fit its own model's layers only
+        library.check_base_model(info["fingerprint"], info["num_layers"], info["family"])
     info["token_slots"] = library_token_slots(library, model_family(model), info["layer_paths"], token_slots)
     encoder = ComfyLayerwiseEncoder(clip, info["num_layers"], info["token_slots"])
     info[TEXT_ENCODER_KEY] = text_encoder_fingerprint(encoder)
@@ -102,7 +104,6 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
     token_list = token_list or (library.automatic_tokens(concept) if library is not None else automatic_tokens(concept))
     old_tasks, saved = [], None
     if library is not None:
-        library.check_base_model(info["fingerprint"], info["num_layers"], info["family"])
         check_text_encoder(library, info[TEXT_ENCODER_KEY])
         reused = library.trained_task(concept, {"tokens": token_list, **settings}, INPUT_NAMES)
         if reused is not None:
@@ -178,7 +179,7 @@ def library_token_slots(library: ConceptLibrary | None, family: ModelFamily, lay
 
     Raises:
         CIDMInputError: ("token_slots") for an unknown rule, or a rule other than "family default" that the
-            existing library was not made with (its map is fixed by its first task).
+            existing library was not made with (its map is fixed when it is created).
     """
     if rule not in TOKEN_SLOT_RULES:
         raise CIDMInputError("token_slots", f"unknown rule {rule!r}; one of {', '.join(TOKEN_SLOT_RULES)}")
@@ -187,7 +188,7 @@ def library_token_slots(library: ConceptLibrary | None, family: ModelFamily, lay
         return wanted
     if TOKEN_SLOT_RULES[rule] is not None and wanted != library.token_slots:
         raise CIDMInputError("token_slots", f"library '{library.name}' has {max(library.token_slots) + 1} token "
-                                            f"slots for {library.num_layers} layers, fixed by its first task; "
+                                            f"slots for {library.num_layers} layers, fixed when it was created; "
                                             f"'{rule}' gives {max(wanted) + 1}. Choose 'family default' to "
                                             "train with the library's own, or use a new library")
     return library.token_slots

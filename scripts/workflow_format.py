@@ -87,11 +87,16 @@ def notes(workflow: dict) -> list[str]:
     return [node["widgets_values"][0] for node in workflow["nodes"] if node["type"] in VIRTUAL_NODES]
 
 
+PIXEL_BOX_INPUTS = ("x", "y", "width", "height", "canvas_width", "canvas_height")
+
+
 def with_overrides(prompt: dict, overrides: dict[str, dict], scale_sizes: int = 1) -> dict:
     """A copy of an API prompt with `overrides[class_type][input] = value` applied to every node of that class
-    (only to inputs the node has as values, never to links), and width/height inputs divided by `scale_sizes`
-    (rounded to multiples of 8, at least 64). An override `"class_type": other` swaps the node's class for `other`,
-    which must have the same inputs and outputs (a test checkpoint's loader for the stock one)."""
+    (only to inputs the node has as values, never to links), and integer width/height inputs divided by
+    `scale_sizes` (rounded to multiples of 8, at least 64). A node whose `units` are "pixels" (a Region Condition
+    box) has its box and canvas divided by `scale_sizes` exactly, so the box stays where it was on the canvas. An
+    override `"class_type": other` swaps the node's class for `other`, which must have the same inputs and outputs
+    (a test checkpoint's loader for the stock one)."""
     changed = copy.deepcopy(prompt)
     for node in changed.values():
         inputs = node["inputs"]
@@ -101,7 +106,12 @@ def with_overrides(prompt: dict, overrides: dict[str, dict], scale_sizes: int = 
                 node["class_type"] = value
             elif name in inputs and not isinstance(inputs[name], list):
                 inputs[name] = value
-        if scale_sizes > 1:
+        if scale_sizes > 1 and inputs.get("units") == "pixels":
+            for name in PIXEL_BOX_INPUTS:
+                value = inputs.get(name)
+                if isinstance(value, (int, float)):  # an integer canvas stays an integer
+                    inputs[name] = value // scale_sizes if isinstance(value, int) else value / scale_sizes
+        elif scale_sizes > 1:
             for name in ("width", "height"):
                 if isinstance(inputs.get(name), int):
                     inputs[name] = max(64, inputs[name] // scale_sizes // 8 * 8)

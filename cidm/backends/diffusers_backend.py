@@ -189,9 +189,9 @@ class DiffusersDenoiser:
 
 
 class DiffusersLayerwiseEncoder:
-    """Encodes a prompt for every layer in one text-encoder batch (a row per layer); concept tokens become a
-    single-token placeholder whose input embedding is swapped for the token's layer embedding (differentiably) by a
-    hook on the embedding table."""
+    """Encodes a prompt for every token slot in one text-encoder batch (a row per slot); concept tokens become a
+    single-token placeholder whose input embedding is swapped for the token's slot embedding (differentiably) by a
+    hook on the embedding table. Layer l reads its slot's row (cidm.tokens)."""
 
     def __init__(self, tokenizer, text_encoder: nn.Module, num_layers: int, token_slots: list[int] | None = None):
         """`token_slots`: the token slot of each layer (cidm.tokens.check_token_slots); None, one per layer."""

@@ -85,8 +85,8 @@ class ComfyLayerwiseEncoder:
         every layer, exactly as CLIPTextEncode encodes it (so it samples the base model bit for bit).
 
         The pooled output is ComfyUI's for the packed prompt: that of its first chunk (comfy/sd1_clip.py:48-49),
-        i.e. of slot 0's (layer 0's) first chunk, through the family's pooling tower (SDXL: CLIP-G's projected end token, the
-        UNet's ADM input; SD1.5: CLIP-L's, unused by its UNet).
+        i.e. of slot 0's (layer 0's) first chunk, through the family's pooling tower (SDXL: CLIP-G's projected end
+        token, the UNet's ADM input; SD1.5: CLIP-L's, unused by its UNet).
 
         Raises:
             CIDMInputError: ("text") when, with `whole=False`, a concept token falls past the first 75 tokens.

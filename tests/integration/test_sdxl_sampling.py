@@ -1,8 +1,8 @@
 """Sampling on SDXL in the real server (issue 30, items 4, 5 and 7) with the generated `sdxl-blocks` checkpoint
 (70 cross-attention layers, two text towers): CIDM Text Encode on both towers with the pooled output, `named`
 routing, a stock negative batched into one UNet call per step, regions over all 70 layers, Inspect Aggregation
-Weights, chained libraries, the Context-Controlled Guider, and a library of the other family refused naming both. Each SDXL UNet step costs seconds on a CPU, so
-every run is one or two steps at 64²."""
+Weights, chained libraries, the Context-Controlled Guider, and a library of the other family refused naming both.
+Each SDXL UNet step costs seconds on a CPU, so every run is one or two steps at 64²."""
 
 import re
 

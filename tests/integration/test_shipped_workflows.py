@@ -64,9 +64,14 @@ def test_conversion_refuses_a_node_whose_widgets_do_not_match(comfy):
 def test_overrides_change_values_never_links():
     prompt = {"1": {"class_type": "KSampler", "inputs": {"steps": 30, "model": ["2", 0]}},
               "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 768}}}
+    prompt["3"] = {"class_type": "CIDM_RegionCondition", "inputs": {"x": 384.0, "y": 0.0, "width": 384.0,
+                   "height": 512.0, "units": "pixels", "canvas_width": 768, "canvas_height": 512}}
     changed = with_overrides(prompt, {"KSampler": {"steps": 2, "model": "x"}}, scale_sizes=4)
     assert changed["1"]["inputs"] == {"steps": 2, "model": ["2", 0]}
     assert changed["2"]["inputs"] == {"width": 128, "height": 192}
+    # a box in pixels keeps its place on the canvas
+    assert changed["3"]["inputs"] == {"x": 96.0, "y": 0.0, "width": 96.0, "height": 128.0, "units": "pixels",
+                                      "canvas_width": 192, "canvas_height": 128}
     assert prompt["1"]["inputs"]["steps"] == 30
 
 
