@@ -266,7 +266,8 @@ def markdown(results: dict) -> str:
     base = results["base"]
     config = results["config"]
     lines = ["# Toy-world continual concept benchmark", "",
-             f"Command: `{COMMAND} --world-seed {results['world_seed']}{slots_flag(config)}` (seeds: world {results['world_seed']}, base "
+             f"Command: `{COMMAND} --world-seed {results['world_seed']}{slots_flag(config)}` "
+             f"(seeds: world {results['world_seed']}, base "
              f"model {results['base_model']['seed']}, protocol {config['seed']}); {results['seconds'] / 60:.0f} min "
              "for this report, the runs kept in the cache not counted. Composition at sampling time: "
              + ", ".join(f"{m} {s['composition']}" for m, s in methods.items()) + ".", "",
