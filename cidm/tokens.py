@@ -27,14 +27,14 @@ RANDOM_INIT_STD = 0.013
 FINGERPRINT_ROWS = 2048  # token-embedding rows hashed: enough to tell text encoders apart, cheap to read
 
 
-def check_token_slots(token_slots: list[int], num_layers: int, input_name: str = "library") -> list[int]:
+def check_token_slots(token_slots: list[int] | None, num_layers: int, input_name: str = "library") -> list[int]:
     """`token_slots` as a list of ints after checking it maps `num_layers` layers to slots 0..S-1 numbered in order of
-    first use (so every slot is used and the identity map is one slot per layer).
+    first use (so every slot is used and the identity map is one slot per layer); None is one slot per layer.
 
     Raises:
         CIDMInputError: (`input_name`) saying what is wrong.
     """
-    slots = list(token_slots)
+    slots = list(range(num_layers) if token_slots is None else token_slots)
     if len(slots) != num_layers or not all(isinstance(s, int) and not isinstance(s, bool) for s in slots):
         raise CIDMInputError(input_name, f"token slots {slots!r} do not map {num_layers} layers to slot numbers")
     seen = 0
@@ -121,6 +121,7 @@ class LayerwiseTextEncoder(Protocol):
 
     num_layers: int
     token_slots: list[int]  # [L]: the slot of each layer (check_token_slots)
+    num_slots: int  # S
     tokens_per_layer: int
     norm_width: int  # the leading features of an embedding that the freeze rule reads (`mean_embedding_norm`)
 

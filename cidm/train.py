@@ -186,8 +186,7 @@ class ConceptTrainer:
         class_words = concept.class_words if self.consolidator.class_word_in_prompt else []
         class_vectors = [encoder.word_embedding(w) if w else None for w in class_words]
         self.embeddings = torch.nn.Parameter(initial_embeddings(
-            len(concept.tokens), max(encoder.token_slots) + 1, self.layers[0].context_dim, class_vectors,
-            self.generator))
+            len(concept.tokens), encoder.num_slots, self.layers[0].context_dim, class_vectors, self.generator))
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for pair in self.lora.values() for p in pair if p.requires_grad], "lr": config.lora_lr},
              {"params": [self.embeddings], "lr": config.embedding_lr}],

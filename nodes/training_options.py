@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from comfy_api.latest import io
 
 from ..cidm.consolidation import ConsolidationWeights
-from ..cidm.family import TOKEN_SLOT_RULES
+from ..cidm.family import FAMILIES, TOKEN_SLOT_RULES
 from ..cidm.train import TrainingConfig
 
 TrainingOptionsType = io.Custom("CIDM_TRAINING_OPTIONS")
@@ -109,7 +109,9 @@ def _inputs() -> list:
                        tooltip="How many embeddings each concept token has: one per cross-attention layer, or one "
                                "per transformer stack (SDXL: 11 instead of 70, about 6x fewer text-encoder passes "
                                "per training step). A new library records its choice; later concepts use it. "
-                               "Family default: SD1.5 per layer, SDXL per transformer stack."),
+                               "Family default: " + ", ".join(
+                                   f"{family.name} {'per transformer stack' if family.shared_slots else 'per layer'}"
+                                   for family in FAMILIES) + "."),
     ]
 
 

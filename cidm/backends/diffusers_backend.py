@@ -196,8 +196,7 @@ class DiffusersLayerwiseEncoder:
     def __init__(self, tokenizer, text_encoder: nn.Module, num_layers: int, token_slots: list[int] | None = None):
         """`token_slots`: the token slot of each layer (cidm.tokens.check_token_slots); None, one per layer."""
         self.tokenizer, self.text_encoder, self.num_layers = tokenizer, text_encoder, num_layers
-        self.token_slots = check_token_slots(list(range(num_layers)) if token_slots is None else token_slots,
-                                             num_layers, "token_slots")
+        self.token_slots = check_token_slots(token_slots, num_layers, "token_slots")
         self.num_slots = max(self.token_slots) + 1
         self.tokens_per_layer = tokenizer.model_max_length
         self.table = text_encoder.get_input_embeddings()

@@ -32,8 +32,7 @@ class ComfyLayerwiseEncoder:
         self.clip = clip
         self.family = clip_family(clip)
         self.num_layers = num_layers
-        self.token_slots = check_token_slots(list(range(num_layers)) if token_slots is None else token_slots,
-                                             num_layers, "token_slots")
+        self.token_slots = check_token_slots(token_slots, num_layers, "token_slots")
         self.num_slots = max(self.token_slots) + 1
         self.tokens_per_layer = self.family.tokens_per_chunk
         self.norm_width = self.family.towers[0].width  # CLIP-L's part: the freeze rule's (cidm.tokens)
