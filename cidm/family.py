@@ -51,6 +51,8 @@ class ModelFamily:
         (SDXL, sd-scripts' `sdxl_original_unet.py`: `lora_unet_input_blocks_4_1_…`).
     shared_slots: whether the attn2 layers of one transformer stack share one token slot (`token_slots`); on SD1.5
         every stack has one layer, so both rules give one slot per layer.
+    vae_downscale: image pixels per latent cell along each side (SD1.5's and SDXL's VAEs: 8; ComfyUI's
+        `comfy/sd.py` VAE.downscale_ratio).
     """
 
     name: str
@@ -63,6 +65,7 @@ class ModelFamily:
     resolution: int
     lora_paths: str
     shared_slots: bool = False
+    vae_downscale: int = 8
 
     @property
     def context_dim(self) -> int:

@@ -37,7 +37,7 @@ every cond from its own prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, Protocol
 
 import torch
@@ -52,19 +52,39 @@ REGION_PREFIX = "region_"  # guider keys of region prompts: the Context-Controll
 
 
 @dataclass(frozen=True)
+class NamedConcept:
+    """A library concept a prompt names: its name, its tokens in the prompt, and their positions in the prompt's
+    context (indices into its T tokens, over every 77-token chunk), where cross-attention reads them
+    (cidm.auto_regions)."""
+
+    name: str
+    tokens: tuple[str, ...]
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class LayerwisePrompt:
     """What a CIDM prompt carries beside its ordinary tensor.
 
     contexts: [L, T, D] float32 layer contexts, or None when every layer would see the same context (the prompt
-    names no concept), so the ordinary tensor is used unchanged. tokens: the concept tokens the prompt names."""
+    names no concept), so the ordinary tensor is used unchanged. tokens: the concept tokens the prompt names.
+    concepts: the concepts they belong to, with their positions (empty for a prompt encoded before they were
+    recorded)."""
 
     contexts: torch.Tensor | None
     tokens: tuple[str, ...]
     library: str
+    concepts: tuple[NamedConcept, ...] = ()
 
     @property
     def num_layers(self) -> int | None:
         return None if self.contexts is None else self.contexts.shape[0]
+
+
+def only_concept(prompt: LayerwisePrompt, concept: NamedConcept) -> LayerwisePrompt:
+    """The same prompt (the same layer contexts) naming `concept` only: `named` routing then applies that concept's
+    tasks alone (an automatic region's prompt, cidm.auto_regions)."""
+    return replace(prompt, tokens=concept.tokens, concepts=(concept,))
 
 
 def ordinary_context(contexts: torch.Tensor) -> torch.Tensor:

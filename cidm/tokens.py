@@ -20,6 +20,7 @@ import torch
 from .errors import CIDMInputError
 from .layers import tensor_fingerprint
 from .names import MARKER_PATTERN, TOKEN_PATTERN, name_key
+from .routing import NamedConcept
 
 # σ of the first token's random start: `<rand-0.013>` in the official code's task 1 (JiahuaDong/CIFC@9819aa8
 # `options/cidm/task_1.yml`, initializer_token; later tasks use 0.011-0.020).
@@ -89,6 +90,19 @@ class ConceptVocabulary:
 
     def tokens_in(self, text: str) -> list[str]:
         return [t for t in TOKEN_PATTERN.findall(text) if t in self.embeddings]
+
+    def named_concepts(self, text: str, positions: list[int]) -> tuple[NamedConcept, ...]:
+        """The concepts an expanded prompt names, in the order they first occur, each with its tokens and their
+        context positions; `positions[i]` is where the i-th token of `tokens_in(text)` sits in the context (the
+        encoder's `token_positions`)."""
+        owner = {token: name for name, tokens in self.concept_tokens.items() for token in tokens}
+        found: dict[str, tuple[list[str], list[int]]] = {}
+        for token, position in zip(self.tokens_in(text), positions):
+            tokens, places = found.setdefault(owner.get(token, token), ([], []))
+            if token not in tokens:
+                tokens.append(token)
+            places.append(position)
+        return tuple(NamedConcept(name, tuple(tokens), tuple(places)) for name, (tokens, places) in found.items())
 
 
 def initial_embeddings(num_tokens: int, num_slots: int, dim: int, class_vectors: list[torch.Tensor | None],

@@ -51,7 +51,9 @@ def encode_layerwise(clip, library, text: str, input_name: str = "text"):
     check_text_encoder(library, text_encoder_fingerprint(encoder))
     layers, pooled = encoder.encode_with_pooled(expanded, vocabulary.embeddings)
     tokens = tuple(vocabulary.tokens_in(expanded))
-    prompt = LayerwisePrompt(contexts=layers.float() if tokens else None, tokens=tokens, library=library.name)
+    concepts = vocabulary.named_concepts(expanded, encoder.token_positions(expanded, vocabulary.embeddings))
+    prompt = LayerwisePrompt(contexts=layers.float() if tokens else None, tokens=tokens, library=library.name,
+                             concepts=concepts)
     ordinary = ordinary_context(layers) if tokens else layers[:1]
     return ordinary, pooled, prompt, expanded
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import comfy.model_management
@@ -9,15 +10,19 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+import torch
 from comfy_api.latest import io, ui
 
+from ..cidm.auto_regions import AttentionProbe, AutoMasks, ProbeSettings, auto_masks, probe_grid
 from ..cidm.errors import CIDMInputError, require_finite
+from ..cidm.names import name_key
 from ..cidm.plots import region_layout
-from ..cidm.routing import PROMPT_KEY, REGION_PREFIX, RunCache
+from ..cidm.routing import PROMPT_KEY, REGION_PREFIX, RunCache, only_concept
 from ..cidm.regions import (BOX_UNITS, RegionPlan, RegionSpec, blend_region_predictions, crop_box, make_regions,
-                            region_weights)
+                            mask_at, region_weights)
+from .host.family import model_family
 from .host.model import weights_fixed_for_run
-from .host.regions import PLAN_KEY, with_region_attention
+from .host.regions import PLAN_KEY, PROBE_KEY, HostProbe, with_region_attention
 
 CATEGORY = "CIDM/regions"
 RegionsType = io.Custom("CIDM_REGIONS")
@@ -93,33 +98,89 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
     (sampler_cfg_function and post-CFG hooks), as comfy_extras/nodes_perpneg.py does."""
 
     def set_regions(self, positive, negative, regions: list[RegionSpec], alpha: float, attention: bool,
-                    region_noise: str = "area crop"):
-        conds = {"positive": positive, "negative": negative}
+                    region_noise: str = "area crop", auto: ProbeSettings | None = None):
+        """`auto`: automatic regions (cidm.auto_regions) for the concepts the positive prompt names that no region
+        in `regions` names; None, none."""
+        self.positive, self.negative, self.user_regions = positive, negative, list(regions)
+        self.alpha, self.attention, self.crop = alpha, attention, region_noise == "area crop"
+        self.auto, self.probe, self.found, self.automatic, self.targets, self.note = auto, None, [], [], [], ""
+        self.use_regions(self.user_regions)
+
+    def use_regions(self, regions: list[RegionSpec]) -> None:
+        """The conds and region plan of one sampling run with `regions`."""
+        conds = {"positive": self.positive, "negative": self.negative}
         conds.update({f"{REGION_PREFIX}{i}": region.conditioning for i, region in enumerate(regions)})
         self.inner_set_conds(conds)
-        self.regions, self.alpha, self.plan = list(regions), alpha, None
-        self.crop = region_noise == "area crop"
-        if attention and regions:
+        self.regions, self.plan = list(regions), None
+        if self.attention and regions:
             self.plan = RegionPlan([single_prompt(region.conditioning, i) for i, region in enumerate(regions)],
                                    [region.mask for region in regions],
                                    [c["uuid"] for c in self.original_conds["positive"]],
                                    [c["uuid"] for c in self.original_conds["negative"]],
                                    [self.original_conds[f"{REGION_PREFIX}{i}"][0]["uuid"] for i in range(len(regions))])
 
-    def sample(self, *args, **kwargs):
-        """CFGGuider.sample; what the run cached (crop boxes, blend shares, the plan's device copies) is dropped
-        after it, since a guider, and its plan, can outlive the run (a GUIDER output reused by later prompts)."""
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+               seed=None):
+        """CFGGuider.sample, with automatic regions when they apply (`sample_auto`); what the run cached (crop
+        boxes, blend shares, the plan's device copies) is dropped after it, since a guider, and its plan, can
+        outlive the run (a GUIDER output reused by later prompts)."""
         try:
-            return super().sample(*args, **kwargs)
+            self.targets, self.note = automatic_targets(self.positive, self.user_regions, self.auto, sigmas,
+                                                        denoise_mask)
+            self.found, self.automatic = [], []
+            if not self.targets:
+                return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar,
+                                      seed)
+            return self.sample_auto(self.targets, noise, latent_image, sampler, sigmas, callback, disable_pbar,
+                                    seed)
         finally:
             self.forget()
             if self.plan is not None:
                 self.plan.forget()
 
+    def sample_auto(self, targets, noise, latent_image, sampler, sigmas, callback, disable_pbar, seed):
+        """The probe's steps (sigmas[:k + 1]) with an AttentionProbe on the positive prompt, then, per latent of the
+        batch, the rest of the run (sigmas[k:], no new noise) with its regions: the user's, plus one per concept of
+        `targets` the probe could place, or the user's alone when it could not. Per latent, what the probe found
+        (`self.found`, AutoMasks) and the automatic regions made (`self.automatic`)."""
+        prompt = self.positive[0][1][PROMPT_KEY]
+        names = [concept.name for concept in prompt.concepts]
+        probed = self.auto.probe_steps(len(sigmas) - 1)
+        probe = AttentionProbe([list(c.positions) for c in prompt.concepts],
+                               probe_grid(tuple(latent_image.shape[-2:]), self.auto.downscale))
+        self.probe = HostProbe(probe, [c["uuid"] for c in self.original_conds["positive"]])
+        try:
+            latent = super().sample(noise, latent_image, sampler, sigmas[:probed + 1], None, callback, disable_pbar,
+                                    seed)
+        finally:
+            self.probe = None
+        maps = probe.maps()
+        later = None if callback is None else (lambda step, x0, x, total: callback(step + probed, x0, x, total + probed))
+        outputs = []
+        for index in range(latent.shape[0]):
+            found = (auto_masks(maps[index], names, self.auto) if maps is not None else
+                     AutoMasks(None, torch.zeros(0), "no cross-attention layer has the probe's grid "
+                                                     f"{probe.grid}; lower probe_downscale"))
+            self.found.append(found)
+            automatic = [] if found.masks is None else [
+                RegionSpec(concept_conditioning(self.positive, concept), mask, 1.0, concept.name)
+                for concept, mask in zip(prompt.concepts, found.masks) if concept in targets]
+            self.automatic.append(automatic)
+            self.use_regions(self.user_regions + automatic)
+            current = latent[index:index + 1]
+            outputs.append(super().sample(torch.zeros_like(current), current, sampler, sigmas[probed:], None, later,
+                                          disable_pbar, seed))
+        self.use_regions(self.user_regions)
+        return torch.cat(outputs)
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        if self.plan is not None:
-            self.plan.static_weights = weights_fixed_for_run(self.model_patcher)
-            options = dict(model_options.get("transformer_options", {}), **{PLAN_KEY: self.plan})
+        if self.plan is not None or self.probe is not None:
+            options = dict(model_options.get("transformer_options", {}))
+            if self.plan is not None:
+                self.plan.static_weights = weights_fixed_for_run(self.model_patcher)
+                options[PLAN_KEY] = self.plan
+            if self.probe is not None:
+                options[PROBE_KEY] = self.probe
             model_options = dict(model_options, transformer_options=options)
         if not self.regions or self.alpha >= 1.0:
             return super().predict_noise(x, timestep, model_options=model_options, seed=seed)
@@ -144,6 +205,39 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
                                            model_options=model_options, cond=positive, uncond=negative)
 
 
+def prompt_concepts(conditioning) -> list:
+    """The concepts (cidm.routing.NamedConcept) a conditioning's CIDM prompts name."""
+    return [concept for _, extra in conditioning for concept in getattr(extra.get(PROMPT_KEY), "concepts", ())]
+
+
+def automatic_targets(positive, regions: list[RegionSpec], settings: ProbeSettings | None, sigmas,
+                      denoise_mask) -> tuple[list, str]:
+    """(the concepts of the positive prompt that get an automatic region, a note for the user): every concept it
+    names that no region's prompt names, when it names two or more; none without `settings`, for a combined
+    positive conditioning, with a noise mask (inpainting keeps the original latent outside the mask, which a
+    continued run would replace by the probe's), or with fewer than two steps."""
+    if settings is None:
+        return [], ""
+    concepts = prompt_concepts(positive)
+    if len(concepts) < 2:
+        return [], "automatic regions: the prompt names fewer than two concepts, so none were made"
+    if len(positive) != 1:
+        return [], "automatic regions: not made for a combined positive conditioning; draw the regions"
+    if denoise_mask is not None:
+        return [], "automatic regions: not made with a noise mask (inpainting); draw the regions"
+    if len(sigmas) < 3:
+        return [], "automatic regions: not made for a run of fewer than two steps"
+    drawn = {name_key(concept.name) for region in regions for concept in prompt_concepts(region.conditioning)}
+    targets = [concept for concept in concepts if name_key(concept.name) not in drawn]
+    return targets, "" if targets else "automatic regions: every concept has a drawn region"
+
+
+def concept_conditioning(positive, concept):
+    """An automatic region's prompt: the positive prompt naming `concept` only (cidm.routing.only_concept)."""
+    tensor, extra = positive[0]
+    return [[tensor, dict(extra, **{PROMPT_KEY: only_concept(extra[PROMPT_KEY], concept)})]]
+
+
 def single_prompt(conditioning, index: int):
     """The one conditioning tensor of a region's prompt (region-aware attention takes one prompt per region)."""
     if len(conditioning) != 1:
@@ -153,7 +247,7 @@ def single_prompt(conditioning, index: int):
 
 
 def region_guider(model, positive, negative, regions, cfg: float, alpha: float, attention: bool,
-                  region_noise: str = "area crop") -> RegionGuider:
+                  region_noise: str = "area crop", auto: ProbeSettings | None = None) -> RegionGuider:
     """Raises CIDMInputError naming the input for non-finite numbers, and naming `model` when region-aware
     attention cannot run: an attn2 replace patch (IPAdapter and the like) makes ComfyUI's BasicTransformerBlock
     call the projections itself and skip attn2's forward, where the regions are applied."""
@@ -162,14 +256,18 @@ def region_guider(model, positive, negative, regions, cfg: float, alpha: float, 
         raise CIDMInputError("region_noise_on", f"unknown choice {region_noise!r}; supported: "
                                                f"{', '.join(REGION_NOISE_ON)}")
     regions = list(regions or [])
-    if attention and regions and model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(
-            "attn2"):
+    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2")
+    if attention and regions and replaced:
         raise CIDMInputError("model", "another node replaced the cross-attention (an attn2 replace patch, as "
                                       "IPAdapter sets); region-aware attention cannot run inside it. Turn "
                                       "region_attention off and use alpha < 1 (region noise estimation), or sample "
                                       "without that patch")
-    guider = RegionGuider(with_region_attention(model) if attention and regions else model)
-    guider.set_regions(positive, negative, regions, alpha, attention, region_noise)
+    if auto is not None and replaced:
+        logging.warning("CIDM: automatic regions are off for this model: another node replaced its cross-attention "
+                        "(an attn2 replace patch, as IPAdapter sets), where the probe reads the concepts' maps")
+        auto = None
+    guider = RegionGuider(with_region_attention(model) if auto or attention and regions else model)
+    guider.set_regions(positive, negative, regions, alpha, attention, region_noise, auto)
     guider.set_cfg(cfg)
     return guider
 
@@ -191,6 +289,26 @@ def sample(guider: RegionGuider, latent_image: dict, seed: int, steps: int, samp
     out = dict(latent_image)
     out["samples"] = samples.to(comfy.model_management.intermediate_device())
     return out
+
+
+def sampled_regions(guider: RegionGuider, shape, downscale: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(MASK [N, H, W]: each automatic region of each latent at the image's size, zero for a concept the probe could
+    not place, or one zero mask when none were made; IMAGE [B, h, w, 3]: each latent's regions, labelled; a note
+    for the user, '' when there is nothing to say, also logged)."""
+    height, width = shape[-2] * downscale, shape[-1] * downscale
+    masks, layouts, notes = [], [], [guider.note] if guider.note else []
+    for index, (found, automatic) in enumerate(zip(guider.found, guider.automatic)):
+        masks += [mask_at(region.mask, height, width) for region in automatic]
+        if found.masks is None:
+            masks += [torch.zeros(height, width)] * len(guider.targets)
+            notes.append(f"latent {index + 1}: no automatic regions, sampled without them: {found.problem}")
+    for automatic in guider.automatic or [[]]:
+        regions = guider.user_regions + automatic
+        layouts.append(region_layout([r.mask for r in regions], [r.label for r in regions], width, height))
+    note = "\n".join(notes)
+    if note:
+        logging.warning("CIDM: %s", note)
+    return torch.stack(masks) if masks else torch.zeros(1, height, width), torch.cat(layouts), note
 
 
 def guider_inputs():
@@ -216,6 +334,17 @@ REGION_NOISE = io.Combo.Input("region_noise_on", options=list(REGION_NOISE_ON), 
                                       "batched with the global prompt into one UNet call per step (cheaper where a "
                                       "call's fixed cost dominates, e.g. a fast GPU: see the pack's README). The "
                                       "region's prediction then also sees the rest of the image.")
+AUTO_REGIONS = io.Boolean.Input("auto_regions", default=True, optional=True,
+                                tooltip="When the positive prompt names two or more concepts, each concept that no "
+                                        "Region Condition names gets its own region, found from where its tokens "
+                                        "draw attention in a short probe at the start of this run (same seed, same "
+                                        "steps; no extra steps). The masks come out as outputs. If the probe cannot "
+                                        "tell the concepts apart, it says so and samples without regions.")
+PROBE_STEPS = io.Float.Input("probe_steps", default=ProbeSettings().steps, min=0.05, max=0.9, step=0.05,
+                             optional=True,
+                             tooltip="The share of the steps sampled before the regions are read (at least one "
+                                     "step). More: the layout is more settled when read, but the regions act on "
+                                     "fewer steps.")
 CFG = io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                      tooltip="Classifier-free guidance scale, as in KSampler.")
 
@@ -242,14 +371,24 @@ class ContextControlledKSampler(io.ComfyNode):
                                tooltip="The noise schedule, as in KSampler."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1: from pure noise; less keeps more of latent_image."), ALPHA, ATTENTION,
-                REGION_NOISE],
-            outputs=[io.Latent.Output(display_name="latent")])
+                REGION_NOISE, AUTO_REGIONS, PROBE_STEPS],
+            outputs=[io.Latent.Output(display_name="latent"),
+                     io.Mask.Output(display_name="auto_masks", tooltip="The automatic regions, one mask per concept "
+                                    "(and per latent of the batch), at the image's size; empty where none were "
+                                    "made."),
+                     io.Image.Output(display_name="layout", tooltip="The regions each latent was sampled with, "
+                                     "labelled with their concepts.")])
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
-                alpha, regions=None, region_attention=True, region_noise_on="area crop"):
-        guider = region_guider(model, positive, negative, regions, cfg, alpha, region_attention, region_noise_on)
-        return io.NodeOutput(sample(guider, latent_image, seed, steps, sampler_name, scheduler, denoise))
+                alpha, regions=None, region_attention=True, region_noise_on="area crop", auto_regions=True,
+                probe_steps=ProbeSettings().steps):
+        auto = ProbeSettings(steps=probe_steps) if auto_regions else None
+        guider = region_guider(model, positive, negative, regions, cfg, alpha, region_attention, region_noise_on, auto)
+        latent = sample(guider, latent_image, seed, steps, sampler_name, scheduler, denoise)
+        masks, layout, note = sampled_regions(guider, latent["samples"].shape, model_family(model).vae_downscale)
+        shown = ui.PreviewImage(layout, cls=cls).as_dict()
+        return io.NodeOutput(latent, masks, layout, ui={**shown, **ui.PreviewText(note).as_dict()} if note else shown)
 
 
 class ContextControlledGuider(io.ComfyNode):
@@ -259,14 +398,15 @@ class ContextControlledGuider(io.ComfyNode):
             node_id="CIDM_ContextControlledGuider", display_name="Context-Controlled Guider", category=CATEGORY,
             description="The Context-Controlled KSampler's guidance as a GUIDER, for SamplerCustomAdvanced "
                         "(bring your own noise, sampler and sigmas).",
-            inputs=guider_inputs() + [CFG, ALPHA, ATTENTION, REGION_NOISE],
+            inputs=guider_inputs() + [CFG, ALPHA, ATTENTION, REGION_NOISE, AUTO_REGIONS, PROBE_STEPS],
             outputs=[io.Guider.Output(display_name="guider")])
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, alpha, regions=None, region_attention=True,
-                region_noise_on="area crop"):
+                region_noise_on="area crop", auto_regions=True, probe_steps=ProbeSettings().steps):
+        auto = ProbeSettings(steps=probe_steps) if auto_regions else None
         return io.NodeOutput(region_guider(model, positive, negative, regions, cfg, alpha, region_attention,
-                                           region_noise_on))
+                                           region_noise_on, auto))
 
 
 NODES = [RegionCondition, ContextControlledKSampler, ContextControlledGuider]

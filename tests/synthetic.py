@@ -54,10 +54,11 @@ def checkpoint_base_model(checkpoint: Path) -> dict:
 
 def synthesize_library(checkpoint: Path, root: Path, concepts: list[str], rank: int = 4, seed: int = 0,
                        lora_std: float = 0.05, multiplier: float = 1.0,
-                       token_slots: list[int] | None = None) -> ConceptLibrary:
+                       token_slots: list[int] | None = None, twins: bool = False) -> ConceptLibrary:
     """A library with one task per concept: random LoRA factors and embeddings, and concept features that are
     distinct random directions (so routing between them is separable). `token_slots`: the library's map (None: the
-    family's default, as training records it)."""
+    family's default, as training records it). `twins`: every concept gets the same factors, embeddings and
+    features (concepts nothing can tell apart)."""
     info = checkpoint_base_model(checkpoint)
     if token_slots is not None:
         info["token_slots"] = token_slots
@@ -65,6 +66,8 @@ def synthesize_library(checkpoint: Path, root: Path, concepts: list[str], rank: 
     generator = torch.Generator().manual_seed(seed)
     library = ConceptLibrary.create(root, info)
     for number, concept in enumerate(concepts):
+        if twins:
+            generator = torch.Generator().manual_seed(seed)
         lora = {}
         for layer, path in enumerate(paths):
             for proj in PROJECTIONS:

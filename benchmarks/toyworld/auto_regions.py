@@ -25,9 +25,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from cidm.aggregation import RowRouter  # noqa: E402
+from cidm.auto_regions import AttentionProbe, AutoMasks, ProbeSettings, auto_masks, probe_grid  # noqa: E402
+from cidm.backends.diffusers_backend import RegionBatch  # noqa: E402
+from cidm.routing import LayerwisePrompt, only_concept  # noqa: E402
 from cidm.train import TrainedTask  # noqa: E402
 
 from benchmarks.toyworld import models, protocol, run  # noqa: E402
+from benchmarks.toyworld.oracle import judge  # noqa: E402
 
 # What decides the trained tasks: the trainer, its consolidation and LoRA math, the training data and tokens, and
 # the toy world's models and concepts. Sampling code (routing, regions, the probe) is not among them.
@@ -91,20 +96,179 @@ def learned_tasks(setup: protocol.Setup, configs: tuple, cache: Path, log) -> li
     return learned
 
 
+class AutoComposer(protocol.Composer):
+    """The protocol's Composer with automatic regions (cidm.auto_regions): the first `settings.probe_steps` DDIM
+    steps sample the global prompt under `named` routing while an AttentionProbe reads the concepts' maps; each
+    sample then goes on from there with its own regions, each region attending to the global prompt through its
+    concept's LoRA only (`cidm.routing.only_concept`), or with no regions when the probe could not place the
+    concepts."""
+
+    def prompt(self, text: str) -> LayerwisePrompt:
+        """The LayerwisePrompt of a prompt, with its concepts' positions (as CIDM Text Encode makes it)."""
+        expanded = self.vocabulary.expand(text)
+        embeddings = self.vocabulary.embeddings
+        concepts = self.vocabulary.named_concepts(expanded, self.encoder.token_positions(expanded, embeddings))
+        layers = self.encoded(text)[0].reshape(len(self.denoiser.layers), -1, self.uncond.shape[-1])
+        return LayerwisePrompt(layers, tuple(self.vocabulary.tokens_in(expanded)), "toyworld",
+                               concepts)
+
+    @torch.no_grad()
+    def sample_auto(self, prompts: list[str], seeds: list[int], settings: ProbeSettings,
+                    size: tuple[int, int]) -> tuple[torch.Tensor, list[AutoMasks]]:
+        """([N, H, W, 3] images, each sample's AutoMasks) for global prompts that name the same concepts at the same
+        token positions, on a canvas of `size` latent cells."""
+        described = [self.prompt(text) for text in prompts]
+        concepts = described[0].concepts
+        if any(d.concepts != concepts for d in described):
+            raise ValueError("sample_auto: the prompts name different concepts or name them at other positions")
+        channels = protocol.models.LATENT_SHAPE[0]
+        latents = torch.stack([torch.randn((channels, *size), generator=torch.Generator().manual_seed(seed))
+                               for seed in seeds])
+        contexts, weights = self._rows(prompts)
+        steps = self.config.sampling_steps
+        probed = settings.probe_steps(steps)
+        scheduler = protocol.SAMPLERS[self.config.sampler](self.denoiser.scheduler, steps)
+        probe = AttentionProbe([list(c.positions) for c in concepts], probe_grid(size, settings.downscale))
+        with self.denoiser.adapted(self.banks, RowRouter(weights), probe=probe, probe_rows=len(prompts)):
+            latents = self._steps(scheduler, scheduler.timesteps[:probed], latents, contexts)
+        maps = probe.maps()
+        found = [auto_masks(maps[i], [c.name for c in concepts], settings) for i in range(len(prompts))]
+        outputs = []
+        for index, item in enumerate(found):
+            rows = [index, len(prompts) + index]
+            regions = None
+            if item.masks is not None:
+                regional = [self.router.route(only_concept(described[index], c), None, len(self.denoiser.layers))
+                            for c in concepts]
+                regions = RegionBatch(list(item.masks), [contexts[rows]] * len(concepts),
+                                      [torch.stack([w, w]) for w in regional], [False, True], size)
+            with self.denoiser.adapted(self.banks, RowRouter(weights[rows]), regions):
+                outputs.append(self._steps(scheduler, scheduler.timesteps[probed:], latents[index:index + 1],
+                                           contexts[rows]))
+        return protocol.models.to_images(torch.cat(outputs)), found
+
+    def _steps(self, scheduler, timesteps, latents: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """DDIM steps with classifier-free guidance (as Composer._denoise), cond rows then uncond rows."""
+        for timestep in timesteps:
+            cond, uncond = self.denoiser.predict(torch.cat([latents] * 2), timestep.expand(2 * len(latents)),
+                                                 contexts).chunk(2)
+            latents = scheduler.step(uncond + self.config.guidance * (cond - uncond), timestep, latents).prev_sample
+        return latents
+
+
+def unplaced_prompt(first: protocol.LearnedConcept, second: protocol.LearnedConcept, background: str) -> str:
+    """A composition prompt without position words: "a <zarp> star and a <quil> star on a white background"."""
+    return f"{first.concept.phrase(True)} and {second.concept.phrase(True)} on a {background} background"
+
+
+def judge_pairs(pairs, sample, config, oracle, placed_words: bool = True) -> dict:
+    """Per pair, two-concept canvases from `sample(prompts, seeds)` -> (images [N, 32, 64, 3], AutoMasks per sample
+    or None), judged tile by tile: with position words (`placed_words`), `both` (the first concept in the left tile
+    and the second in the right), `left`, `right` and `bleed` as protocol.judge_regions scores them; without, `both`
+    counts either order. With automatic regions, also `fallback` (the share of samples the probe could not place)
+    and `placed` (the share of placed samples whose first concept's region lies mostly in the left tile and the
+    second's in the right)."""
+    scores = {}
+    for a, b in pairs:
+        prompts = [protocol.composition_prompts(a, b, bg)[0] if placed_words else unplaced_prompt(a, b, bg)
+                   for bg in config.backgrounds for _ in range(config.samples_per_prompt)]
+        images, found = sample(prompts, [config.seed * 1000 + i for i in range(len(prompts))])
+        tiles = images.shape[2] // 2
+        left, right = (judge(oracle, tile).predictions["concept"] for tile in (images[:, :, :tiles],
+                                                                              images[:, :, tiles:]))
+        first, second = a.concept.name, b.concept.name
+        ordered = [x == first and y == second for x, y in zip(left, right)]
+        either = [o or (x == second and y == first) for o, x, y in zip(ordered, left, right)]
+        pair = {"both": protocol._rate(ordered if placed_words else either),
+                "left": protocol._rate([x == first for x in left]),
+                "right": protocol._rate([y == second for y in right]),
+                "bleed": protocol._rate([x == second or y == first for x, y in zip(left, right)]),
+                "same_shape": a.concept.look.shape == b.concept.look.shape}
+        if found is not None:
+            pair["fallback"] = protocol._rate([item.masks is None for item in found])
+            pair["placed"] = protocol._rate([in_place(item.masks) for item in found if item.masks is not None])
+        scores[f"{first}+{second}"] = pair
+    return scores
+
+
+def in_place(masks: torch.Tensor) -> bool:
+    """Whether mask 0 lies mostly (over half its area) in the canvas's left half and mask 1 in the right half."""
+    half = masks.shape[-1] // 2
+    return bool(masks[0, :, :half].sum() > masks[0].sum() / 2) and bool(masks[1, :, half:].sum() > masks[1].sum() / 2)
+
+
+SWEEP = tuple(ProbeSettings(steps=share, downscale=downscale, threshold=threshold)
+              for share in (0.1, 0.2, 0.3) for downscale in (2, 4) for threshold in (0.3, 0.5))
+RESULTS = REPO / "benchmarks" / "results" / "toyworld" / "v2.6-31-auto-regions"
+
+
+def mean_of(pairs: dict, key: str) -> float:
+    values = [scores[key] for scores in pairs.values() if scores[key] == scores[key]]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def evaluate(setup: protocol.Setup, config: protocol.ProtocolConfig, learned, sweep, log) -> dict:
+    """On the same pairs, prompts and seeds: boxes (the left/right halves); no regions (`named` routing over the
+    whole canvas, what the fallback samples); automatic regions for every setting of `sweep`; and, with the
+    default settings (ProbeSettings()) and with no regions, the prompts without position words."""
+    pairs = protocol.region_pairs(learned, setup.world)
+    composer = AutoComposer(setup, learned, config, mode="named")
+    channels, height, width = models.LATENT_SHAPE
+    size = (height, 2 * width)
+
+    def plain(prompts, seeds):
+        return composer._sample(prompts, [], seeds, (channels, *size)), None
+
+    def automatic(settings):
+        return lambda prompts, seeds: composer.sample_auto(prompts, seeds, settings, size)
+
+    boxes, _ = protocol.judge_regions(pairs, lambda a, b, prompts, seeds, layout: composer.sample_regions(
+        prompts, seeds, layout), dataclasses.replace(config, layouts=("left/right",)), setup.oracle)
+    results = {"boxes": boxes["left/right"], "no regions": judge_pairs(pairs, plain, config, setup.oracle),
+               "auto": [], "no position words": {
+                   "no regions": judge_pairs(pairs, plain, config, setup.oracle, placed_words=False),
+                   "auto": judge_pairs(pairs, automatic(ProbeSettings()), config, setup.oracle,
+                                       placed_words=False),
+                   "settings": dataclasses.asdict(ProbeSettings())}}
+    for name in ("boxes", "no regions"):
+        log(f"{name}: both {mean_of(results[name], 'both'):.3f} bleed {mean_of(results[name], 'bleed'):.3f}")
+    for name, scores in results["no position words"].items():
+        if name != "settings":
+            log(f"no position words, {name}: both (either order) {mean_of(scores, 'both'):.3f}")
+    for settings in sweep:
+        scores = judge_pairs(pairs, automatic(settings), config, setup.oracle)
+        results["auto"].append({"settings": dataclasses.asdict(settings), "pairs": scores})
+        log(f"{settings}: both {mean_of(scores, 'both'):.3f} bleed {mean_of(scores, 'bleed'):.3f} fallback "
+            f"{mean_of(scores, 'fallback'):.3f} placed {mean_of(scores, 'placed'):.3f}")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny configuration: checks the harness end to end")
     parser.add_argument("--train", action="store_true", help="train (or find) the tasks, and stop")
+    parser.add_argument("--tasks", type=Path, help="the trained tasks to use (a file written by --train), "
+                        "instead of the cache's for the current training code")
     parser.add_argument("--cache", type=Path, default=models.CACHE)
+    parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     context, configs, _ = run.setup(args.smoke, args.cache, args.threads or (1 if args.smoke else None), print,
                                     args.world_seed)
-    learned_tasks(context, configs, args.cache, print)
+    if args.tasks:
+        learned = load_tasks(context, args.tasks, configs[2].tasks)
+    else:
+        learned = learned_tasks(context, configs, args.cache, print)
     if args.train:
         return
     torch.manual_seed(0)
+    results = evaluate(context, configs[2], learned, SWEEP[:2] if args.smoke else SWEEP, print)
+    results["tasks"] = str(args.tasks or f"auto-regions-tasks-{tasks_key(configs)}")
+    out = args.out or (args.cache / "smoke-auto-regions" if args.smoke else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"world-{args.world_seed}.json").write_text(json.dumps(results, indent=1))
+    print(f"results in {out / f'world-{args.world_seed}.json'}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..adapters import ConceptCrossAttention, LayerLoRABank, scaled_dot_product_heads, select_layer_context
+from ..auto_regions import AttentionProbe
 from ..errors import CIDMInputError
 from ..layers import cross_attention_layers, get_submodule
 from ..regions import RegionMasks, prepare_region_attention, region_cross_attention, row_branches
@@ -20,12 +21,26 @@ from ..tokens import TOKEN_PATTERN, check_token_slots, layers_from_slots
 SENTINEL_WORDS = ("sks", "xqz", "zwx", "qxv")
 
 
+class ProbingAttention:
+    """scaled_dot_product_heads that first shows the first `rows` rows of a probed layer (those whose image token
+    count is the probe grid's) to an AttentionProbe (cidm.auto_regions)."""
+
+    def __init__(self, probe: AttentionProbe, rows: int):
+        self.probe, self.rows = probe, rows
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+        if q.shape[1] == self.probe.grid[0] * self.probe.grid[1]:
+            self.probe.observe(q[:self.rows], k[:self.rows], heads)
+        return scaled_dot_product_heads(q, k, v, heads)
+
+
 class CIDMAttnProcessor:
     """A diffusers attention processor that runs attn2 through ConceptCrossAttention (one instance per layer)."""
 
     def __init__(self, attention: nn.Module, layer, bank: LayerLoRABank, router, num_layers: int,
-                 tokens_per_layer: int):
-        self.concept_attention = ConceptCrossAttention(attention, layer, bank, router, num_layers, tokens_per_layer)
+                 tokens_per_layer: int, probe: ProbingAttention | None = None):
+        self.concept_attention = ConceptCrossAttention(attention, layer, bank, router, num_layers, tokens_per_layer,
+                                                       attention=probe or scaled_dot_product_heads)
 
     # diffusers passes a processor only the keyword arguments its signature names, so cond_or_uncond is explicit.
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, cond_or_uncond=None,
@@ -164,10 +179,12 @@ class DiffusersDenoiser:
         return self.scheduler.get_velocity(latents, noise, level.to(latents.device))
 
     @contextlib.contextmanager
-    def adapted(self, banks, router, regions: RegionBatch | None = None):
+    def adapted(self, banks, router, regions: RegionBatch | None = None, probe: AttentionProbe | None = None,
+                probe_rows: int = 0):
         """Every attn2 runs the layer's LoRA bank (`banks[layer index]`) under `router`; with `regions`,
-        region-aware cross-attention (CIDMRegionAttnProcessor) instead. The UNet's own processors come back on
-        exit."""
+        region-aware cross-attention (CIDMRegionAttnProcessor) instead; with `probe` (and no regions), the first
+        `probe_rows` rows of every batch (the positive prompts) are shown to it (ProbingAttention). The UNet's own
+        processors come back on exit."""
         concept_layers = {layer.path: layer for layer in self.layers}
         originals = {}
         try:
@@ -180,7 +197,8 @@ class DiffusersDenoiser:
                     attention.set_processor(LabelIgnoringProcessor(attention.processor))
                     continue
                 arguments = (attention, layer, banks[layer.index], router, len(self.layers), self.tokens_per_layer)
-                attention.set_processor(CIDMAttnProcessor(*arguments) if regions is None
+                probing = ProbingAttention(probe, probe_rows) if probe is not None else None
+                attention.set_processor(CIDMAttnProcessor(*arguments, probing) if regions is None
                                         else CIDMRegionAttnProcessor(*arguments, regions))
             yield
         finally:
@@ -214,13 +232,12 @@ class DiffusersLayerwiseEncoder:
         token = self._single_token(word)
         return None if token is None else self.table.weight[token].detach().float().clone()
 
-    def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[L, T, D]: `text` encoded once per token slot s, every token of `embeddings` ([S, D] each) at its slot-s
-        embedding; layer l gets its slot's encoding.
+    def _placeholders(self, text: str, embeddings: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """(token ids [T] of `text` with every concept token of `embeddings` replaced by a placeholder word, the
+        placeholders' positions, one per concept-token occurrence in order).
 
         Raises:
-            CIDMInputError: ("text") when every placeholder word already occurs in the prompt, or when the concept
-                tokens do not all fit in the tokenizer's length.
+            CIDMInputError: ("text") as `encode` does.
         """
         occurrences = [t for t in TOKEN_PATTERN.findall(text) if t in embeddings]
         word = next((w for w in SENTINEL_WORDS if w not in text.lower() and self._single_token(w) is not None), None)
@@ -230,6 +247,22 @@ class DiffusersLayerwiseEncoder:
         positions = (ids == self._single_token(word)).nonzero().flatten().tolist()
         if len(positions) != len(occurrences):
             raise CIDMInputError("text", "the concept tokens did not fit in the prompt length; shorten the prompt")
+        return ids, positions
+
+    def token_positions(self, text: str, embeddings: dict[str, torch.Tensor]) -> list[int]:
+        """Where each occurrence of a concept token of `embeddings` in `text` sits in the encoded context [T]."""
+        return self._placeholders(text, embeddings)[1]
+
+    def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[L, T, D]: `text` encoded once per token slot s, every token of `embeddings` ([S, D] each) at its slot-s
+        embedding; layer l gets its slot's encoding.
+
+        Raises:
+            CIDMInputError: ("text") when every placeholder word already occurs in the prompt, or when the concept
+                tokens do not all fit in the tokenizer's length.
+        """
+        occurrences = [t for t in TOKEN_PATTERN.findall(text) if t in embeddings]
+        ids, positions = self._placeholders(text, embeddings)
         device = self.table.weight.device
         if not occurrences:  # every layer reads the same encoding
             return self.text_encoder(ids[None].to(device)).last_hidden_state.expand(self.num_layers, -1, -1)

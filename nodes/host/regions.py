@@ -16,12 +16,14 @@ import torch
 from comfy.ldm.modules.attention import optimized_attention
 
 from ...cidm.adapters import LayerLoRABank
+from ...cidm.auto_regions import AttentionProbe
 from ...cidm.layers import cross_attention_layers
 from ...cidm.regions import RegionPlan, prepare_region_attention, region_cross_attention, with_projected_contexts
 from .attention import layer_call
 from .model import UNET_PREFIX, unet_of
 
 PLAN_KEY = "cidm_region_plan"
+PROBE_KEY = "cidm_region_probe"
 NO_CONCEPTS = LayerLoRABank([], 1.0)
 
 
@@ -44,6 +46,9 @@ class RegionCrossAttention(torch.nn.Module):
     def forward(self, x, context=None, value=None, mask=None, transformer_options={}):
         plan: RegionPlan | None = transformer_options.get(PLAN_KEY)
         ids = transformer_options.get("uuids")
+        probe: HostProbe | None = transformer_options.get(PROBE_KEY)
+        if probe is not None and context is not None:
+            probe.observe(self, x, context, ids, tuple(transformer_options["activations_shape"][-2:]))
         if plan is None or context is None or value is not None or mask is not None or not plan.applies_to(ids):
             return self.inner(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
         call = layer_call(self)
@@ -70,6 +75,25 @@ class RegionCrossAttention(torch.nn.Module):
             inputs = owner.cached(("region attention", self.layer, tuple(ids), x.shape[0], size, x.device, x.dtype),
                                   made)
             return region_cross_attention(self, bank, x, inputs, self.attend, transformer_options=transformer_options)
+
+
+class HostProbe:
+    """An AttentionProbe (cidm.auto_regions) fed by RegionCrossAttention during the probe steps of a sampling run:
+    the rows of the positive prompt's cond (`cond_ids`, ComfyUI's cond uuids), one per latent of the batch, in
+    every attn2 layer whose grid the probe wants. q and k are the layer's own projections, with the CIDM LoRAs the
+    open LayerCall applies (nodes/host/attention.py) and the layer context the block put in place."""
+
+    def __init__(self, probe: AttentionProbe, cond_ids):
+        self.probe, self.cond_ids = probe, set(cond_ids)
+
+    def observe(self, module, x: torch.Tensor, context: torch.Tensor, ids, size: tuple[int, int]) -> None:
+        if not ids or not self.probe.wants(size):
+            return
+        per_chunk = x.shape[0] // len(ids)
+        rows = [chunk * per_chunk + row for chunk, uid in enumerate(ids) if uid in self.cond_ids
+                for row in range(per_chunk)]
+        if rows:
+            self.probe.observe(module.to_q(x)[rows], module.to_k(context)[rows], module.heads)
 
 
 def with_region_attention(model):

@@ -74,6 +74,21 @@ class ComfyLayerwiseEncoder:
         return torch.cat([model.get_input_embeddings().weight[body[0]] for model in self.text_models]).detach() \
             .float().clone()
 
+    def _substituted(self, text: str, embeddings: dict[str, torch.Tensor]) -> tuple[list[str], int | None, dict]:
+        """(the concept tokens of `embeddings` in `text`, in order; the placeholder word's id, None when there are
+        none; each tower's chunks (`_chunks`) of the text with every concept token replaced by the placeholder)."""
+        occurrences = [t for t in TOKEN_PATTERN.findall(text) if t in embeddings]
+        word, sentinel = self._sentinel(text) if occurrences else (None, None)
+        substituted = TOKEN_PATTERN.sub(lambda m: word if m.group(0) in embeddings else m.group(0), text)
+        return occurrences, sentinel, self._chunks(substituted)
+
+    def token_positions(self, text: str, embeddings: dict[str, torch.Tensor]) -> list[int]:
+        """Where each concept-token occurrence of `text` sits in the packed context [k·77] that `encode_with_pooled`
+        returns (chunk · 77 + index in the chunk), read from the first tower (every tower tokenizes alike)."""
+        _, sentinel, towers = self._substituted(text, embeddings)
+        return [chunk * self.tokens_per_layer + i for chunk, ids in enumerate(towers[self.family.towers[0].key])
+                for i, entry in enumerate(ids) if entry[0] == sentinel]
+
     def encode_with_pooled(self, text: str, embeddings: dict[str, torch.Tensor], whole: bool = True):
         """([L, k·77, D], pooled) for a prompt whose concept tokens are keys of `embeddings` (token -> [S, D], D
         the towers' widths joined), encoded once per token slot; layer l gets its slot's encoding.
@@ -90,10 +105,7 @@ class ComfyLayerwiseEncoder:
         Raises:
             CIDMInputError: ("text") when, with `whole=False`, a concept token falls past the first 75 tokens.
         """
-        occurrences = [t for t in TOKEN_PATTERN.findall(text) if t in embeddings]
-        word, sentinel = self._sentinel(text) if occurrences else (None, None)
-        substituted = TOKEN_PATTERN.sub(lambda m: word if m.group(0) in embeddings else m.group(0), text)
-        towers = self._chunks(substituted)
+        occurrences, sentinel, towers = self._substituted(text, embeddings)
         first = towers[self.family.towers[0].key]
         if not whole and len(first) > 1:
             logging.warning("CIDM: training prompt longer than 75 tokens, truncated to the first 77-token chunk: %r",
