@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.numpy import load_file
 
 from comfy_host import Graph
@@ -160,3 +161,22 @@ def test_chained_libraries_both_apply_and_the_guider_samples_as_the_sampler(comf
     first, chained_latent = latent(comfy, "sdxl_first"), latent(comfy, "sdxl_chained")
     assert np.isfinite(chained_latent).all() and np.abs(chained_latent - first).mean() > 1e-3
     np.testing.assert_array_equal(latent(comfy, "sdxl_region_guider"), latent(comfy, "sdxl_region_sampler"))
+
+
+def test_automatic_regions_read_the_sdxl_layers_at_a_quarter_of_the_latent(comfy, sdxl):
+    """Issue 31, item 5: the probe picks SDXL's layers by their grid (a 128×64 image: a 16×8 latent, a 4×2 grid in
+    the 32² stage of a 1024² image), so two named concepts get two disjoint regions on SDXL too."""
+    scene = Scene(sdxl)
+    scene.latent = scene.graph.add("EmptyLatentImage", width=128, height=64, batch_size=1)[0]
+    sampler = scene.graph.add("CIDM_ContextControlledKSampler", model=scene.model,
+                              positive=scene.cidm("a <dog> and a <duck> on a beach"), negative=scene.stock("blurry"),
+                              latent_image=scene.latent, seed=3, alpha=1.0, auto_regions=True, probe_steps=0.5,
+                              **SAMPLER)
+    masks = scene.graph.add("MaskToImage", mask=sampler[1])[0]
+    scene.graph.add("SaveImage", images=masks, filename_prefix="sdxl_auto_masks")
+    entry = comfy.run(scene.graph.prompt())
+    assert "text" not in entry["outputs"].get(sampler.id, {}), entry["outputs"][sampler.id]["text"]
+    saved = sorted(p for p in comfy.output_files(entry) if p.name.startswith("sdxl_auto_masks"))
+    found = [np.asarray(Image.open(p))[..., 0] > 127 for p in saved]
+    assert len(found) == 2 and all(m.shape == (64, 128) and m.any() for m in found)
+    assert not (found[0] & found[1]).any()
