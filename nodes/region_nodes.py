@@ -358,8 +358,10 @@ class ContextControlledKSampler(io.ComfyNode):
             description="The KSampler with regions. Inside each region the image follows the region's prompt "
                         "and only its concepts (region-aware cross-attention, one UNet call per step); outside "
                         "every region, the global prompt. alpha below 1 adds CIDM's region noise estimation. "
-                        "Without regions it is the stock KSampler, bit for bit, CFG model patches (RescaleCFG, "
-                        "...) included.",
+                        "A prompt naming two or more concepts needs no drawn region: each concept without one "
+                        "finds its own place (auto_regions; the masks and the layout are outputs). Without "
+                        "regions, drawn or automatic, it is the stock KSampler, bit for bit, CFG model patches "
+                        "(RescaleCFG, ...) included.",
             inputs=guider_inputs() + [
                 io.Latent.Input("latent_image", tooltip="The latent to denoise (e.g. Empty Latent Image)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
@@ -397,7 +399,9 @@ class ContextControlledGuider(io.ComfyNode):
         return io.Schema(
             node_id="CIDM_ContextControlledGuider", display_name="Context-Controlled Guider", category=CATEGORY,
             description="The Context-Controlled KSampler's guidance as a GUIDER, for SamplerCustomAdvanced "
-                        "(bring your own noise, sampler and sigmas).",
+                        "(bring your own noise, sampler and sigmas). Automatic regions run inside it too; their "
+                        "masks are outputs of the KSampler only (here they go to the log when the probe falls "
+                        "back).",
             inputs=guider_inputs() + [CFG, ALPHA, ATTENTION, REGION_NOISE, AUTO_REGIONS, PROBE_STEPS],
             outputs=[io.Guider.Output(display_name="guider")])
 

@@ -6,7 +6,10 @@ of a UNet batch are matched to conds by ComfyUI's per-cond `uuids` (comfy/sample
 so the plan survives however ComfyUI batches cond and uncond. The concepts come from the routing transport of
 `nodes/host/attention.py` (cidm/routing.py): each cond's layer context and task weights, looked up by its uuid, and
 the layer's LoRA bank, which this patch mixes per token and region while the projections' own LoRA is suspended.
-Without a plan for the batch the patch calls the wrapped module unchanged."""
+Without a plan for the batch the patch calls the wrapped module unchanged.
+
+During the probe steps of automatic regions (cidm/auto_regions.py), a `HostProbe` rides in `transformer_options`
+too: before attending, the patch shows it the positive prompt's rows of every layer whose grid it wants."""
 
 from __future__ import annotations
 

@@ -93,3 +93,18 @@ def test_a_latent_not_a_multiple_of_64_pixels(comfy, libraries):
     assert found["latent"].shape == (1, 4, 17, 25)
     assert [mask.shape for mask in found["masks"]] == [(136, 200)] * 2
     assert all(mask.sum() > 0 for mask in found["masks"]), found["text"]
+
+
+def test_the_guider_finds_the_same_regions_as_the_ksampler(comfy, libraries):
+    graph, sampler = sampler_graph(libraries["distinct"])
+    inputs = graph.prompt()[sampler.id]["inputs"]
+    guider = graph.add("CIDM_ContextControlledGuider", **{name: inputs[name] for name in (
+        "model", "positive", "negative", "cfg", "alpha", "auto_regions", "probe_steps")})
+    sigmas = graph.add("BasicScheduler", model=inputs["model"], scheduler=SAMPLING["scheduler"],
+                       steps=SAMPLING["steps"], denoise=1.0)
+    sampled = graph.add("SamplerCustomAdvanced", noise=graph.add("RandomNoise", noise_seed=SAMPLING["seed"])[0],
+                        guider=guider[0], sampler=graph.add("KSamplerSelect", sampler_name=SAMPLING["sampler_name"])[0],
+                        sigmas=sigmas[0], latent_image=inputs["latent_image"])
+    graph.add("SaveLatent", samples=sampled[0], filename_prefix="guided")
+    found = latents(comfy, comfy.run(graph.prompt()))
+    np.testing.assert_array_equal(found["guided"], found["latent"])

@@ -278,7 +278,8 @@ def test_region_attention_on_the_sixteen_layer_checkpoint(comfy, negative_kind):
                       height=1.0, strength=1.0, regions=left[0])
     latent = graph.add("EmptyLatentImage", width=128, height=64, batch_size=1)[0]
     common = dict(model=model, positive=positive, negative=negative, latent_image=latent, alpha=1.0, **SAMPLING)
-    for name, extra in (("none", {}), ("everywhere", {"regions": everywhere[0]}), ("two", {"regions": right[0]})):
+    for name, extra in (("none", {"auto_regions": False}), ("everywhere", {"regions": everywhere[0]}),
+                        ("two", {"regions": right[0]})):
         sampled = graph.add("CIDM_ContextControlledKSampler", **common, **extra)
         graph.add("SaveLatent", samples=sampled[0], filename_prefix=name)
     found = latents(comfy, comfy.run(graph.prompt()))
