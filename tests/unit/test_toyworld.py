@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.toyworld import concepts, judge_check, learnability, models, oracle, protocol, report, run, world
+from benchmarks.toyworld import (auto_regions, concepts, judge_check, learnability, models, oracle, protocol, report, run,
+                                 world)
+from cidm.auto_regions import ProbeSettings
 from cidm.backends.diffusers_backend import DiffusersDenoiser
 from cidm.consolidation import CONSOLIDATORS
 from cidm.train import ConceptTrainer
@@ -373,3 +375,33 @@ def test_token_slot_rules_of_the_toy_model_share_slots_by_resolution_stage_or_no
     assert protocol.TOKEN_SLOT_RULES["one"](paths) == [0] * 7
     with pytest.raises(ValueError, match="token_slots 'per stack'"):
         protocol.ProtocolConfig(token_slots="per stack")
+
+
+def test_automatic_regions_go_on_from_the_probe_and_fall_back_to_the_plain_sample(smoke, tmp_path):
+    """Issue 31's toy harness: the kept tasks load back unchanged; a probe that finds no regions gives exactly the
+    plain sample (the run goes on from the probe's last step); one that finds them gives disjoint masks over the
+    probe grid. (The smoke tasks' LoRAs barely differ from zero, so their regions barely change the image: the real
+    server's test checks that.)"""
+    out, _, runs = smoke
+    context, configs, _ = run.setup(True, out.parent / "cache", 1, lambda _: None)
+    path = tmp_path / "tasks.safetensors"
+    auto_regions.save_tasks(runs["cidm"].learned, path)
+    loaded = auto_regions.load_tasks(context, path, len(runs["cidm"].learned))
+    for kept, item in zip(runs["cidm"].learned, loaded):
+        assert item.concept == kept.concept and item.tokens == kept.tokens
+        torch.testing.assert_close(item.task.embeddings, kept.task.embeddings)
+        for key, (down, up) in kept.task.lora.items():
+            torch.testing.assert_close(item.task.lora[key][0], down)
+            torch.testing.assert_close(item.task.lora[key][1], up)
+    composer = auto_regions.AutoComposer(context, loaded, configs[2])
+    prompts = [protocol.composition_prompts(loaded[0], loaded[1], "white")[0]] * 2
+    channels, height, width = models.LATENT_SHAPE
+    size = (height, 2 * width)
+    collapsed, found = composer.sample_auto(prompts, [0, 1], ProbeSettings(min_area=1.0), size)
+    assert all(item.masks is None and "collapsed" in item.problem for item in found)
+    torch.testing.assert_close(collapsed, composer._sample(prompts, [], [0, 1], (channels, *size)))
+    _, found = composer.sample_auto(prompts, [0, 1], ProbeSettings(threshold=0.0, min_area=0.0,
+                                                                        max_overlap=1.0), size)
+    for item in found:
+        assert item.masks.shape == (2, height // 4, 2 * width // 4)
+        assert (item.masks.sum(dim=0) == 1).all(), "at threshold 0 every cell belongs to exactly one concept"
