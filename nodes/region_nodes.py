@@ -159,8 +159,9 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
         outputs = []
         for index in range(latent.shape[0]):
             found = (auto_masks(maps[index], names, self.auto) if maps is not None else
-                     AutoMasks(None, torch.zeros(0), "no cross-attention layer has the probe's grid "
-                                                     f"{probe.grid}; lower probe_downscale"))
+                     AutoMasks(None, torch.zeros(0), "this model has no cross-attention layer at a quarter "
+                                                     f"of the latent's size ({probe.grid[0]}×{probe.grid[1]}), "
+                                                     "where the probe reads the concepts' maps"))
             self.found.append(found)
             automatic = [] if found.masks is None else [
                 RegionSpec(concept_conditioning(self.positive, concept), mask, 1.0, concept.name)

@@ -305,10 +305,43 @@ def region_composition(info: dict, family: FamilySettings = SD15) -> Workflow:
     return wf
 
 
+def region_composition_auto(info: dict, family: FamilySettings = SD15) -> Workflow:
+    """Two concepts on a 3:2 canvas with no region drawn: each finds its own place (automatic regions)."""
+    height = family.resolution
+    width = height * 3 // 2
+    wf = Workflow(info)
+    wf.note(0, f"Multi-concept composition, no drawing ({family.label})\n\nRun Continual customization first (it "
+               f"fills the library {family.library} with dog, duck and cat).\n\nThe prompt names two concepts and "
+               "no Region Condition is wired: in the first steps of the run (probe_steps, 20 %) the "
+               "Context-Controlled KSampler reads where each concept's tokens draw attention, gives each concept "
+               "that part of the image, and samples the rest of the run with each part under its own concept only. "
+               "No extra steps. The masks and the layout come out of the sampler (previews on the right). If the "
+               "probe cannot tell the concepts apart, the node says so and samples without regions. To place one "
+               "concept yourself, wire a Region Condition for it: the other stays automatic.", title="Read me",
+            height=380)
+    ckpt = checkpoint(wf, family)
+    library = wf.add("CIDM_LoadConceptLibrary", 0, library=family.library)
+    model = wf.add("CIDM_ElasticAggregateLoRAs", 1, model=ckpt[0], library=library[0])
+    positive = wf.add("CIDM_TextEncode", 1, title="Prompt", clip=ckpt[1], library=library[0],
+                      text="a photo of a <dog> on the left and a <cat> on the right, sitting in a garden")
+    negative = wf.add("CIDM_TextEncode", 1, title="Negative prompt", clip=ckpt[1], library=library[0],
+                      text=NEGATIVE)
+    latent = wf.add("EmptyLatentImage", 2, width=width, height=height, batch_size=1)
+    sampled = wf.add("CIDM_ContextControlledKSampler", 2, model=model[0], positive=positive[0],
+                     negative=negative[0], latent_image=latent[0], seed=2024, auto_regions=True,
+                     **sampling(family))
+    decoded = wf.add("VAEDecode", 3, samples=sampled[0], vae=ckpt[2])
+    wf.add("SaveImage", 3, images=decoded[0], filename_prefix=f"cidm/composition_auto{family.suffix}")
+    wf.add("PreviewImage", 3, title="Layout: where each concept went", images=sampled[2])
+    wf.add("MaskPreview", 3, title="Automatic masks", mask=sampled[1])
+    return wf
+
+
 WORKFLOWS = {"continual_customization": continual_customization, "method_comparison": method_comparison,
              "export_concept_lora": export_concept_lora, "region_composition": region_composition,
              "continual_customization_sdxl": lambda info: continual_customization(info, SDXL),
-             "region_composition_sdxl": lambda info: region_composition(info, SDXL)}
+             "region_composition_sdxl": lambda info: region_composition(info, SDXL),
+             "region_composition_auto": region_composition_auto}
 
 
 def main() -> int:

@@ -23,6 +23,7 @@ SDXL_LOADER = "CIDMTest_SmallTowerCheckpointLoader"
 DEMO_WORKFLOWS = (
     ("continual_customization", cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8), 4),
     ("region_composition", cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8), 4),
+    ("region_composition_auto", cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8), 4),
     ("export_concept_lora", cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8), 4),
     ("continual_customization_sdxl", cpu_overrides(SDXL_CHECKPOINT, training_steps=4, sampling_steps=4,
                                                    loader=SDXL_LOADER), 8),
@@ -50,9 +51,9 @@ def main() -> int:
                 kind = "preview" if path.is_relative_to(workspace / "temp") else "output"  # temp: on-node previews
                 print(f"  {kind}: {path}")
             for node_id, node in prompt.items():
-                if node["class_type"] == "CIDM_InspectAggregationWeights":
+                if node["class_type"] in ("CIDM_InspectAggregationWeights", "CIDM_ContextControlledKSampler"):
                     for table in entry["outputs"].get(node_id, {}).get("text", []):
-                        print(table)  # the per-layer task weights of the inspected prompt
+                        print(table)  # the per-layer task weights of the inspected prompt; a sampler's note
     finally:
         server.stop()
     print(f"concept libraries: {workspace / 'models' / 'cidm' / 'my-concepts'}, "

@@ -48,8 +48,11 @@ async function openTemplate(page, name) {
   await sleep(1000);
   await page.screenshot({path: path.join(config.out, 'templates-dialog.png')});
   const before = await page.evaluate(() => window.app.graph.nodes.length);
-  const card = await page.waitForSelector(`[role=dialog] ::-p-text(${name})`, {timeout: 30000});
-  await card.click();
+  // the card whose text is exactly the name: a text selector matches substrings, so region_composition would
+  // also match region_composition_auto
+  const card = await page.waitForFunction((wanted) => [...document.querySelectorAll('[role=dialog] *')].find(
+    (element) => element.childElementCount === 0 && element.textContent.trim() === wanted), {timeout: 30000}, name);
+  await card.asElement().click();
   await page.waitForFunction(() => !document.querySelector('[role=dialog]')?.innerText.includes('Templates'),
                              {timeout: 60000});
   await sleep(1500);

@@ -21,7 +21,8 @@ SDXL_LOADER = "CIDMTest_SmallTowerCheckpointLoader"
 
 def test_the_set_of_workflows():
     assert set(SHIPPED) == {"continual_customization", "method_comparison", "export_concept_lora",
-                            "region_composition", "continual_customization_sdxl", "region_composition_sdxl"}
+                            "region_composition", "continual_customization_sdxl", "region_composition_sdxl",
+                            "region_composition_auto"}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -122,6 +123,22 @@ def test_region_composition_composes_the_trained_concepts(comfy, continual_run):
     assert Image.open(image).size == (96, 64) and np.asarray(Image.open(image)).std() > 0
     regions = [node_id for node_id, node in prompt.items() if node["class_type"] == "CIDM_RegionCondition"]
     assert len(regions) == 2 and all(entry["outputs"][node_id]["images"] for node_id in regions)  # layouts
+
+
+def test_region_composition_auto_composes_with_no_region_drawn(comfy, continual_run):
+    """The automatic-regions variant runs and shows its masks and layout. The mini test checkpoint has one UNet
+    level, so no layer works at a quarter of the latent: the sampler says so on the node and samples without
+    regions (tests/integration/test_auto_regions.py places concepts on the 16-layer checkpoint)."""
+    prompt = shipped_prompt(comfy, "region_composition_auto", cpu_overrides(CKPT), scale_sizes=8)
+    entry = comfy.run(prompt)
+    (image,) = [path for path in comfy.output_files(entry) if path.name.startswith("composition_auto")]
+    assert Image.open(image).size == (96, 64) and np.asarray(Image.open(image)).std() > 0
+    (sampler,) = [i for i, node in prompt.items() if node["class_type"] == "CIDM_ContextControlledKSampler"]
+    assert entry["outputs"][sampler]["images"], "no layout preview on the sampler"
+    (note,) = entry["outputs"][sampler]["text"]
+    assert "no cross-attention layer at a quarter of the latent's size" in note and "without them" in note
+    previews = [i for i, node in prompt.items() if node["class_type"] in ("PreviewImage", "MaskPreview")]
+    assert len(previews) == 2 and all(entry["outputs"][i]["images"] for i in previews)
 
 
 def test_sdxl_workflows_train_generate_and_compose_on_an_sdxl_checkpoint(comfy, sdxl_checkpoint):
