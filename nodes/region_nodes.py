@@ -335,12 +335,15 @@ REGION_NOISE = io.Combo.Input("region_noise_on", options=list(REGION_NOISE_ON), 
                                       "batched with the global prompt into one UNet call per step (cheaper where a "
                                       "call's fixed cost dominates, e.g. a fast GPU: see the pack's README). The "
                                       "region's prediction then also sees the rest of the image.")
-AUTO_REGIONS = io.Boolean.Input("auto_regions", default=True, optional=True,
+AUTO_REGIONS = io.Boolean.Input("auto_regions", default=False, optional=True,
                                 tooltip="When the positive prompt names two or more concepts, each concept that no "
                                         "Region Condition names gets its own region, found from where its tokens "
-                                        "draw attention in a short probe at the start of this run (same seed, same "
-                                        "steps; no extra steps). The masks come out as outputs. If the probe cannot "
-                                        "tell the concepts apart, it says so and samples without regions.")
+                                        "draw attention in the first steps of this run (probe_steps; no extra "
+                                        "steps). The masks and the layout come out as outputs. If the probe cannot "
+                                        "tell the concepts apart, it says so and samples without regions. Off by "
+                                        "default: in the toy world, where it can be measured, concept tokens do not "
+                                        "show where their object is (README, Automatic regions); check the layout "
+                                        "output on your model, or draw the regions.")
 PROBE_STEPS = io.Float.Input("probe_steps", default=ProbeSettings().steps, min=0.05, max=0.9, step=0.05,
                              optional=True,
                              tooltip="The share of the steps sampled before the regions are read (at least one "
@@ -359,10 +362,10 @@ class ContextControlledKSampler(io.ComfyNode):
             description="The KSampler with regions. Inside each region the image follows the region's prompt "
                         "and only its concepts (region-aware cross-attention, one UNet call per step); outside "
                         "every region, the global prompt. alpha below 1 adds CIDM's region noise estimation. "
-                        "A prompt naming two or more concepts needs no drawn region: each concept without one "
-                        "finds its own place (auto_regions; the masks and the layout are outputs). Without "
-                        "regions, drawn or automatic, it is the stock KSampler, bit for bit, CFG model patches "
-                        "(RescaleCFG, ...) included.",
+                        "With auto_regions on, a prompt naming two or more concepts needs no drawn region: "
+                        "each concept without one finds its own place (the masks and the layout are outputs). "
+                        "Without regions, drawn or automatic, it is the stock KSampler, bit for bit, CFG model "
+                        "patches (RescaleCFG, ...) included.",
             inputs=guider_inputs() + [
                 io.Latent.Input("latent_image", tooltip="The latent to denoise (e.g. Empty Latent Image)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
@@ -384,7 +387,7 @@ class ContextControlledKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
-                alpha, regions=None, region_attention=True, region_noise_on="area crop", auto_regions=True,
+                alpha, regions=None, region_attention=True, region_noise_on="area crop", auto_regions=False,
                 probe_steps=ProbeSettings().steps):
         auto = ProbeSettings(steps=probe_steps) if auto_regions else None
         guider = region_guider(model, positive, negative, regions, cfg, alpha, region_attention, region_noise_on, auto)
@@ -408,7 +411,7 @@ class ContextControlledGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, alpha, regions=None, region_attention=True,
-                region_noise_on="area crop", auto_regions=True, probe_steps=ProbeSettings().steps):
+                region_noise_on="area crop", auto_regions=False, probe_steps=ProbeSettings().steps):
         auto = ProbeSettings(steps=probe_steps) if auto_regions else None
         return io.NodeOutput(region_guider(model, positive, negative, regions, cfg, alpha, region_attention,
                                            region_noise_on, auto))
