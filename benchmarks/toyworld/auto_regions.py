@@ -243,6 +243,30 @@ def evaluate(setup: protocol.Setup, config: protocol.ProtocolConfig, learned, sw
     return results
 
 
+def markdown(results: dict, world_seed: int) -> str:
+    """The results as a table: each way of composing, over the world's region pairs (means of the per-pair rates)."""
+    lines = [f"World seed {world_seed}: {len(results['boxes'])} pairs, tasks `{results['tasks']}`.", "",
+             "| composition | both in place | bleed | fallback | regions in place |", "|---|---|---|---|---|"]
+
+    def row(label: str, pairs: dict) -> str:
+        cells = [mean_of(pairs, key) if any(key in p for p in pairs.values()) else None
+                 for key in ("both", "bleed", "fallback", "placed")]
+        return f"| {label} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |"
+
+    lines.append(row("boxes (left/right halves)", results["boxes"]))
+    lines.append(row("no regions (`named`)", results["no regions"]))
+    for entry in results["auto"]:
+        settings = entry["settings"]
+        lines.append(row(f"automatic: probe {settings['steps']:.0%} of steps, grid 1/{settings['downscale']}, "
+                         f"threshold {settings['threshold']}", entry["pairs"]))
+    unplaced = results["no position words"]
+    lines += ["", "Without position words (both concepts present, one per tile, either order):", "",
+              "| composition | both present |", "|---|---|",
+              f"| no regions (`named`) | {mean_of(unplaced['no regions'], 'both'):.3f} |",
+              f"| automatic (default settings) | {mean_of(unplaced['auto'], 'both'):.3f} |"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-seed", type=int, default=0)
@@ -268,6 +292,7 @@ def main() -> None:
     out = args.out or (args.cache / "smoke-auto-regions" if args.smoke else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"world-{args.world_seed}.json").write_text(json.dumps(results, indent=1))
+    (out / f"world-{args.world_seed}.md").write_text(markdown(results, args.world_seed))
     print(f"results in {out / f'world-{args.world_seed}.json'}")
 
 
