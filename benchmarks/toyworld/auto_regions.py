@@ -277,6 +277,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=models.CACHE)
     parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--default-only", action="store_true", help="automatic regions with the default settings "
+                        "only (ProbeSettings()), not the whole sweep")
     args = parser.parse_args()
     context, configs, _ = run.setup(args.smoke, args.cache, args.threads or (1 if args.smoke else None), print,
                                     args.world_seed)
@@ -287,7 +289,8 @@ def main() -> None:
     if args.train:
         return
     torch.manual_seed(0)
-    results = evaluate(context, configs[2], learned, SWEEP[:2] if args.smoke else SWEEP, print)
+    sweep = (ProbeSettings(),) if args.default_only else SWEEP[:2] if args.smoke else SWEEP
+    results = evaluate(context, configs[2], learned, sweep, print)
     results["tasks"] = str(args.tasks or f"auto-regions-tasks-{tasks_key(configs)}")
     out = args.out or (args.cache / "smoke-auto-regions" if args.smoke else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
