@@ -266,6 +266,18 @@ def export_concept_lora(info: dict) -> Workflow:
     return wf
 
 
+def composition_inputs(wf: Workflow, family: FamilySettings, title: str, prompt: str) -> tuple[Node, ...]:
+    """(checkpoint, library, aggregated model, positive, negative) of a composition workflow: the family's library
+    on its checkpoint, the prompt and the negative encoded with it."""
+    ckpt = checkpoint(wf, family)
+    library = wf.add("CIDM_LoadConceptLibrary", 0, library=family.library)
+    model = wf.add("CIDM_ElasticAggregateLoRAs", 1, model=ckpt[0], library=library[0])
+    positive = wf.add("CIDM_TextEncode", 1, title=title, clip=ckpt[1], library=library[0], text=prompt)
+    negative = wf.add("CIDM_TextEncode", 1, title="Negative prompt", clip=ckpt[1], library=library[0],
+                      text=NEGATIVE)
+    return ckpt, library, model, positive, negative
+
+
 def region_composition(info: dict, family: FamilySettings = SD15) -> Workflow:
     """Two concepts side by side on a 3:2 canvas whose short side is the family's resolution."""
     height = family.resolution
@@ -281,13 +293,8 @@ def region_composition(info: dict, family: FamilySettings = SD15) -> Workflow:
                "(the paper uses 0.1). The layout preview on the last Region Condition shows the regions with the "
                "concepts they name.", title="Read me",
             height=360)
-    ckpt = checkpoint(wf, family)
-    library = wf.add("CIDM_LoadConceptLibrary", 0, library=family.library)
-    model = wf.add("CIDM_ElasticAggregateLoRAs", 1, model=ckpt[0], library=library[0])
-    positive = wf.add("CIDM_TextEncode", 1, title="Global prompt", clip=ckpt[1], library=library[0],
-                      text="a photo of a <dog> and a <cat> sitting in a garden")
-    negative = wf.add("CIDM_TextEncode", 1, title="Negative prompt", clip=ckpt[1], library=library[0],
-                      text=NEGATIVE)
+    ckpt, library, model, positive, negative = composition_inputs(
+        wf, family, "Global prompt", "a photo of a <dog> and a <cat> sitting in a garden")
     regions = None
     for index, (concept, x) in enumerate((("dog", 0), ("cat", width // 2))):
         prompt = wf.add("CIDM_TextEncode", 2, title=f"Region prompt: {concept}", clip=ckpt[1], library=library[0],
@@ -319,13 +326,8 @@ def region_composition_auto(info: dict, family: FamilySettings = SD15) -> Workfl
                "probe cannot tell the concepts apart, the node says so and samples without regions. To place one "
                "concept yourself, wire a Region Condition for it: the other stays automatic.", title="Read me",
             height=380)
-    ckpt = checkpoint(wf, family)
-    library = wf.add("CIDM_LoadConceptLibrary", 0, library=family.library)
-    model = wf.add("CIDM_ElasticAggregateLoRAs", 1, model=ckpt[0], library=library[0])
-    positive = wf.add("CIDM_TextEncode", 1, title="Prompt", clip=ckpt[1], library=library[0],
-                      text="a photo of a <dog> on the left and a <cat> on the right, sitting in a garden")
-    negative = wf.add("CIDM_TextEncode", 1, title="Negative prompt", clip=ckpt[1], library=library[0],
-                      text=NEGATIVE)
+    ckpt, _, model, positive, negative = composition_inputs(
+        wf, family, "Prompt", "a photo of a <dog> on the left and a <cat> on the right, sitting in a garden")
     latent = wf.add("EmptyLatentImage", 2, width=width, height=height, batch_size=1)
     sampled = wf.add("CIDM_ContextControlledKSampler", 2, model=model[0], positive=positive[0],
                      negative=negative[0], latent_image=latent[0], seed=2024, auto_regions=True,
