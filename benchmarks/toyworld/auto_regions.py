@@ -243,9 +243,45 @@ def evaluate(setup: protocol.Setup, config: protocol.ProtocolConfig, learned, sw
     return results
 
 
+@torch.no_grad()
+def localization(composer: AutoComposer, pairs, config, steps: tuple[int, ...] = (2, 6), downscale: int = 4) -> dict:
+    """Which tokens' cross-attention shows where each object is: per pair and kind of token (the concept's own
+    tokens, the class noun after them, the position word of its phrase), the share of samples whose first
+    concept's map, after `steps` probe steps, leans further to the left tile than the second's (0.5: chance)."""
+    channels, height, width = models.LATENT_SHAPE
+    size = (height, 2 * width)
+    found = {}
+    for a, b in pairs:
+        prompts = [protocol.composition_prompts(a, b, bg)[0] for bg in config.backgrounds
+                   for _ in range(config.samples_per_prompt)]
+        concepts = composer.prompt(prompts[0]).concepts
+        ids, _ = composer.encoder.placeholder_ids(composer.vocabulary.expand(prompts[0]),
+                                                  composer.vocabulary.embeddings)
+        words = composer.encoder.tokenizer.convert_ids_to_tokens(ids.tolist())
+        kinds = {"concept tokens": [list(c.positions) for c in concepts],
+                 "class noun": [[c.positions[-1] + 1] for c in concepts],
+                 "position word": [[words.index("left")], [words.index("right")]]}
+        latents = torch.stack([torch.randn((channels, *size), generator=torch.Generator().manual_seed(seed))
+                               for seed in range(len(prompts))])
+        contexts, weights = composer._rows(prompts)
+        scheduler = protocol.SAMPLERS[config.sampler](composer.denoiser.scheduler, config.sampling_steps)
+        for kind, positions in kinds.items():
+            for count in steps:
+                probe = AttentionProbe(positions, probe_grid(size, downscale))
+                with composer.denoiser.adapted(composer.banks, RowRouter(weights), probe=probe,
+                                               probe_rows=len(prompts)):
+                    composer._steps(scheduler, scheduler.timesteps[:count], latents, contexts)
+                maps = probe.maps()
+                lean = maps[..., : maps.shape[-1] // 2].mean(dim=(-1, -2)) - maps[..., maps.shape[-1] // 2:].mean(
+                    dim=(-1, -2))
+                found.setdefault(f"{kind}, {count} steps", {})[f"{a.concept.name}+{b.concept.name}"] = float(
+                    (lean[:, 0] > lean[:, 1]).float().mean())
+    return found
+
+
 def markdown(results: dict, world_seed: int) -> str:
     """The results as a table: each way of composing, over the world's region pairs (means of the per-pair rates)."""
-    lines = [f"World seed {world_seed}: {len(results['boxes'])} pairs, tasks `{results['tasks']}`.", "",
+    lines = [f"World seed {world_seed}: {len(results['boxes'])} pairs, tasks `{Path(results['tasks']).name}`.", "",
              "| composition | both in place | bleed | fallback | regions in place |", "|---|---|---|---|---|"]
 
     def row(label: str, pairs: dict) -> str:
@@ -264,6 +300,13 @@ def markdown(results: dict, world_seed: int) -> str:
               "| composition | both present |", "|---|---|",
               f"| no regions (`named`) | {mean_of(unplaced['no regions'], 'both'):.3f} |",
               f"| automatic (default settings) | {mean_of(unplaced['auto'], 'both'):.3f} |"]
+    if "localization" in results:
+        lines += ["", "Which tokens show where the objects are (share of samples whose first concept's map leans "
+                  "further left than the second's; 0.5 is chance):", "", "| tokens probed | mean over pairs | "
+                  "lowest pair | highest pair |", "|---|---|---|---|"]
+        for kind, pairs in results["localization"].items():
+            values = list(pairs.values())
+            lines.append(f"| {kind} | {sum(values) / len(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -291,7 +334,9 @@ def main() -> None:
     torch.manual_seed(0)
     sweep = (ProbeSettings(),) if args.default_only else SWEEP[:2] if args.smoke else SWEEP
     results = evaluate(context, configs[2], learned, sweep, print)
-    results["tasks"] = str(args.tasks or f"auto-regions-tasks-{tasks_key(configs)}")
+    results["localization"] = localization(AutoComposer(context, learned, configs[2]),
+                                           protocol.region_pairs(learned, context.world), configs[2])
+    results["tasks"] = args.tasks.name if args.tasks else f"auto-regions-tasks-{tasks_key(configs)}.safetensors"
     out = args.out or (args.cache / "smoke-auto-regions" if args.smoke else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"world-{args.world_seed}.json").write_text(json.dumps(results, indent=1))

@@ -232,7 +232,7 @@ class DiffusersLayerwiseEncoder:
         token = self._single_token(word)
         return None if token is None else self.table.weight[token].detach().float().clone()
 
-    def _placeholders(self, text: str, embeddings: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    def placeholder_ids(self, text: str, embeddings: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """(token ids [T] of `text` with every concept token of `embeddings` replaced by a placeholder word, the
         placeholders' positions, one per concept-token occurrence in order).
 
@@ -251,7 +251,7 @@ class DiffusersLayerwiseEncoder:
 
     def token_positions(self, text: str, embeddings: dict[str, torch.Tensor]) -> list[int]:
         """Where each occurrence of a concept token of `embeddings` in `text` sits in the encoded context [T]."""
-        return self._placeholders(text, embeddings)[1]
+        return self.placeholder_ids(text, embeddings)[1]
 
     def encode(self, text: str, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
         """[L, T, D]: `text` encoded once per token slot s, every token of `embeddings` ([S, D] each) at its slot-s
@@ -262,7 +262,7 @@ class DiffusersLayerwiseEncoder:
                 tokens do not all fit in the tokenizer's length.
         """
         occurrences = [t for t in TOKEN_PATTERN.findall(text) if t in embeddings]
-        ids, positions = self._placeholders(text, embeddings)
+        ids, positions = self.placeholder_ids(text, embeddings)
         device = self.table.weight.device
         if not occurrences:  # every layer reads the same encoding
             return self.text_encoder(ids[None].to(device)).last_hidden_state.expand(self.num_layers, -1, -1)
