@@ -1,9 +1,9 @@
 """Automatic regions: each concept a prompt names finds its own region from its tokens' cross-attention, in a short
 probe at the start of the same sampling run (same noise, same sigmas), with no box drawn.
 
-1. Probe. The first `ProbeSettings.probe_steps` steps sample as usual (the global prompt, `named` routing). In
-   every attn2 layer whose grid is the latent's halved log2(`downscale`) times (`probe_grid`: SD1.5 at 512², 16²;
-   SDXL at 1024², 32²), `AttentionProbe` records, for the positive prompt's rows, each concept's attention map
+1. Probe. The first `ProbeSettings.probe_steps` steps sample as usual (the global prompt under its routing, and
+   any region the user drew). In every attn2 layer whose grid is the latent's halved log2(`downscale`) times
+   (`probe_grid`: SD1.5 at 512², 16²; SDXL at 1024², 32²), `AttentionProbe` records, for the positive prompt's rows, each concept's attention map
    a_c[n]: the probability softmax(q·kᵀ/√d) that image token n gives the concept's tokens, averaged over heads and
    the concept's token positions (q and k as the layer computes them, concept LoRAs and layer-wise tokens
    included), then over the probe's layers and steps (`concept_attention`).
@@ -66,6 +66,14 @@ def probe_grid(latent_size: tuple[int, int], downscale: int) -> tuple[int, int]:
     while downscale > 1:
         height, width, downscale = -(-height // 2), -(-width // 2), downscale // 2
     return height, width
+
+
+def latent_masks(masks: torch.Tensor, downscale: int, size: tuple[int, int]) -> list[torch.Tensor]:
+    """The probe grid's masks [C, h, w] at the latent's size `size` (H, W): each grid cell covers `downscale` latent
+    cells from the top-left, as the UNet's rounded-up halvings lay it out (`probe_grid`), so the last row and
+    column are cut where the latent ends."""
+    cells = masks.repeat_interleave(downscale, dim=1).repeat_interleave(downscale, dim=2)
+    return list(cells[:, :size[0], :size[1]])
 
 
 def concept_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: list[list[int]]) -> torch.Tensor:

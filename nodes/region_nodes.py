@@ -13,7 +13,8 @@ import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
-from ..cidm.auto_regions import AttentionProbe, AutoMasks, ProbeSettings, auto_masks, probe_grid
+from ..cidm.auto_regions import (AttentionProbe, AutoMasks, ProbeSettings, auto_masks, latent_masks,
+                                 probe_grid)
 from ..cidm.errors import CIDMInputError, require_finite
 from ..cidm.names import name_key
 from ..cidm.plots import region_layout
@@ -107,10 +108,13 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
         self.use_regions(self.user_regions)
 
     def use_regions(self, regions: list[RegionSpec]) -> None:
-        """The conds and region plan of one sampling run with `regions`."""
+        """The conds and region plan of one sampling run with `regions`; nothing of an earlier run's stays (its
+        conds, its crop boxes and blend shares)."""
         conds = {"positive": self.positive, "negative": self.negative}
         conds.update({f"{REGION_PREFIX}{i}": region.conditioning for i, region in enumerate(regions)})
+        self.original_conds = {}
         self.inner_set_conds(conds)
+        self.forget()
         self.regions, self.plan = list(regions), None
         if self.attention and regions:
             self.plan = RegionPlan([single_prompt(region.conditioning, i) for i, region in enumerate(regions)],
@@ -134,6 +138,8 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
             return self.sample_auto(self.targets, noise, latent_image, sampler, sigmas, callback, disable_pbar,
                                     seed)
         finally:
+            if self.found:  # automatic regions were swapped in: the guider may serve another run
+                self.use_regions(self.user_regions)
             self.forget()
             if self.plan is not None:
                 self.plan.forget()
@@ -141,21 +147,27 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
     def sample_auto(self, targets, noise, latent_image, sampler, sigmas, callback, disable_pbar, seed):
         """The probe's steps (sigmas[:k + 1]) with an AttentionProbe on the positive prompt, then, per latent of the
         batch, the rest of the run (sigmas[k:], no new noise) with its regions: the user's, plus one per concept of
-        `targets` the probe could place, or the user's alone when it could not. Per latent, what the probe found
-        (`self.found`, AutoMasks) and the automatic regions made (`self.automatic`)."""
+        `targets` the probe could place, or the user's alone when it could not (logged). Per latent, what the
+        probe found (`self.found`, AutoMasks) and the automatic regions made (`self.automatic`). The progress
+        callback sees one run of len(sigmas) − 1 steps per latent; a continuation draws its sampler noise from
+        seed + 1 + its index, never the probe's stream again."""
         prompt = self.positive[0][1][PROMPT_KEY]
         names = [concept.name for concept in prompt.concepts]
         probed = self.auto.probe_steps(len(sigmas) - 1)
         probe = AttentionProbe([list(c.positions) for c in prompt.concepts],
                                probe_grid(tuple(latent_image.shape[-2:]), self.auto.downscale))
         self.probe = HostProbe(probe, [c["uuid"] for c in self.original_conds["positive"]])
+        steps = len(sigmas) - 1
+
+        def progress(offset: int):
+            return None if callback is None else (lambda step, x0, x, total: callback(step + offset, x0, x, steps))
+
         try:
-            latent = super().sample(noise, latent_image, sampler, sigmas[:probed + 1], None, callback, disable_pbar,
-                                    seed)
+            latent = super().sample(noise, latent_image, sampler, sigmas[:probed + 1], None, progress(0),
+                                    disable_pbar, seed)
         finally:
             self.probe = None
         maps = probe.maps()
-        later = None if callback is None else (lambda step, x0, x, total: callback(step + probed, x0, x, total + probed))
         outputs = []
         for index in range(latent.shape[0]):
             found = (auto_masks(maps[index], names, self.auto) if maps is not None else
@@ -163,15 +175,17 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
                                                      f"of the latent's size ({probe.grid[0]}×{probe.grid[1]}), "
                                                      "where the probe reads the concepts' maps"))
             self.found.append(found)
-            automatic = [] if found.masks is None else [
-                RegionSpec(concept_conditioning(self.positive, concept), mask, 1.0, concept.name)
-                for concept, mask in zip(prompt.concepts, found.masks) if concept in targets]
+            if found.masks is None:
+                logging.warning("CIDM: %s", fallback_note(index, found))
+            masks = [] if found.masks is None else latent_masks(found.masks, self.auto.downscale,
+                                                                tuple(latent.shape[-2:]))
+            automatic = [RegionSpec(concept_conditioning(self.positive, concept), mask, 1.0, concept.name)
+                         for concept, mask in zip(prompt.concepts, masks) if concept in targets]
             self.automatic.append(automatic)
             self.use_regions(self.user_regions + automatic)
             current = latent[index:index + 1]
-            outputs.append(super().sample(torch.zeros_like(current), current, sampler, sigmas[probed:], None, later,
-                                          disable_pbar, seed))
-        self.use_regions(self.user_regions)
+            outputs.append(super().sample(torch.zeros_like(current), current, sampler, sigmas[probed:], None,
+                                          progress(probed), disable_pbar, None if seed is None else seed + 1 + index))
         return torch.cat(outputs)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -290,6 +304,10 @@ def sample(guider: RegionGuider, latent_image: dict, seed: int, steps: int, samp
     return out
 
 
+def fallback_note(index: int, found: AutoMasks) -> str:
+    return f"latent {index + 1}: no automatic regions, sampled the rest of the run without them: {found.problem}"
+
+
 def sampled_regions(guider: RegionGuider, shape, downscale: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(MASK [N, H, W]: each automatic region of each latent at the image's size, zero for a concept the probe could
     not place, or one zero mask when none were made; IMAGE [B, h, w, 3]: each latent's regions, labelled; a note
@@ -300,13 +318,11 @@ def sampled_regions(guider: RegionGuider, shape, downscale: int) -> tuple[torch.
         masks += [mask_at(region.mask, height, width) for region in automatic]
         if found.masks is None:
             masks += [torch.zeros(height, width)] * len(guider.targets)
-            notes.append(f"latent {index + 1}: no automatic regions, sampled without them: {found.problem}")
+            notes.append(fallback_note(index, found))
     for automatic in guider.automatic or [[]]:
         regions = guider.user_regions + automatic
         layouts.append(region_layout([r.mask for r in regions], [r.label for r in regions], width, height))
     note = "\n".join(notes)
-    if note:
-        logging.warning("CIDM: %s", note)
     return torch.stack(masks) if masks else torch.zeros(1, height, width), torch.cat(layouts), note
 
 
@@ -356,7 +372,8 @@ AUTO_REGIONS = io.Boolean.Input("auto_regions", default=False, optional=True,
                                         "Region Condition names gets its own region, found from where its tokens "
                                         "draw attention in the first steps of this run (probe_steps; no extra "
                                         "steps). The masks and the layout come out as outputs. If the probe cannot "
-                                        "tell the concepts apart, it says so and samples without regions. Off by "
+                                        "tell the concepts apart, it says so and samples the rest of the run "
+                                        "without regions. Off by "
                                         "default: in the toy world, where it can be measured, concept tokens do not "
                                         "show where their object is (README, Automatic regions); check the layout "
                                         "output on your model, or draw the regions.")
@@ -380,8 +397,8 @@ class ContextControlledKSampler(io.ComfyNode):
                         "every region, the global prompt. alpha below 1 adds CIDM's region noise estimation. "
                         "With auto_regions on, a prompt naming two or more concepts needs no drawn region: "
                         "each concept without one finds its own place (the masks and the layout are outputs). "
-                        "Without regions, drawn or automatic, it is the stock KSampler, bit for bit, CFG model "
-                        "patches (RescaleCFG, ...) included.",
+                        "With auto_regions off and no region drawn, it is the stock KSampler, bit for bit, CFG "
+                        "model patches (RescaleCFG, ...) included.",
             inputs=guider_inputs() + [
                 io.Latent.Input("latent_image", tooltip="The latent to denoise (e.g. Empty Latent Image)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
@@ -420,8 +437,7 @@ class ContextControlledGuider(io.ComfyNode):
             node_id="CIDM_ContextControlledGuider", display_name="Context-Controlled Guider", category=CATEGORY,
             description="The Context-Controlled KSampler's guidance as a GUIDER, for SamplerCustomAdvanced "
                         "(bring your own noise, sampler and sigmas). Automatic regions run inside it too; their "
-                        "masks are outputs of the KSampler only (here they go to the log when the probe falls "
-                        "back).",
+                        "masks are outputs of the KSampler only (here a fallback goes to the log).",
             inputs=guider_inputs() + [CFG, ALPHA, ATTENTION, REGION_NOISE, AUTO_REGIONS, PROBE_STEPS],
             outputs=[io.Guider.Output(display_name="guider")])
 

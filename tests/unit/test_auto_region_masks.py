@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cidm.auto_regions import (AttentionProbe, ProbeSettings, auto_masks, concept_attention, contrastive_scores,
-                               probe_grid)
+                               latent_masks, probe_grid)
 from cidm.errors import CIDMInputError
 from cidm.routing import LayerwisePrompt, NamedConcept, only_concept
 from cidm.tokens import ConceptVocabulary
@@ -120,3 +120,16 @@ def test_named_concepts_group_tokens_by_concept_with_their_positions_and_only_co
     alone = only_concept(prompt, concepts[1])
     assert alone.tokens == ("<dog1>", "<dog2>") and alone.concepts == (concepts[1],)
     assert alone.contexts is prompt.contexts
+
+
+def test_grid_masks_reach_the_latent_as_the_unet_lays_the_grid_out():
+    """A 17×25 latent has a 5×7 grid at a quarter (rounded up): cell (4, 6) covers latent rows 16 and column 24
+    only, not a stretched sixth of the latent."""
+    grid = torch.zeros(1, *probe_grid((17, 25), 4))
+    grid[0, 4, 6] = 1.0
+    (mask,) = latent_masks(grid, 4, (17, 25))
+    assert mask.shape == (17, 25)
+    assert mask.nonzero().tolist() == [[16, 24]]
+    grid[0, 0, 0] = 1.0
+    (mask,) = latent_masks(grid, 4, (17, 25))
+    assert mask[:4, :4].all() and mask.sum() == 17
