@@ -136,10 +136,9 @@ def hot_cells(maps: torch.Tensor, level: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class AutoMasks:
     """What the probe found: `masks` [C, h, w] in {0, 1} and disjoint (None when the concepts could not be
-    placed), the normalised scores [C, h, w], and `problem`, why there are no masks ('' otherwise)."""
+    placed), and `problem`, why there are no masks ('' otherwise)."""
 
     masks: torch.Tensor | None
-    scores: torch.Tensor
     problem: str = ""
 
 
@@ -154,11 +153,11 @@ def auto_masks(maps: torch.Tensor, names: list[str], settings: ProbeSettings) ->
         for second in range(first + 1, len(names)):
             overlap = float((top[first] & top[second]).sum() / (top[first] | top[second]).sum())
             if overlap > settings.max_overlap:
-                return AutoMasks(None, scores, f"{names[first]} and {names[second]} attend to the same places "
+                return AutoMasks(None, f"{names[first]} and {names[second]} attend to the same places "
                                                f"(their most attended cells overlap {overlap:.0%}, above {settings.max_overlap:.0%})")
     for name, mask in zip(names, masks):
         area = float(mask.mean())
         if area < settings.min_area:
-            return AutoMasks(None, scores, f"{name}'s attention collapsed (its region would hold {area:.1%} of the "
+            return AutoMasks(None, f"{name}'s attention collapsed (its region would hold {area:.1%} of the "
                                            f"image, under {settings.min_area:.0%})")
-    return AutoMasks(masks, scores)
+    return AutoMasks(masks)

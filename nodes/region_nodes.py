@@ -171,9 +171,8 @@ class RegionGuider(comfy.samplers.CFGGuider, RunCache):
         outputs = []
         for index in range(latent.shape[0]):
             found = (auto_masks(maps[index], names, self.auto) if maps is not None else
-                     AutoMasks(None, torch.zeros(0), "this model has no cross-attention layer at a quarter "
-                                                     f"of the latent's size ({probe.grid[0]}×{probe.grid[1]}), "
-                                                     "where the probe reads the concepts' maps"))
+                     AutoMasks(None, "this model has no cross-attention layer at a quarter of the latent's size "
+                                     f"({probe.grid[0]}×{probe.grid[1]}), where the probe reads the concepts' maps"))
             self.found.append(found)
             if found.masks is None:
                 logging.warning("CIDM: %s", fallback_note(index, found))

@@ -32,7 +32,6 @@ from cidm.routing import LayerwisePrompt, only_concept  # noqa: E402
 from cidm.train import TrainedTask  # noqa: E402
 
 from benchmarks.toyworld import models, protocol, run  # noqa: E402
-from benchmarks.toyworld.oracle import judge  # noqa: E402
 
 # What decides the trained tasks: the trainer, its consolidation and LoRA math, the training data and tokens, and
 # the toy world's models and concepts. Sampling code (routing, regions, the probe) is not among them.
@@ -121,17 +120,11 @@ class AutoComposer(protocol.Composer):
         concepts = described[0].concepts
         if any(d.concepts != concepts for d in described):
             raise ValueError("sample_auto: the prompts name different concepts or name them at other positions")
-        channels = protocol.models.LATENT_SHAPE[0]
-        latents = torch.stack([torch.randn((channels, *size), generator=torch.Generator().manual_seed(seed))
-                               for seed in seeds])
+        probed = settings.probe_steps(self.config.sampling_steps)
+        latents, maps = self.probe(prompts, seeds, [list(c.positions) for c in concepts],
+                                   probe_grid(size, settings.downscale), probed, size)
         contexts, weights = self._rows(prompts)
-        steps = self.config.sampling_steps
-        probed = settings.probe_steps(steps)
-        scheduler = protocol.SAMPLERS[self.config.sampler](self.denoiser.scheduler, steps)
-        probe = AttentionProbe([list(c.positions) for c in concepts], probe_grid(size, settings.downscale))
-        with self.denoiser.adapted(self.banks, RowRouter(weights), probe=probe, probe_rows=len(prompts)):
-            latents = self._steps(scheduler, scheduler.timesteps[:probed], latents, contexts)
-        maps = probe.maps()
+        scheduler = self.scheduler()
         found = [auto_masks(maps[i], [c.name for c in concepts], settings) for i in range(len(prompts))]
         outputs = []
         for index, item in enumerate(found):
@@ -147,13 +140,21 @@ class AutoComposer(protocol.Composer):
                                            contexts[rows]))
         return protocol.models.to_images(torch.cat(outputs)), found
 
-    def _steps(self, scheduler, timesteps, latents: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
-        """DDIM steps with classifier-free guidance (as Composer._denoise), cond rows then uncond rows."""
-        for timestep in timesteps:
-            cond, uncond = self.denoiser.predict(torch.cat([latents] * 2), timestep.expand(2 * len(latents)),
-                                                 contexts).chunk(2)
-            latents = scheduler.step(uncond + self.config.guidance * (cond - uncond), timestep, latents).prev_sample
-        return latents
+    @torch.no_grad()
+    def probe(self, prompts: list[str], seeds: list[int], positions: list[list[int]], grid: tuple[int, int],
+              count: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the latents [N, C, H, W] after the first `count` steps of `prompts` from the seeds' noise on a canvas of
+        `size` latent cells, the AttentionProbe's maps [N, K, h, w] of the token `positions` on `grid`)."""
+        channels = protocol.models.LATENT_SHAPE[0]
+        latents = torch.stack([torch.randn((channels, *size), generator=torch.Generator().manual_seed(seed))
+                               for seed in seeds])
+        contexts, weights = self._rows(prompts)
+        scheduler = self.scheduler()
+        probe = AttentionProbe(positions, grid)
+        with self.denoiser.adapted(self.banks, RowRouter(weights), probe=probe, probe_rows=len(prompts)):
+            latents = self._steps(scheduler, scheduler.timesteps[:count], latents, contexts)
+        return latents, probe.maps()
+
 
 
 def unplaced_prompt(first: protocol.LearnedConcept, second: protocol.LearnedConcept, background: str) -> str:
@@ -173,21 +174,11 @@ def judge_pairs(pairs, sample, config, oracle, placed_words: bool = True) -> dic
         prompts = [protocol.composition_prompts(a, b, bg)[0] if placed_words else unplaced_prompt(a, b, bg)
                    for bg in config.backgrounds for _ in range(config.samples_per_prompt)]
         images, found = sample(prompts, [config.seed * 1000 + i for i in range(len(prompts))])
-        tiles = images.shape[2] // 2
-        left, right = (judge(oracle, tile).predictions["concept"] for tile in (images[:, :, :tiles],
-                                                                              images[:, :, tiles:]))
-        first, second = a.concept.name, b.concept.name
-        ordered = [x == first and y == second for x, y in zip(left, right)]
-        either = [o or (x == second and y == first) for o, x, y in zip(ordered, left, right)]
-        pair = {"both": protocol._rate(ordered if placed_words else either),
-                "left": protocol._rate([x == first for x in left]),
-                "right": protocol._rate([y == second for y in right]),
-                "bleed": protocol._rate([x == second or y == first for x, y in zip(left, right)]),
-                "same_shape": a.concept.look.shape == b.concept.look.shape}
+        pair = protocol.tile_scores(images, a, b, oracle, either_order=not placed_words)
         if found is not None:
             pair["fallback"] = protocol._rate([item.masks is None for item in found])
             pair["placed"] = protocol._rate([in_place(item.masks) for item in found if item.masks is not None])
-        scores[f"{first}+{second}"] = pair
+        scores[f"{a.concept.name}+{b.concept.name}"] = pair
     return scores
 
 
@@ -248,7 +239,7 @@ def localization(composer: AutoComposer, pairs, config, steps: tuple[int, ...] =
     """Which tokens' cross-attention shows where each object is: per pair and kind of token (the concept's own
     tokens, the class noun after them, the position word of its phrase), the share of samples whose first
     concept's map, after `steps` probe steps, leans further to the left tile than the second's (0.5: chance)."""
-    channels, height, width = models.LATENT_SHAPE
+    _, height, width = models.LATENT_SHAPE
     size = (height, 2 * width)
     found = {}
     for a, b in pairs:
@@ -261,17 +252,10 @@ def localization(composer: AutoComposer, pairs, config, steps: tuple[int, ...] =
         kinds = {"concept tokens": [list(c.positions) for c in concepts],
                  "class noun": [[c.positions[-1] + 1] for c in concepts],
                  "position word": [[words.index("left")], [words.index("right")]]}
-        latents = torch.stack([torch.randn((channels, *size), generator=torch.Generator().manual_seed(seed))
-                               for seed in range(len(prompts))])
-        contexts, weights = composer._rows(prompts)
-        scheduler = protocol.SAMPLERS[config.sampler](composer.denoiser.scheduler, config.sampling_steps)
         for kind, positions in kinds.items():
             for count in steps:
-                probe = AttentionProbe(positions, probe_grid(size, downscale))
-                with composer.denoiser.adapted(composer.banks, RowRouter(weights), probe=probe,
-                                               probe_rows=len(prompts)):
-                    composer._steps(scheduler, scheduler.timesteps[:count], latents, contexts)
-                maps = probe.maps()
+                _, maps = composer.probe(prompts, list(range(len(prompts))), positions, probe_grid(size, downscale),
+                                         count, size)
                 lean = maps[..., : maps.shape[-1] // 2].mean(dim=(-1, -2)) - maps[..., maps.shape[-1] // 2:].mean(
                     dim=(-1, -2))
                 found.setdefault(f"{kind}, {count} steps", {})[f"{a.concept.name}+{b.concept.name}"] = float(

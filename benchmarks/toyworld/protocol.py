@@ -287,7 +287,7 @@ class Composer:
     def _denoise(self, latents: torch.Tensor, prompts: list[str], regions: list[list[str]],
                  masks: list[torch.Tensor] | None) -> torch.Tensor:
         """Cond and uncond rows in one model call per step, then classifier-free guidance."""
-        scheduler = SAMPLERS[self.config.sampler](self.denoiser.scheduler, self.config.sampling_steps)
+        scheduler = self.scheduler()
         contexts, weights = self._rows(prompts)
         adapted = contextlib.nullcontext()
         if weights is not None or regions:
@@ -299,12 +299,21 @@ class Composer:
             router = RowRouter(weights) if weights is not None else ConstantRouter([])
             adapted = self.denoiser.adapted(self.banks, router, batch)
         with adapted:
-            for timestep in scheduler.timesteps:
-                cond, uncond = self.denoiser.predict(torch.cat([latents] * 2), timestep.expand(2 * len(latents)),
-                                                     contexts).chunk(2)
-                latents = scheduler.step(uncond + self.config.guidance * (cond - uncond), timestep,
-                                         latents).prev_sample
+            latents = self._steps(scheduler, scheduler.timesteps, latents, contexts)
         return models.to_images(latents)
+
+    def scheduler(self):
+        """A fresh sampler of `config.sampler` set to `config.sampling_steps` (SAMPLERS)."""
+        return SAMPLERS[self.config.sampler](self.denoiser.scheduler, self.config.sampling_steps)
+
+    def _steps(self, scheduler, timesteps, latents: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """`timesteps` of the sampler with classifier-free guidance, the cond rows of `contexts` then the uncond
+        rows in one model call per step, under whatever attention the caller has put in place."""
+        for timestep in timesteps:
+            cond, uncond = self.denoiser.predict(torch.cat([latents] * 2), timestep.expand(2 * len(latents)),
+                                                 contexts).chunk(2)
+            latents = scheduler.step(uncond + self.config.guidance * (cond - uncond), timestep, latents).prev_sample
+        return latents
 
 
 def _rate(flags) -> float:
@@ -373,19 +382,27 @@ def judge_regions(pairs: list[tuple[LearnedConcept, LearnedConcept]], sample_pai
                        for bg in config.backgrounds for _ in range(config.samples_per_prompt)]
             images = sample_pair(a, b, prompts, [config.seed * 1000 + i for i in range(len(prompts))],
                                  LAYOUTS[layout].boxes)
-            tiles = images.shape[2] // 2
-            left, right = (judge(oracle, tile).predictions["concept"] for tile in (images[:, :, :tiles],
-                                                                                  images[:, :, tiles:]))
-            first, second = a.concept.name, b.concept.name
-            name = f"{first}+{second}"
-            scores[layout][name] = {
-                "both": _rate([x == first and y == second for x, y in zip(left, right)]),
-                "left": _rate([x == first for x in left]), "right": _rate([y == second for y in right]),
-                "bleed": _rate([x == second or y == first for x, y in zip(left, right)]),
-                "same_shape": a.concept.look.shape == b.concept.look.shape}
+            name = f"{a.concept.name}+{b.concept.name}"
+            scores[layout][name] = tile_scores(images, a, b, oracle)
             if LAYOUTS[layout] == LAYOUTS["left/right"]:
                 samples[name] = images
     return scores, samples
+
+
+def tile_scores(images: torch.Tensor, first: LearnedConcept, second: LearnedConcept, oracle: Oracle,
+                either_order: bool = False) -> dict:
+    """Two-tile canvases [N, 32, 64, 3] judged tile by tile: `both` (the first concept in the left tile and the
+    second in the right; with `either_order`, or the other way round), `left`, `right`, `bleed` (a tile shows the
+    other concept) and whether the two share a shape."""
+    tiles = images.shape[2] // 2
+    left, right = (judge(oracle, tile).predictions["concept"] for tile in (images[:, :, :tiles], images[:, :, tiles:]))
+    a, b = first.concept.name, second.concept.name
+    ordered = [x == a and y == b for x, y in zip(left, right)]
+    either = [o or (x == b and y == a) for o, x, y in zip(ordered, left, right)]
+    return {"both": _rate(either if either_order else ordered),
+            "left": _rate([x == a for x in left]), "right": _rate([y == b for y in right]),
+            "bleed": _rate([x == b or y == a for x, y in zip(left, right)]),
+            "same_shape": first.concept.look.shape == second.concept.look.shape}
 
 
 def partner_of(concept: Concept, learned: list[str], concept_world: ConceptWorld) -> str | None:
