@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from cidm.adapters import LayerLoRABank
 from cidm.aggregation import ConstantRouter, RowRouter, make_router
 from cidm.backends.diffusers_backend import DiffusersDenoiser, DiffusersLayerwiseEncoder, RegionBatch
-from cidm.consolidation import CONSOLIDATORS, METHODS
+from cidm.consolidation import CONSOLIDATORS, METHODS, ConsolidationWeights
 from cidm.data import TrainingSet
 from cidm.layers import PROJECTIONS
 from cidm.regions import box_mask
@@ -203,6 +203,29 @@ def stage_slots(layer_paths: list[str]) -> list[int]:
 
 # ProtocolConfig.token_slots: layer paths -> the slot of each layer; "one" is one slot for every layer, a single
 # token embedding (issue #33's ablation of layer-wise tokens)
+# the cidm consolidation terms a run trains with (issue #33's ablations): name -> which of the two weights of
+# cidm.consolidation.ConsolidationWeights (orthogonal, shared) keep their value; a dropped term's weight is 0
+CONSOLIDATION_TERMS = {"both": ("orthogonal", "shared"), "orthogonal": ("orthogonal",), "shared": ("shared",),
+                       "none": ()}
+
+
+def consolidation_weights(terms: str, weights: ConsolidationWeights) -> ConsolidationWeights:
+    """`weights` with the terms that `terms` (a CONSOLIDATION_TERMS key) drops set to 0.
+
+    Raises:
+        ValueError: for an unknown `terms`."""
+    if terms not in CONSOLIDATION_TERMS:
+        raise ValueError(f"consolidation {terms!r}: expected one of {sorted(CONSOLIDATION_TERMS)}")
+    kept = CONSOLIDATION_TERMS[terms]
+    return dataclasses.replace(weights, **{term: 0.0 for term in ("orthogonal", "shared") if term not in kept})
+
+
+def consolidation_name(weights: dict) -> str:
+    """The CONSOLIDATION_TERMS key of a run's (JSON) consolidation weights: the terms whose weight is not 0."""
+    kept = tuple(term for term in ("orthogonal", "shared") if weights.get(term, 0) != 0)
+    return next(name for name, terms in CONSOLIDATION_TERMS.items() if terms == kept)
+
+
 TOKEN_SLOT_RULES = {"layer": lambda paths: list(range(len(paths))), "stage": stage_slots,
                     "one": lambda paths: [0] * len(paths)}
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .protocol import UPPER_BOUND, MethodRun
+from .protocol import UPPER_BOUND, MethodRun, consolidation_name
 
 CELL, MARGIN, ZOOM = 30, 44, 2
 
@@ -255,10 +255,13 @@ def previous_line(results: dict, previous: Path = PREVIOUS) -> list[str]:
             "final mean accuracy " + "; ".join(cells) + "."]
 
 
-def slots_flag(config: dict) -> str:
-    """The command-line flag of a run's token-slot rule; none for the default, one slot per layer."""
+def variant_flags(config: dict) -> str:
+    """The command-line flags of a run's ablation (run.Variant): its token-slot rule and consolidation terms; none
+    for the defaults, one slot per layer and both terms."""
     rule = config.get("token_slots", "layer")
-    return "" if rule == "layer" else f" --token-slots {rule}"
+    terms = consolidation_name(config["training"]["consolidation"])
+    return (("" if rule == "layer" else f" --token-slots {rule}")
+            + ("" if terms == "both" else f" --consolidation {terms}"))
 
 
 def markdown(results: dict) -> str:
@@ -266,7 +269,7 @@ def markdown(results: dict) -> str:
     base = results["base"]
     config = results["config"]
     lines = ["# Toy-world continual concept benchmark", "",
-             f"Command: `{COMMAND} --world-seed {results['world_seed']}{slots_flag(config)}` "
+             f"Command: `{COMMAND} --world-seed {results['world_seed']}{variant_flags(config)}` "
              f"(seeds: world {results['world_seed']}, base "
              f"model {results['base_model']['seed']}, protocol {config['seed']}); {results['seconds'] / 60:.0f} min "
              "for this report, the runs kept in the cache not counted. Composition at sampling time: "

@@ -55,22 +55,35 @@ def protocol_key(base_config, oracle_config, protocol_config) -> str:
     return digest.hexdigest()[:16]
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What an ablation changes in the protocol: the concept-token slot rule (protocol.TOKEN_SLOT_RULES) and the
+    cidm consolidation terms trained with (protocol.CONSOLIDATION_TERMS). Both change where finished runs are kept."""
+    token_slots: str = "layer"
+    consolidation: str = "both"
+
+    def apply(self, config: protocol.ProtocolConfig) -> protocol.ProtocolConfig:
+        weights = protocol.consolidation_weights(self.consolidation, config.training.consolidation)
+        return dataclasses.replace(config, token_slots=self.token_slots,
+                                   training=dataclasses.replace(config.training, consolidation=weights))
+
+
 def configurations(smoke: bool, world_seed: int, methods: tuple[str, ...] | None = None,
-                   token_slots: str = "layer") -> tuple:
+                   variant: Variant = Variant()) -> tuple:
     """(base, oracle, protocol): the oracle knows the world seed's concepts; the base model is the same for all.
-    `methods` (default: all) does not change where finished runs are kept; `token_slots` does."""
+    `methods` (default: all) does not change where finished runs are kept; `variant` does."""
     base_config, oracle_config, protocol_config = SMOKE if smoke else FULL
-    protocol_config = dataclasses.replace(protocol_config, token_slots=token_slots)
+    protocol_config = variant.apply(protocol_config)
     if methods:
         protocol_config = dataclasses.replace(protocol_config, methods=tuple(methods))
     return base_config, dataclasses.replace(oracle_config, world_seed=world_seed), protocol_config
 
 
 def setup(smoke: bool, cache: Path, threads: int | None, log, world_seed: int = 0,
-          methods: tuple[str, ...] | None = None, token_slots: str = "layer") -> tuple[protocol.Setup, tuple, Path]:
+          methods: tuple[str, ...] | None = None, variant: Variant = Variant()) -> tuple[protocol.Setup, tuple, Path]:
     """The base model and oracle, the three configurations (base, oracle, protocol) and the folder where finished
     methods are kept."""
-    configs = base_config, oracle_config, protocol_config = configurations(smoke, world_seed, methods, token_slots)
+    configs = base_config, oracle_config, protocol_config = configurations(smoke, world_seed, methods, variant)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(protocol_config.seed)
@@ -81,19 +94,19 @@ def setup(smoke: bool, cache: Path, threads: int | None, log, world_seed: int = 
 
 
 def run_only(names: list[str], smoke: bool, cache: Path = models.CACHE, threads: int | None = None,
-             log=print, world_seed: int = 0, token_slots: str = "layer") -> Path:
+             log=print, world_seed: int = 0, variant: Variant = Variant()) -> Path:
     """Some of the runs, kept in the cache for the full command to pick up: lets several processes share the work."""
-    context, (_, _, protocol_config), finished = setup(smoke, cache, threads, log, world_seed, token_slots=token_slots)
+    context, (_, _, protocol_config), finished = setup(smoke, cache, threads, log, world_seed, variant=variant)
     protocol.run_methods(context, protocol_config, names, log, finished)
     return finished
 
 
 def run(smoke: bool, out: Path, cache: Path = models.CACHE, threads: int | None = None,
         log=print, world_seed: int = 0, methods: tuple[str, ...] | None = None,
-        token_slots: str = "layer") -> tuple[dict, dict[str, protocol.MethodRun]]:
+        variant: Variant = Variant()) -> tuple[dict, dict[str, protocol.MethodRun]]:
     started = time.monotonic()
     context, (base_config, _, protocol_config), finished = setup(smoke, cache, threads, log, world_seed, methods,
-                                                                 token_slots)
+                                                                 variant)
     results, runs = protocol.run_protocol(context, protocol_config, log, finished)
     results["oracle"] = oracle.held_out_accuracy(context.oracle, context.world, 60 if smoke else 600,
                                                  ORACLE_CHECK_SEED)
@@ -124,17 +137,21 @@ def main() -> None:
     parser.add_argument("--token-slots", choices=sorted(protocol.TOKEN_SLOT_RULES), default="layer",
                         help="concept-token slots: one per attn2 layer (default), one per resolution stage, or one "
                              "for every layer")
+    parser.add_argument("--consolidation", choices=sorted(protocol.CONSOLIDATION_TERMS), default="both",
+                        help="the cidm consolidation terms trained with: both (default), the orthogonality term "
+                             "alone, the task-shared term alone, or none (an ablation; the other methods keep theirs)")
     args = parser.parse_args()
     threads = args.threads or (1 if args.smoke else None)
+    variant = Variant(args.token_slots, args.consolidation)
     if args.only:
         names = [protocol.UPPER_BOUND if name == "upper-bound" else name for name in args.only]
         kept = run_only(names, args.smoke, args.cache, threads, world_seed=args.world_seed,
-                        token_slots=args.token_slots)
+                        variant=variant)
         print(f"kept in {kept}")
         return
     out = args.out or (args.cache / "smoke-results" if args.smoke else RESULTS / f"world-{args.world_seed}")
     results, _ = run(args.smoke, out, args.cache, threads, world_seed=args.world_seed, methods=args.methods,
-                     token_slots=args.token_slots)
+                     variant=variant)
     print(f"results in {out} (results.md, results.json, PNGs) after {results['seconds'] / 60:.1f} min")
 
 

@@ -377,6 +377,30 @@ def test_token_slot_rules_of_the_toy_model_share_slots_by_resolution_stage_or_no
         protocol.ProtocolConfig(token_slots="per stack")
 
 
+def test_consolidation_ablations_zero_only_the_dropped_cidm_terms_and_name_themselves_in_the_command():
+    """Issue 33: `--consolidation` keeps the named terms of cidm's loss at their weights and sets the others to 0;
+    the other methods' weights are untouched, the run is kept apart, and the report's command names the ablation."""
+    defaults = run.FULL[2].training.consolidation
+    for terms, kept in (("both", {"orthogonal", "shared"}), ("orthogonal", {"orthogonal"}), ("shared", {"shared"}),
+                        ("none", set())):
+        config = run.Variant(consolidation=terms).apply(run.FULL[2])
+        weights = config.training.consolidation
+        for term in ("orthogonal", "shared"):
+            assert getattr(weights, term) == (getattr(defaults, term) if term in kept else 0.0)
+        assert (weights.official, weights.clora, weights.shared_rank) == (defaults.official, defaults.clora,
+                                                                         defaults.shared_rank)
+        assert protocol.consolidation_name(dataclasses.asdict(weights)) == terms
+        flags = report.variant_flags(dataclasses.asdict(config))
+        assert flags == ("" if terms == "both" else f" --consolidation {terms}")
+    keys = {run.protocol_key(*run.configurations(False, 0, variant=run.Variant(consolidation=terms)))
+            for terms in protocol.CONSOLIDATION_TERMS}
+    assert len(keys) == len(protocol.CONSOLIDATION_TERMS)
+    assert report.variant_flags(dataclasses.asdict(run.Variant("one", "none").apply(run.FULL[2]))) == \
+        " --token-slots one --consolidation none"
+    with pytest.raises(ValueError, match="consolidation 'all'"):
+        protocol.consolidation_weights("all", defaults)
+
+
 def test_automatic_regions_go_on_from_the_probe_and_fall_back_to_the_plain_sample(smoke, tmp_path):
     """Issue 31's toy harness: the kept tasks load back unchanged; a probe that finds no regions gives exactly the
     plain sample (the run goes on from the probe's last step); one that finds them gives disjoint masks over the
