@@ -43,8 +43,9 @@ if not _missing:
             register_library_folder()
 
         async def get_node_list(self):
-            from .nodes import aggregation_nodes, library_nodes, region_nodes
-            return library_nodes.NODES + aggregation_nodes.NODES + region_nodes.NODES
+            from .nodes import aggregation_nodes, evaluation_nodes, library_nodes, region_nodes
+            return (library_nodes.NODES + aggregation_nodes.NODES + region_nodes.NODES
+                    + evaluation_nodes.NODES)
 
     async def comfy_entrypoint() -> CIDMExtension:
         return CIDMExtension()

@@ -53,6 +53,9 @@ class ModelFamily:
         every stack has one layer, so both rules give one slot per layer.
     vae_downscale: image pixels per latent cell along each side (SD1.5's and SDXL's VAEs: 8; ComfyUI's
         `comfy/sd.py` VAE.downscale_ratio).
+    pooled_projected: whether the CLIP's pooled output is projected into CLIP's joint image-text space, so that a
+        CLIP vision model of the same width can score text alignment against it (SDXL's CLIP-G:
+        `return_projected_pooled=True`, comfy/sdxl_clip.py:14; SD1.5's is not, comfy/sd1_clip.py:676-678).
     """
 
     name: str
@@ -66,6 +69,7 @@ class ModelFamily:
     lora_paths: str
     shared_slots: bool = False
     vae_downscale: int = 8
+    pooled_projected: bool = False
 
     @property
     def context_dim(self) -> int:
@@ -105,7 +109,7 @@ SD15 = ModelFamily(name="SD1.5", comfy_names=("SD15",), towers=(CLIP_L,), tokens
 # both towers, and 70 slots made the token encode 14.6 of an 18.6 s step (benchmarks/results/sdxl-cpu.md).
 SDXL = ModelFamily(name="SDXL", comfy_names=("SDXL",), towers=(CLIP_L, CLIP_G), tokens_per_chunk=77,
                    pooled_width=1280, adm_channels=2816, latent_scale=0.13025, resolution=1024, lora_paths="ldm",
-                   shared_slots=True)
+                   shared_slots=True, pooled_projected=True)
 
 # The token-slot rules a user may choose for a new library (Concept Training Options `token_slots`): the value is
 # `token_slots`'s `shared` argument, None for the family's own rule.

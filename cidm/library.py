@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import CIDMInputError
+from .evaluation import Evaluation, history_from_json, history_json, with_evaluation
 from .family import SD15, ModelFamily, family_named
 from .files import TEMP_PATTERN, check_room, fsync_folder, write_atomic, write_error
 from .names import automatic_tokens, name_key, validate_name, validate_tokens, were_automatic
@@ -63,6 +64,7 @@ READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
 RESUME_FOLDER = ".resume"
+EVALUATIONS_NAME = "evaluations.json"  # the forgetting history (cidm.evaluation); never part of the manifest
 TASK_FILE_FORMAT = "cidm-task"
 RESUME_FILE_FORMAT = "cidm-resume-state"
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -794,3 +796,28 @@ class ConceptLibrary:
         if problem is not None:
             raise CIDMInputError("resume", f"resume state {path} is corrupt: {problem}; {restart}")
         return tensors, meta
+
+    def evaluation_history(self) -> list[Evaluation]:
+        """The evaluations recorded for this library (cidm.evaluation), oldest first; [] before the first.
+
+        Raises CIDMInputError("library") naming the file when it is unreadable."""
+        path = self.root / EVALUATIONS_NAME
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        return history_from_json(text, str(path))
+
+    def record_evaluation(self, evaluation: Evaluation) -> list[Evaluation]:
+        """Adds `evaluation` to the history (replacing one under the same key) in one atomic write under the writer
+        lock, and returns the new history. The manifest, the tasks and `content_sha256` stay as they are.
+
+        Raises:
+            CIDMInputError: ("library") when another process writes the library, the history is unreadable, or
+                the OS refuses the write (the old history is kept then).
+            ValueError: for a non-finite score (nothing is written).
+        """
+        with _writer_lock(self.root):
+            history = with_evaluation(self.evaluation_history(), evaluation)
+            write_atomic(self.root / EVALUATIONS_NAME, history_json(history))
+        return history

@@ -128,19 +128,27 @@ class ElasticAggregateLoRAs(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, library, tasks, scale, mode, weights, uncond_weights):
-        require_finite(scale=scale)
         lib = library.open()
-        check_library_model(lib, model)
-        chosen = select_tasks(lib, tasks)
-        check_not_applied(model, chosen, "library")
-        datas = [lib.load_task(t.index) for t in chosen]
-        router = library_router(lib, chosen, datas, mode, weights, uncond_weights)
-        banks = {layer: LayerLoRABank([{p: d.lora[(layer, p)] for p in PROJECTIONS} for d in datas], scale)
-                 for layer in range(lib.num_layers)}
-        multipliers = torch.tensor([t.multiplier for t in chosen], dtype=torch.float32)
-        patched = add_library_patch(model, banks, router, multipliers, uncond_weights)
-        mark_applied(patched, lib.name, chosen, "Elastic Aggregate LoRAs")
-        return io.NodeOutput(patched)
+        return io.NodeOutput(aggregate(model, lib, select_tasks(lib, tasks), scale, mode, weights, uncond_weights,
+                                       "Elastic Aggregate LoRAs"))
+
+
+def aggregate(model, lib, chosen, scale: float, mode: str, weights: str = "", uncond_weights: str = "match cond",
+              node: str = "Elastic Aggregate LoRAs"):
+    """A clone of `model` that applies the `chosen` tasks of `lib` under `mode`, as Elastic Aggregate LoRAs does
+    (`node` names the node in a later one's refusal). Raises CIDMInputError naming `model` or `library` for a base
+    model the library was not trained on or tasks the model already applies, `scale` when it is not finite."""
+    require_finite(scale=scale)
+    check_library_model(lib, model)
+    check_not_applied(model, chosen, "library")
+    datas = [lib.load_task(t.index) for t in chosen]
+    router = library_router(lib, chosen, datas, mode, weights, uncond_weights)
+    banks = {layer: LayerLoRABank([{p: d.lora[(layer, p)] for p in PROJECTIONS} for d in datas], scale)
+             for layer in range(lib.num_layers)}
+    multipliers = torch.tensor([t.multiplier for t in chosen], dtype=torch.float32)
+    patched = add_library_patch(model, banks, router, multipliers, uncond_weights)
+    mark_applied(patched, lib.name, chosen, node)
+    return patched
 
 
 class InspectAggregationWeights(io.ComfyNode):

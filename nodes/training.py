@@ -164,7 +164,7 @@ def train_concept_increment(model, clip, vae, library_name: str, concept: str, t
         library.append_task(concept=concept, tokens=token_list, method=config.method, rank=config.rank,
                             multiplier=config.multiplier, steps=config.steps, seed=config.seed,
                             hyperparameters={**config.hyperparameters(), **settings,
-                                             "images": len(training_set.images),
+                                             "images": len(training_set.images), "folder": folder.strip(),
                                              "embeddings_frozen_at": trained.embeddings_frozen_at,
                                              "consolidation_penalty": trained.consolidation_penalty},
                             data=TaskData(lora=trained.lora, embeddings=trained.embeddings, features=trained.features))

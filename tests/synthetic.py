@@ -58,13 +58,13 @@ def synthesize_library(checkpoint: Path, root: Path, concepts: list[str], rank: 
     """A library with one task per concept: random LoRA factors and embeddings, and concept features that are
     distinct random directions (so routing between them is separable). `token_slots`: the library's map (None: the
     family's default, as training records it). `twins`: every concept gets the same factors, embeddings and
-    features (concepts nothing can tell apart)."""
+    features (concepts nothing can tell apart). An existing library at `root` gets the concepts appended."""
     info = checkpoint_base_model(checkpoint)
     if token_slots is not None:
         info["token_slots"] = token_slots
     paths, shapes = checkpoint_layers(checkpoint)
     generator = torch.Generator().manual_seed(seed)
-    library = ConceptLibrary.create(root, info)
+    library = ConceptLibrary.open_or_create(root, info)
     for number, concept in enumerate(concepts):
         if twins:
             generator = torch.Generator().manual_seed(seed)

@@ -18,6 +18,7 @@ PACK_NODES = {
     "CIDM_InspectAggregationWeights": "Inspect Aggregation Weights",
     "CIDM_RegionCondition": "Region Condition",
     "CIDM_ContextControlledKSampler": "Context-Controlled KSampler",
+    "CIDM_EvaluateConceptLibrary": "Evaluate Concept Library",
 }
 
 

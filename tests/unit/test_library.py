@@ -1,6 +1,7 @@
 import fcntl
 import hashlib
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -10,7 +11,8 @@ import torch
 
 from cidm import library as library_module
 from cidm.errors import CIDMInputError
-from cidm.library import ConceptLibrary, TaskData, validate_name, validate_tokens
+from cidm.evaluation import Evaluation, EvaluationKey
+from cidm.library import EVALUATIONS_NAME, ConceptLibrary, TaskData, validate_name, validate_tokens
 
 NUM_LAYERS = 2
 DIM = 8
@@ -620,3 +622,29 @@ def test_version_1_manifest_reads_as_one_slot_per_layer(tmp_path):
     append(old, "cat", ["<cat1>", "<cat2>"], 1)
     assert json.loads(old.manifest_path.read_text())["version"] == 2
     assert [t.concept for t in ConceptLibrary.open(tmp_path / "old").tasks] == ["dog", "cat"]
+
+
+def evaluation_entry(revision: int, tasks: int, scores: dict) -> Evaluation:
+    return Evaluation(key=EvaluationKey(revision=revision, backbone="clip-vit-l", sampler={"steps": 20}, seed=0),
+                      tasks=tasks, scores={c: {"IA": v, "TA": None, "DINO": None} for c, v in scores.items()},
+                      skipped={}, created="2026-12-08T00:00:00+00:00")
+
+
+def test_recording_an_evaluation_changes_neither_the_manifest_nor_the_tasks(library_with_one_task):
+    """Issue 34: the forgetting history is written beside the manifest, atomically, and never rewrites a task."""
+    library = library_with_one_task
+    manifest = library.manifest_path.read_bytes()
+    assert library.evaluation_history() == []
+    first = evaluation_entry(library.revision, 1, {"dog": 0.5})
+    assert library.record_evaluation(first) == [first]
+    again = ConceptLibrary.open(library.root)
+    assert again.content_sha256 == library.content_sha256 and library.manifest_path.read_bytes() == manifest
+    assert again.evaluation_history() == [first]
+    with pytest.raises(ValueError):
+        again.record_evaluation(evaluation_entry(library.revision, 1, {"dog": math.inf}))
+    assert again.evaluation_history() == [first]
+    assert not [p.name for p in library.root.iterdir() if p.name.startswith(".evaluations")]
+    (library.root / EVALUATIONS_NAME).write_text("not json")
+    with pytest.raises(CIDMInputError, match="evaluations.json cannot be read"):
+        again.evaluation_history()
+    assert ConceptLibrary.open(library.root).load_all()  # the tasks are still readable

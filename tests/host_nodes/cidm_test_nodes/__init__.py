@@ -9,14 +9,21 @@
   TEXT_LAYERS layers (the SDXL layouts of scripts/make_test_checkpoint.py), which the stock loader would build at
   full depth (12 and 32 layers) and leave mostly uninitialised.
 - CIDMTest_Describe reports what a MODEL and a CONDITIONING are, in the prompt's /history outputs.
+- CIDMTest_SmallClipVision is a CLIP_VISION of random weights made at test time: ComfyUI's own ClipVisionModel
+  (comfy/clip_vision.py) on a 2-layer, 64-wide config of the ViT-L one's kind, with a chosen projection width.
 """
 
+import json
 import logging
 import os
+import tempfile
+
+import torch
 
 import folder_paths
 from safetensors.torch import save_file
 
+import comfy.clip_vision
 import comfy.sd
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
@@ -114,6 +121,35 @@ class SmallTowerCheckpointLoader:
         return out[:3]
 
 
+class SmallClipVision:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0}),
+                             "projection_dim": ("INT", {"default": 768, "min": 8, "max": 4096})}}
+
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "make"
+    CATEGORY = "_for_testing"
+
+    def make(self, seed, projection_dim):
+        config = {"hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 64, "intermediate_size": 128,
+                  "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 4,
+                  "num_channels": 3, "num_hidden_layers": 2, "patch_size": 16, "projection_dim": projection_dim}
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "config.json")
+            with open(path, "w") as handle:
+                json.dump(config, handle)
+            clip_vision = comfy.clip_vision.ClipVisionModel(path)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, tensor in clip_vision.model.state_dict().items():
+                if "norm" in name and name.endswith("weight"):
+                    tensor.fill_(1.0)
+                else:
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+        return (clip_vision,)
+
+
 class Describe:
     """UI output `model`: [{"model_class": the model_base class (e.g. "SDXL"), "config_class": the detected
     supported_models class, "model_type": e.g. "EPS", "attn2": the number of cross-attention modules,
@@ -149,4 +185,4 @@ class Describe:
 NODE_CLASS_MAPPINGS = {"CIDMTest_CountUNetCalls": CountUNetCalls, "CIDMTest_Attn2Replace": Attn2Replace,
                        "CIDMTest_SaveLatent": SaveLatent,
                        "CIDMTest_SmallTowerCheckpointLoader": SmallTowerCheckpointLoader,
-                       "CIDMTest_Describe": Describe}
+                       "CIDMTest_Describe": Describe, "CIDMTest_SmallClipVision": SmallClipVision}

@@ -1,0 +1,258 @@
+"""Evaluation node: Evaluate Concept Library (issue 34). Samples each concept with fixed seeds, scores the samples
+with cidm.evaluation's metrics through ComfyUI's CLIP vision models, and keeps a forgetting history with the
+library."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import datetime, timezone
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import torch
+from comfy_api.latest import io, ui
+
+from ..cidm.data import load_concept_folder
+from ..cidm.errors import CIDMInputError
+from ..cidm.evaluation import (Evaluation, EvaluationKey, fill, forgetting_table, image_alignment, parse_prompts,
+                               text_alignment)
+from ..cidm.plots import heatmap
+from ..cidm.routing import PROMPT_KEY
+from .aggregation_nodes import aggregate, encode_layerwise, select_tasks
+from .common import input_root, input_subfolder
+from .library_nodes import ConceptLibraryType
+
+CATEGORY = "CIDM/evaluation"
+NOT_COMPARABLE = ("not comparable to the paper's numbers: CIDM scores with CLIP ViT-B/32 and DINO ViT-S/16 "
+                  "(JiahuaDong/CIFC evaluate.py), which ComfyUI's CLIP vision loader cannot load")
+
+
+def backbone_name(clip_vision) -> str:
+    """A CLIP_VISION model's name in the history: its class, embedding width, input size and a digest of its
+    weights, so that two checkpoints never share a series."""
+    digest = hashlib.sha256()
+    for tensor in list(clip_vision.model.state_dict().values())[:8]:
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:1 << 16])
+    return f"{type(clip_vision.model).__name__} {clip_vision.image_size}px #{digest.hexdigest()[:10]}"
+
+
+def image_embeddings(clip_vision, images: torch.Tensor) -> torch.Tensor:
+    """[N, D] `image_embeds` of IMAGE [N, H, W, 3] (ComfyUI's preprocessing: shortest side to the model's size,
+    centre crop)."""
+    return clip_vision.encode_image(images, crop=True)["image_embeds"].float().cpu()
+
+
+def references(task, held_out: str) -> tuple[torch.Tensor | None, str]:
+    """(IMAGE batch of the concept's references or None, what they are). Held-out images (a subfolder named as the
+    concept under `held_out`, in ComfyUI's input folder) come first; else the training folder the task recorded,
+    if it still exists. The library itself keeps no image."""
+    root = input_subfolder(held_out)
+    candidates = [(root / task.concept, "held-out")] if root is not None else []
+    trained_from = task.hyperparameters.get("folder") or ""
+    if trained_from:
+        candidates.append((input_subfolder(trained_from), "training images (they reward copying)"))
+    for folder, kind in candidates:
+        if folder.is_dir():
+            examples = load_concept_folder(folder, "held_out" if kind == "held-out" else "library",
+                                           root=input_root())
+            return [e.image for e in examples], f"{len(examples)} {kind} from {folder.name}"
+    tried = ", ".join(str(folder) for folder, _ in candidates) or "no folder (none given, none recorded)"
+    return None, f"no reference images: tried {tried}"
+
+
+def class_text(task) -> str:
+    """What replaces the concept in TA's prompt: the class words the task was trained with, else its name."""
+    return " ".join(word for word in task.hyperparameters.get("class_words") or [] if word) or task.concept
+
+
+class Evaluator:
+    """Samples, embeds and scores concepts for one evaluation run of the node; `progress` counts sampled images."""
+
+    def __init__(self, model, clip, vae, lib, clip_vision, dino, templates: list[str], held_out: str,
+                 samples_per_prompt: int, seed: int, sampler: dict, node_id: str | None, total: int):
+        self.model = aggregate(model, lib, lib.tasks, sampler["scale"], "named", node="Evaluate Concept Library")
+        self.clip, self.vae, self.lib = clip, vae, lib
+        self.clip_vision, self.dino, self.held_out = clip_vision, dino, held_out
+        self.templates, self.samples_per_prompt, self.seed, self.sampler = templates, samples_per_prompt, seed, sampler
+        self.negative = self.conditioning("")
+        self.progress = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def conditioning(self, text: str):
+        ordinary, pooled, prompt, _ = encode_layerwise(self.clip, self.lib, text, "prompts")
+        return [[ordinary, {"pooled_output": pooled, PROMPT_KEY: prompt}]]
+
+    def sample(self, text: str) -> torch.Tensor:
+        """IMAGE [samples_per_prompt, H, W, 3] of `text`, from the same seed for every prompt (as CIFC
+        inference.py re-seeds per prompt)."""
+        size = self.sampler["size"]
+        latent = torch.zeros(self.samples_per_prompt, 4, size // 8, size // 8)
+        latent = comfy.sample.fix_empty_latent_channels(self.model, latent)
+        noise = comfy.sample.prepare_noise(latent, self.seed)
+        samples = comfy.sample.sample(self.model, noise, self.sampler["steps"], self.sampler["cfg"],
+                                      self.sampler["sampler"], self.sampler["scheduler"], self.conditioning(text),
+                                      self.negative, latent, seed=self.seed, disable_pbar=True)
+        images = self.vae.decode(samples).float().cpu()
+        self.progress.update(len(images))
+        return images
+
+    def text_embeddings(self, texts: list[str], width: int) -> torch.Tensor | None:
+        """[N, D] pooled CLIP outputs of `texts` where the family projects them into the vision model's space of
+        width `width` (SDXL's CLIP-G); None elsewhere (SD1.5: TA needs a separate CLIP text tower)."""
+        if not self.lib.family.pooled_projected or self.lib.family.pooled_width != width:
+            return None
+        pooled = [self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)[1] for text in texts]
+        return torch.cat(pooled).float().cpu()
+
+    def score(self, task) -> tuple[dict | None, str, torch.Tensor]:
+        """(metrics or None when the concept has no references, a note, the samples)."""
+        images, texts = [], []
+        for number, template in enumerate(self.templates, 1):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            images.append(self.sample(fill(template, f"<{task.concept}>")))
+            texts += [fill(template, class_text(task))] * self.samples_per_prompt
+            logging.info("CIDM evaluate '%s': prompt %d/%d", task.concept, number, len(self.templates))
+        images = torch.cat(images)
+        refs, note = references(task, self.held_out)
+        if refs is None:
+            return None, note, images
+        embedded = image_embeddings(self.clip_vision, images)
+        reference_embeddings = torch.cat([image_embeddings(self.clip_vision, r[None]) for r in refs])
+        text = self.text_embeddings(texts, embedded.shape[1])
+        scores = {"IA": image_alignment(embedded, reference_embeddings),
+                  "TA": None if text is None else text_alignment(embedded, text),
+                  "DINO": None if self.dino is None else image_alignment(
+                      image_embeddings(self.dino, images),
+                      torch.cat([image_embeddings(self.dino, r[None]) for r in refs])),
+                  "references": note, "samples": len(images)}
+        return scores, note, images
+
+
+def evaluate_library(model, clip, vae, library, clip_vision, dino, concepts: str, prompts: str, held_out: str,
+                     samples_per_prompt: int, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                     scale: float, size: int, node_id: str | None) -> tuple[torch.Tensor, str, torch.Tensor]:
+    """Scores the chosen concepts, records the evaluation in the library's history (only once every concept is
+    done: an interrupted run records nothing), and returns (samples, report, plot)."""
+    lib = library.open()
+    chosen = select_tasks(lib, concepts)
+    templates = parse_prompts(prompts)
+    held_out_folder = input_subfolder(held_out)
+    if held_out_folder is not None and not held_out_folder.is_dir():
+        raise CIDMInputError("held_out", f"folder {held_out_folder} does not exist; give a folder under ComfyUI's "
+                                         "input folder with one subfolder per concept, or leave it empty")
+    sampler = {"steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler, "scale": scale,
+               "size": size or lib.family.resolution, "samples_per_prompt": samples_per_prompt, "prompts": templates}
+    evaluator = Evaluator(model, clip, vae, lib, clip_vision, dino, templates, held_out, samples_per_prompt, seed,
+                          sampler, node_id, len(chosen) * len(templates) * samples_per_prompt)
+    scores, skipped, samples = {}, {}, []
+    for task in chosen:
+        result, note, images = evaluator.score(task)
+        samples.append(images)
+        if result is None:
+            skipped[task.concept] = note
+            logging.warning("CIDM evaluation: skipped '%s': %s", task.concept, note)
+        else:
+            scores[task.concept] = result
+    backbone = backbone_name(clip_vision) + ("" if dino is None else f" + DINO {backbone_name(dino)}")
+    evaluation = Evaluation(key=EvaluationKey(revision=lib.revision, backbone=backbone, sampler=sampler, seed=seed),
+                            tasks=len(lib.tasks), scores=scores, skipped=skipped,
+                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    history = lib.record_evaluation(evaluation) if scores else lib.evaluation_history()
+    return torch.cat(samples), *report(history, evaluation)
+
+
+def report(history: list[Evaluation], evaluation: Evaluation) -> tuple[str, torch.Tensor]:
+    """(markdown: this run's scores, the concept × evaluation table of each metric of its series with forgetting,
+    skipped concepts; plot: the IA table with a forgetting column)."""
+    series = evaluation.key.series()
+    lines = [f"library revision {evaluation.key.revision} ({evaluation.tasks} tasks), backbone "
+             f"{evaluation.key.backbone}, seed {evaluation.key.seed}; {NOT_COMPARABLE}", ""]
+    for concept, note in evaluation.skipped.items():
+        lines.append(f"skipped {concept}: {note}")
+    tables = [forgetting_table(history, series, metric) for metric in ("IA", "TA", "DINO")]
+    for table in tables:
+        if table.concepts:
+            lines += ["", table.markdown()]
+    if not any(s.get("TA") is not None for s in evaluation.scores.values()):
+        lines += ["", "TA: not computed; it needs a text tower in the vision model's space (an SDXL-family CLIP "
+                      "with a CLIP vision model of its pooled width, 1280: ViT-bigG)"]
+    for concept, s in evaluation.scores.items():
+        lines.append(f"{concept}: references {s['references']}")
+    ia = tables[0]
+    forgetting = ia.forgetting()
+    matrix = torch.cat([ia.scores, torch.tensor([[forgetting[c]] for c in ia.concepts], dtype=torch.float64)], 1) \
+        if ia.concepts else torch.zeros(0, 1)
+    plot = heatmap(matrix.float(), ia.concepts, [f"after {t}" for t in ia.tasks] + ["forgetting"],
+                   "IA per concept after each evaluated library revision")
+    return "\n".join(lines), plot
+
+
+SAMPLES_TOOLTIP = ("Images per prompt and concept. Cost: concepts × prompts × this many images of `steps` steps "
+                   "each, about that many KSampler runs of one image (3 concepts × 4 prompts × 2 = 24), plus one "
+                   "CLIP vision pass per image and reference.")
+
+
+class EvaluateConceptLibrary(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CIDM_EvaluateConceptLibrary", display_name="Evaluate Concept Library", category=CATEGORY,
+            is_output_node=True,
+            description="Samples every chosen concept with fixed seeds and scores the samples as CIDM does: IA (mean "
+                        "cosine over all sample × reference pairs), TA (2.5 · max(cos, 0) against the prompt with "
+                        "the class word in place of the concept) and DINO. Each run is kept with the library, so "
+                        "evaluating after every new task shows what each concept still holds and its forgetting "
+                        "(peak minus now).",
+            inputs=[io.Model.Input("model", tooltip="The library's base model, without the library applied: the node "
+                                                    "applies every task under `named` routing, as sampling does."),
+                    io.Clip.Input("clip", tooltip="The CLIP of the library's base model."),
+                    io.Vae.Input("vae", tooltip="The VAE of the library's base model: decodes the samples."),
+                    ConceptLibraryType.Input("library", tooltip="The library to evaluate."),
+                    io.ClipVision.Input("clip_vision", tooltip="Image embeddings for IA (Load CLIP Vision: ViT-L, "
+                                        "ViT-H or ViT-bigG). ViT-bigG with an SDXL-family checkpoint also gives "
+                                        "TA."),
+                    io.String.Input("concepts", default="all", tooltip="'all', or task numbers / concept names, "
+                                    "comma separated."),
+                    io.String.Input("prompts", multiline=True, default="",
+                                    tooltip="One prompt template per line with <TOK> where the concept goes. Empty: "
+                                            "four CIDM-style templates. For the paper's prompt set paste CIFC's "
+                                            "evaluation_prompts/test_*.txt."),
+                    io.String.Input("held_out", default="", tooltip="A folder under ComfyUI's input folder with one "
+                                    "subfolder of held-out images per concept, named as the concept (preferred). A "
+                                    "concept without one is scored against its training folder if it still "
+                                    "exists (that rewards copying), else skipped with a message."),
+                    io.Int.Input("samples_per_prompt", default=2, min=1, max=64, tooltip=SAMPLES_TOOLTIP),
+                    io.Int.Input("seed", default=2024, min=0, max=0xffffffffffffffff,
+                                 tooltip="Every prompt starts from this seed (CIDM's evaluation uses 2024)."),
+                    io.Int.Input("steps", default=20, min=1, max=200,
+                                 tooltip="Sampling steps per image (CIDM's evaluation: 50)."),
+                    io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1,
+                                   tooltip="CIDM's evaluation samples at 7.5."),
+                    io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m",
+                                   tooltip="As in KSampler (CIDM's evaluation uses DPM-Solver++ multistep)."),
+                    io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
+                                   tooltip="As in KSampler."),
+                    io.Float.Input("scale", default=0.8, min=0.0, max=4.0, step=0.05,
+                                   tooltip="LoRA scale, as in Elastic Aggregate LoRAs (CIDM samples at 0.8)."),
+                    io.Int.Input("size", default=0, min=0, max=4096, step=8,
+                                 tooltip="Side of the square samples in pixels; 0: the model family's native size "
+                                         "(SD1.5 512, SDXL 1024). Scores of different sizes are kept apart."),
+                    io.ClipVision.Input("dino", optional=True, tooltip="A DINOv2 model (Load CLIP Vision) for the "
+                                        "DINO score; none: DINO is not computed.")],
+            outputs=[io.Image.Output(display_name="samples"), io.String.Output(display_name="report"),
+                     io.Image.Output(display_name="plot")],
+            hidden=[io.Hidden.unique_id])
+
+    @classmethod
+    def execute(cls, model, clip, vae, library, clip_vision, concepts, prompts, held_out, samples_per_prompt, seed,
+                steps, cfg, sampler_name, scheduler, scale, size, dino=None):
+        samples, text, plot = evaluate_library(model, clip, vae, library, clip_vision, dino, concepts, prompts,
+                                               held_out, samples_per_prompt, seed, steps, cfg, sampler_name,
+                                               scheduler, scale, size, cls.hidden.unique_id)
+        return io.NodeOutput(samples, text, plot, ui={**ui.PreviewText(text).as_dict(),
+                                                      **ui.PreviewImage(plot, cls=cls).as_dict()})
+
+
+NODES = [EvaluateConceptLibrary]
