@@ -37,11 +37,13 @@ def library(comfy):
     return library_root(comfy, LIBRARY)
 
 
-def evaluation_graph(library_name: str = LIBRARY, dino: bool = False, **overrides):
+def evaluation_graph(library_name: str = LIBRARY, dino: bool = False, sdxl: str | None = None,
+                     projection_dim: int = 32, **overrides):
     graph = Graph()
-    checkpoint = graph.add("CheckpointLoaderSimple", ckpt_name=CKPT)
+    checkpoint = graph.add("CIDMTest_SmallTowerCheckpointLoader", ckpt_name=sdxl) if sdxl \
+        else graph.add("CheckpointLoaderSimple", ckpt_name=CKPT)
     lib = graph.add("CIDM_LoadConceptLibrary", library=library_name)
-    vision = graph.add("CIDMTest_SmallClipVision", seed=0, projection_dim=32)
+    vision = graph.add("CIDMTest_SmallClipVision", seed=0, projection_dim=projection_dim)
     extra = {"dino": graph.add("CIDMTest_SmallClipVision", seed=1, projection_dim=16)[0]} if dino else {}
     node = graph.add("CIDM_EvaluateConceptLibrary", model=checkpoint[0], clip=checkpoint[1], vae=checkpoint[2],
                      library=lib[0], clip_vision=vision[0], **{**EVALUATE, **overrides}, **extra)
@@ -113,3 +115,23 @@ def test_bad_prompts_and_a_missing_held_out_folder_are_refused_by_name(comfy, li
     graph, _ = evaluation_graph(held_out="no_such_folder")
     error = comfy.run_expecting_error(graph.prompt())
     assert "held_out" in error and "no_such_folder" in error
+
+
+def test_sdxl_scores_text_alignment_against_clip_g_where_the_vision_width_matches(comfy, sdxl_checkpoint):
+    """On SDXL the pooled CLIP-G output is projected (1280 wide), so a vision model of that width gives TA; one of
+    another width does not, and says why."""
+    root = library_root(comfy, "evaluated-sdxl")
+    synthesize_library(comfy.workspace / "models" / "checkpoints" / sdxl_checkpoint, root, ["dog", "duck"],
+                       lora_std=0.2)
+    write_held_out(comfy, "duck", 4)
+    graph, node = evaluation_graph("evaluated-sdxl", sdxl=sdxl_checkpoint, projection_dim=1280, concepts="duck")
+    (report,) = comfy.run(graph.prompt())["outputs"][node.id]["text"]
+    (entry,) = history(root)
+    scores = entry["scores"]["duck"]
+    assert set(entry["scores"]) == {"duck"} and entry["key"]["sampler"]["size"] == 64
+    # random towers: the cosines may all be negative, so TA may be clipped to 0 (tests/unit/test_evaluation.py)
+    assert scores["TA"] is not None and 0 <= scores["TA"] <= 2.5 and "TA: not computed" not in report
+    assert "| TA | after 2 tasks | forgetting |" in report
+    graph, node = evaluation_graph("evaluated-sdxl", sdxl=sdxl_checkpoint, projection_dim=32, concepts="duck")
+    (report,) = comfy.run(graph.prompt())["outputs"][node.id]["text"]
+    assert "TA: not computed" in report and history(root)[-1]["scores"]["duck"]["TA"] is None
