@@ -162,7 +162,8 @@ class ForgettingTable:
 
     def markdown(self) -> str:
         forgetting = self.forgetting()
-        lines = [f"| {self.metric} | " + " | ".join(f"after {t} tasks" for t in self.tasks) + " | forgetting |",
+        lines = [f"| {self.metric} | " + " | ".join(f"after {t} task{'s' * (t != 1)}" for t in self.tasks)
+                 + " | forgetting |",
                  "|---" * (len(self.tasks) + 2) + "|"]
         for concept, row in zip(self.concepts, self.scores):
             cells = ["–" if math.isnan(v) else f"{v:.3f}" for v in row.tolist()]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks.toyworld import (auto_regions, concepts, judge_check, learnability, models, oracle, protocol, report, run,
+                                 tasks,
                                  world)
 from cidm.auto_regions import ProbeSettings
 from cidm.backends.diffusers_backend import DiffusersDenoiser
@@ -409,8 +410,8 @@ def test_automatic_regions_go_on_from_the_probe_and_fall_back_to_the_plain_sampl
     out, _, runs = smoke
     context, configs, _ = run.setup(True, out.parent / "cache", 1, lambda _: None)
     path = tmp_path / "tasks.safetensors"
-    auto_regions.save_tasks(runs["cidm"].learned, path)
-    loaded = auto_regions.load_tasks(context, path, len(runs["cidm"].learned))
+    tasks.save_tasks(runs["cidm"].learned, path)
+    loaded = tasks.load_tasks(context, path, len(runs["cidm"].learned))
     for kept, item in zip(runs["cidm"].learned, loaded):
         assert item.concept == kept.concept and item.tokens == kept.tokens
         torch.testing.assert_close(item.task.embeddings, kept.task.embeddings)
