@@ -12,12 +12,17 @@ from ..cidm.errors import CIDMInputError
 from ..cidm.library import ConceptLibrary, library_folder
 
 LIBRARY_FOLDER = "cidm"
+EVAL_FOLDER = "cidm_eval"
 
 
 def register_library_folder() -> None:
-    """models/cidm/<library>/ holds the concept libraries (registered like any model folder)."""
+    """models/cidm/<library>/ holds the concept libraries, models/cidm_eval/ the paper's evaluation backbones
+    (registered like any model folder)."""
     if LIBRARY_FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path(LIBRARY_FOLDER, os.path.join(folder_paths.models_dir, LIBRARY_FOLDER))
+    if EVAL_FOLDER not in folder_paths.folder_names_and_paths:  # safetensors only: nothing is unpickled
+        folder_paths.folder_names_and_paths[EVAL_FOLDER] = ([os.path.join(folder_paths.models_dir, EVAL_FOLDER)],
+                                                            {".safetensors"})
 
 
 def libraries_root() -> Path:

@@ -12,8 +12,10 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
+import folder_paths
 import torch
 from comfy_api.latest import io, ui
+from safetensors.torch import load_file
 
 from ..cidm.data import load_concept_folder
 from ..cidm.errors import CIDMInputError
@@ -22,21 +24,33 @@ from ..cidm.evaluation import (Evaluation, EvaluationKey, fill, forgetting_table
 from ..cidm.plots import heatmap
 from ..cidm.routing import PROMPT_KEY
 from .aggregation_nodes import aggregate, encode_layerwise, select_tasks
-from .common import input_root, input_subfolder
+from .common import EVAL_FOLDER, input_root, input_subfolder, register_library_folder
+from .host.eval_backbones import load_backbone
 from .library_nodes import ConceptLibraryType
 
 CATEGORY = "CIDM/evaluation"
-NOT_COMPARABLE = ("not comparable to the paper's numbers: CIDM scores with CLIP ViT-B/32 and DINO ViT-S/16 "
-                  "(JiahuaDong/CIFC evaluate.py), which ComfyUI's CLIP vision loader cannot load")
+PAPER_BACKBONES = ("CLIP ViT-B/32", "DINO ViT-S/16")  # JiahuaDong/CIFC@9819aa84 evaluate.py
+
+
+def comparability(clip_vision, dino) -> str:
+    """Whether the scores use the paper's backbones (Load Evaluation Backbone), for the report."""
+    used = (getattr(clip_vision, "paper_name", None), None if dino is None else getattr(dino, "paper_name", None))
+    if used[0] == PAPER_BACKBONES[0] and (dino is None or used[1] == PAPER_BACKBONES[1]):
+        return ("backbones as in the paper (" + " and ".join(filter(None, used)) + "); the numbers match CIDM's "
+                "only with its prompts (CIFC's evaluation_prompts), 50 DPM-Solver steps at cfg 7.5 and 50 samples "
+                "per prompt")
+    return ("not comparable to the paper's numbers: CIDM scores with CLIP ViT-B/32 and DINO ViT-S/16 "
+            "(JiahuaDong/CIFC evaluate.py); load them with Load Evaluation Backbone from models/cidm_eval")
 
 
 def backbone_name(clip_vision) -> str:
-    """A CLIP_VISION model's name in the history: its class, embedding width, input size and a digest of its
-    weights, so that two checkpoints never share a series."""
+    """A CLIP_VISION model's name in the history: the paper backbone it is, or its class and input size; then a
+    digest of its weights, so that two checkpoints never share a series."""
     digest = hashlib.sha256()
     for tensor in list(clip_vision.model.state_dict().values())[:8]:
         digest.update(tensor.detach().float().cpu().numpy().tobytes()[:1 << 16])
-    return f"{type(clip_vision.model).__name__} {clip_vision.image_size}px #{digest.hexdigest()[:10]}"
+    kind = getattr(clip_vision, "paper_name", None) or f"{type(clip_vision.model).__name__} {clip_vision.image_size}px"
+    return f"{kind} #{digest.hexdigest()[:10]}"
 
 
 def image_embeddings(clip_vision, images: torch.Tensor) -> torch.Tensor:
@@ -99,8 +113,12 @@ class Evaluator:
         return images
 
     def text_embeddings(self, texts: list[str], width: int) -> torch.Tensor | None:
-        """[N, D] pooled CLIP outputs of `texts` where the family projects them into the vision model's space of
-        width `width` (SDXL's CLIP-G); None elsewhere (SD1.5: TA needs a separate CLIP text tower)."""
+        """[N, D] embeddings of `texts` in the vision model's space: its own text tower's (a CLIP loaded by Load
+        Evaluation Backbone), else the pooled CLIP outputs where the family projects them there at width `width`
+        (SDXL's CLIP-G); None elsewhere (SD1.5 with a stock CLIP vision model)."""
+        own = getattr(self.clip_vision, "encode_text", None)
+        if own is not None:
+            return own(texts)
         if not self.lib.family.pooled_projected or self.lib.family.pooled_width != width:
             return None
         pooled = [self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)[1] for text in texts]
@@ -155,20 +173,20 @@ def evaluate_library(model, clip, vae, library, clip_vision, dino, concepts: str
             logging.warning("CIDM evaluation: skipped '%s': %s", task.concept, note)
         else:
             scores[task.concept] = result
-    backbone = backbone_name(clip_vision) + ("" if dino is None else f" + DINO {backbone_name(dino)}")
+    backbone = backbone_name(clip_vision) + ("" if dino is None else f" + {backbone_name(dino)}")
     evaluation = Evaluation(key=EvaluationKey(revision=lib.revision, backbone=backbone, sampler=sampler, seed=seed),
                             tasks=len(lib.tasks), scores=scores, skipped=skipped,
                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     history = lib.record_evaluation(evaluation) if scores else lib.evaluation_history()
-    return torch.cat(samples), *report(history, evaluation)
+    return torch.cat(samples), *report(history, evaluation, comparability(clip_vision, dino))
 
 
-def report(history: list[Evaluation], evaluation: Evaluation) -> tuple[str, torch.Tensor]:
+def report(history: list[Evaluation], evaluation: Evaluation, comparable: str) -> tuple[str, torch.Tensor]:
     """(markdown: this run's scores, the concept × evaluation table of each metric of its series with forgetting,
     skipped concepts; plot: the IA table with a forgetting column)."""
     series = evaluation.key.series()
     lines = [f"library revision {evaluation.key.revision} ({evaluation.tasks} tasks), backbone "
-             f"{evaluation.key.backbone}, seed {evaluation.key.seed}; {NOT_COMPARABLE}", ""]
+             f"{evaluation.key.backbone}, seed {evaluation.key.seed}; {comparable}", ""]
     for concept, note in evaluation.skipped.items():
         lines.append(f"skipped {concept}: {note}")
     tables = [forgetting_table(history, series, metric) for metric in ("IA", "TA", "DINO")]
@@ -176,8 +194,9 @@ def report(history: list[Evaluation], evaluation: Evaluation) -> tuple[str, torc
         if table.concepts:
             lines += ["", table.markdown()]
     if not any(s.get("TA") is not None for s in evaluation.scores.values()):
-        lines += ["", "TA: not computed; it needs a text tower in the vision model's space (an SDXL-family CLIP "
-                      "with a CLIP vision model of its pooled width, 1280: ViT-bigG)"]
+        lines += ["", "TA: not computed; it needs a text tower in the vision model's space (a CLIP from Load "
+                      "Evaluation Backbone, or an SDXL-family CLIP with a CLIP vision model of its pooled width, "
+                      "1280: ViT-bigG)"]
     for concept, s in evaluation.scores.items():
         lines.append(f"{concept}: references {s['references']}")
     ia = tables[0]
@@ -241,8 +260,15 @@ class EvaluateConceptLibrary(io.ComfyNode):
                                          "(SD1.5 512, SDXL 1024). Scores of different sizes are kept apart."),
                     io.ClipVision.Input("dino", optional=True, tooltip="A DINOv2 model (Load CLIP Vision) for the "
                                         "DINO score; none: DINO is not computed.")],
-            outputs=[io.Image.Output(display_name="samples"), io.String.Output(display_name="report"),
-                     io.Image.Output(display_name="plot")],
+            outputs=[ConceptLibraryType.Output(display_name="library",
+                                               tooltip="The same library, unchanged (the history is kept beside "
+                                                       "it): wire the next Train Concept Increment here so that "
+                                                       "it runs after this evaluation."),
+                     io.Image.Output(display_name="samples", tooltip="Every sampled image, concept by concept."),
+                     io.String.Output(display_name="report", tooltip="The scores of this series after every "
+                                      "evaluated revision, with forgetting (peak minus now)."),
+                     io.Image.Output(display_name="plot", tooltip="IA per concept after each evaluated revision, "
+                                     "and its forgetting.")],
             hidden=[io.Hidden.unique_id])
 
     @classmethod
@@ -251,8 +277,32 @@ class EvaluateConceptLibrary(io.ComfyNode):
         samples, text, plot = evaluate_library(model, clip, vae, library, clip_vision, dino, concepts, prompts,
                                                held_out, samples_per_prompt, seed, steps, cfg, sampler_name,
                                                scheduler, scale, size, cls.hidden.unique_id)
-        return io.NodeOutput(samples, text, plot, ui={**ui.PreviewText(text).as_dict(),
+        return io.NodeOutput(library, samples, text, plot, ui={**ui.PreviewText(text).as_dict(),
                                                       **ui.PreviewImage(plot, cls=cls).as_dict()})
 
 
-NODES = [EvaluateConceptLibrary]
+def backbone_files() -> list[str]:
+    register_library_folder()
+    return folder_paths.get_filename_list(EVAL_FOLDER)
+
+
+class LoadEvaluationBackbone(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CIDM_LoadEvaluationBackbone", display_name="Load Evaluation Backbone", category=CATEGORY,
+            description="Loads one of the paper's evaluation backbones from models/cidm_eval as a CLIP_VISION for "
+                        "Evaluate Concept Library: CLIP ViT-B/32 (openai/clip-vit-base-patch32's "
+                        "model.safetensors: both towers, so it also gives TA) or DINO ViT-S/16 (timm's "
+                        "vit_small_patch16_224.dino model.safetensors). With both, the scores use CIDM's backbones.",
+            inputs=[io.Combo.Input("backbone", options=backbone_files(),
+                                   tooltip="A .safetensors file in models/cidm_eval (press R after adding one).")],
+            outputs=[io.ClipVision.Output(display_name="clip_vision")])
+
+    @classmethod
+    def execute(cls, backbone):
+        path = folder_paths.get_full_path_or_raise(EVAL_FOLDER, backbone)
+        return io.NodeOutput(load_backbone(load_file(path), backbone))
+
+
+NODES = [EvaluateConceptLibrary, LoadEvaluationBackbone]

@@ -105,8 +105,8 @@ class Workflow:
             value = values.pop(name, None)
             if is_widget(input_spec):
                 default = input_spec[1].get("default") if len(input_spec) > 1 else None
-                if isinstance(input_spec[0], list) and default is None:
-                    default = input_spec[0][0]
+                if isinstance(input_spec[0], list) and input_spec[0] and default is None:
+                    default = input_spec[0][0]  # a model list is empty on the server that writes these files
                 widgets.append((name, default if value is None or isinstance(value, Slot) else value))
                 if isinstance(value, Slot):
                     inputs.append(self._link(value, node_id, len(inputs), name, widget=True))
@@ -339,11 +339,41 @@ def region_composition_auto(info: dict, family: FamilySettings = SD15) -> Workfl
     return wf
 
 
+def continual_evaluation(info: dict) -> Workflow:
+    """Three tasks, each followed by Evaluate Concept Library on the library it returned."""
+    wf = Workflow(info)
+    wf.note(0, "Continual customization with an evaluation after every task (SD1.5)\n\nThe three concepts of "
+               "Continual customization are taught one after the other into the library my-concepts-evaluated; "
+               "after each task, Evaluate Concept Library samples every concept learned so far with fixed seeds "
+               "and scores it as CIDM does (IA: image alignment over all sample × reference pairs). Each "
+               "evaluation is kept with the library, so the report and the plot of the last one show every "
+               "concept after each later task and its forgetting (peak minus now).\n\nLoad CLIP Vision: any "
+               "ViT-L/H/bigG (e.g. the IP-Adapter ViT-H). References: by default each concept's training folder "
+               "(that rewards copying); better, put held-out photos in input/held_out/<concept> and set held_out "
+               "to held_out. Cost per evaluation: concepts × 4 prompts × 2 samples images (24 after the third "
+               "task).", title="Read me", height=400)
+    ckpt = checkpoint(wf, SD15)
+    vision = wf.add("CLIPVisionLoader", 0, clip_name="CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors")
+    library = wf.add("CIDM_LoadConceptLibrary", 0, library="my-concepts-evaluated")
+    options = concept_options(wf, SD15, 1, CONCEPTS)
+    for index, (concept, folder, _, _) in enumerate(CONCEPTS):
+        column = 2 + 2 * index
+        trained = wf.add("CIDM_TrainConceptIncrement", column, title=f"Task {index + 1}: {concept} (cidm)",
+                         node_width=380, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], library=library[0],
+                         concept=concept, method="cidm", steps=800, folder=folder, options=options[concept][0])
+        library = wf.add("CIDM_EvaluateConceptLibrary", column + 1, title=f"Evaluate after task {index + 1}",
+                         node_width=380, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], library=trained[0],
+                         clip_vision=vision[0])
+        wf.add("PreviewImage", column + 1, title=f"Samples after task {index + 1}", images=library[1])
+    wf.add("PreviewImage", 8, title="Forgetting: IA per concept after each task", images=library[3])
+    return wf
+
+
 WORKFLOWS = {"continual_customization": continual_customization, "method_comparison": method_comparison,
              "export_concept_lora": export_concept_lora, "region_composition": region_composition,
              "continual_customization_sdxl": lambda info: continual_customization(info, SDXL),
              "region_composition_sdxl": lambda info: region_composition(info, SDXL),
-             "region_composition_auto": region_composition_auto}
+             "region_composition_auto": region_composition_auto, "continual_evaluation": continual_evaluation}
 
 
 def main() -> int:

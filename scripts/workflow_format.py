@@ -128,4 +128,5 @@ def cpu_overrides(checkpoint: str, training_steps: int = 2, sampling_steps: int 
     return {"CheckpointLoaderSimple": {"ckpt_name": checkpoint, **swap},
             "CIDM_TrainConceptIncrement": {"steps": training_steps},
             "CIDM_ConceptTrainingOptions": {"resolution": resolution, "save_every": 0, "preview_every": 0},
-            "KSampler": sampler, "CIDM_ContextControlledKSampler": sampler}
+            "KSampler": sampler, "CIDM_ContextControlledKSampler": sampler,
+            "CIDM_EvaluateConceptLibrary": {**sampler, "size": resolution, "samples_per_prompt": 1}}

@@ -82,3 +82,60 @@ def synthesize_library(checkpoint: Path, root: Path, concepts: list[str], rank: 
                             seed=seed + number, hyperparameters={"synthetic": True},
                             data=TaskData(lora=lora, embeddings=embeddings, features=features))
     return library
+
+
+def _normal(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    return (torch.randn(*shape, generator=generator) * 0.02).half()
+
+
+def _layers(generator: torch.Generator, prefix: str, width: int, count: int, layout: tuple) -> dict:
+    """Random pre-norm transformer layers `prefix`<index>.<name>: `layout` is (norm names, {linear name: (rows,
+    columns) in multiples of `width`})."""
+    norms, linears = layout
+    tensors = {}
+    for index in range(count):
+        for norm in norms:
+            tensors[f"{prefix}{index}.{norm}.weight"] = torch.ones(width).half()
+            tensors[f"{prefix}{index}.{norm}.bias"] = torch.zeros(width).half()
+        for name, (rows, columns) in linears.items():
+            tensors[f"{prefix}{index}.{name}.weight"] = _normal(generator, rows * width, columns * width)
+            tensors[f"{prefix}{index}.{name}.bias"] = _normal(generator, rows * width)
+    return tensors
+
+
+CLIP_LAYER = (("layer_norm1", "layer_norm2"), {"self_attn.q_proj": (1, 1), "self_attn.k_proj": (1, 1),
+                                               "self_attn.v_proj": (1, 1), "self_attn.out_proj": (1, 1),
+                                               "mlp.fc1": (4, 1), "mlp.fc2": (1, 4)})
+DINO_LAYER = (("norm1", "norm2"), {"attn.qkv": (3, 1), "attn.proj": (1, 1), "mlp.fc1": (4, 1), "mlp.fc2": (1, 4)})
+
+
+def clip_checkpoint(seed: int = 0, width: int = 768, patch: int = 32, layers: int = 12, text_width: int = 512,
+                    projection: int = 512) -> dict[str, torch.Tensor]:
+    """Random weights in the Hugging Face layout of openai/clip-vit-base-patch32 (its sizes by default), fp16."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {"vision_model.embeddings.class_embedding": _normal(generator, width),
+               "vision_model.embeddings.patch_embedding.weight": _normal(generator, width, 3, patch, patch),
+               "vision_model.embeddings.position_embedding.weight": _normal(generator, (224 // patch) ** 2 + 1, width),
+               **{f"vision_model.{norm}.{kind}": (torch.ones if kind == "weight" else torch.zeros)(width).half()
+                  for norm in ("pre_layrnorm", "post_layernorm") for kind in ("weight", "bias")},
+               "visual_projection.weight": _normal(generator, projection, width),
+               "text_model.embeddings.token_embedding.weight": _normal(generator, 49408, text_width),
+               "text_model.embeddings.position_embedding.weight": _normal(generator, 77, text_width),
+               "text_model.final_layer_norm.weight": torch.ones(text_width).half(),
+               "text_model.final_layer_norm.bias": torch.zeros(text_width).half(),
+               "text_projection.weight": _normal(generator, projection, text_width),
+               "logit_scale": torch.tensor(4.6052).half()}
+    tensors |= _layers(generator, "vision_model.encoder.layers.", width, layers, CLIP_LAYER)
+    tensors |= _layers(generator, "text_model.encoder.layers.", text_width, layers, CLIP_LAYER)
+    return tensors
+
+
+def dino_checkpoint(seed: int = 0, width: int = 384, patch: int = 16, depth: int = 12) -> dict[str, torch.Tensor]:
+    """Random weights in DINO's ViT layout (dino_vits16's sizes by default), fp16."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {"cls_token": _normal(generator, 1, 1, width),
+               "pos_embed": _normal(generator, 1, (224 // patch) ** 2 + 1, width),
+               "patch_embed.proj.weight": _normal(generator, width, 3, patch, patch),
+               "patch_embed.proj.bias": _normal(generator, width),
+               "norm.weight": torch.ones(width).half(), "norm.bias": torch.zeros(width).half()}
+    return tensors | _layers(generator, "blocks.", width, depth, DINO_LAYER)

@@ -2,14 +2,18 @@
 time (CIDMTest_SmallClipVision: ComfyUI's own ClipVisionModel on a small config)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from safetensors.torch import save_file
 
 from comfy_host import Graph, WorkflowFailed
 from pack_workflows import CKPT, library_root
-from synthetic import synthesize_library
+from synthetic import clip_checkpoint, dino_checkpoint, synthesize_library
 
 pytestmark = pytest.mark.integration
 
@@ -38,16 +42,23 @@ def library(comfy):
 
 
 def evaluation_graph(library_name: str = LIBRARY, dino: bool = False, sdxl: str | None = None,
-                     projection_dim: int = 32, **overrides):
+                     projection_dim: int = 32, paper: tuple[str, str] | None = None, **overrides):
+    """Evaluate Concept Library on the mini checkpoint (or `sdxl`) with small random CLIP vision models, or with
+    the `paper` backbones (CLIP and DINO files in models/cidm_eval) through Load Evaluation Backbone."""
     graph = Graph()
     checkpoint = graph.add("CIDMTest_SmallTowerCheckpointLoader", ckpt_name=sdxl) if sdxl \
         else graph.add("CheckpointLoaderSimple", ckpt_name=CKPT)
     lib = graph.add("CIDM_LoadConceptLibrary", library=library_name)
-    vision = graph.add("CIDMTest_SmallClipVision", seed=0, projection_dim=projection_dim)
-    extra = {"dino": graph.add("CIDMTest_SmallClipVision", seed=1, projection_dim=16)[0]} if dino else {}
+    if paper:
+        vision, dino_model = (graph.add("CIDM_LoadEvaluationBackbone", backbone=name) for name in paper)
+        extra = {"dino": dino_model[0]}
+    else:
+        vision = graph.add("CIDMTest_SmallClipVision", clip_name="", seed=0, projection_dim=projection_dim)
+        extra = {"dino": graph.add("CIDMTest_SmallClipVision", clip_name="", seed=1, projection_dim=16)[0]} \
+            if dino else {}
     node = graph.add("CIDM_EvaluateConceptLibrary", model=checkpoint[0], clip=checkpoint[1], vae=checkpoint[2],
                      library=lib[0], clip_vision=vision[0], **{**EVALUATE, **overrides}, **extra)
-    graph.add("PreviewImage", images=node[0])
+    graph.add("PreviewImage", images=node[1])
     return graph, node
 
 
@@ -135,3 +146,25 @@ def test_sdxl_scores_text_alignment_against_clip_g_where_the_vision_width_matche
     graph, node = evaluation_graph("evaluated-sdxl", sdxl=sdxl_checkpoint, projection_dim=32, concepts="duck")
     (report,) = comfy.run(graph.prompt())["outputs"][node.id]["text"]
     assert "TA: not computed" in report and history(root)[-1]["scores"]["duck"]["TA"] is None
+
+
+def test_the_papers_backbones_load_from_models_cidm_eval_and_give_ta_on_sd15(comfy, library):
+    """Random weights in the layouts of openai/clip-vit-base-patch32 and DINO's dino_vits16, made at test time: the
+    report says the backbones are the paper's, TA comes from the CLIP's own text tower (SD1.5 has none in the
+    vision space), and a file of neither layout is refused naming the input."""
+    folder = comfy.workspace / "models" / "cidm_eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(clip_checkpoint(seed=1), folder / "clip-vit-base-patch32.safetensors")
+    save_file(dino_checkpoint(seed=2), folder / "dino_vits16.safetensors")
+    save_file({"weight": torch.zeros(3)}, folder / "other.safetensors")
+    graph, node = evaluation_graph(paper=("clip-vit-base-patch32.safetensors", "dino_vits16.safetensors"),
+                                   concepts="dog", seed=5)
+    (report,) = comfy.run(graph.prompt())["outputs"][node.id]["text"]
+    assert "backbones as in the paper (CLIP ViT-B/32 and DINO ViT-S/16)" in report
+    assert "TA: not computed" not in report and "| TA | after" in report and "| DINO | after" in report
+    scores = history(library)[-1]["scores"]["dog"]
+    assert scores["TA"] is not None and 0 <= scores["TA"] <= 2.5 and -1 <= scores["DINO"] <= 1
+    assert re.fullmatch(r"CLIP ViT-B/32 #\w{10} \+ DINO ViT-S/16 #\w{10}", history(library)[-1]["key"]["backbone"])
+    graph, _ = evaluation_graph(paper=("other.safetensors", "dino_vits16.safetensors"), concepts="dog")
+    error = comfy.run_expecting_error(graph.prompt())
+    assert "backbone" in error and "other.safetensors is neither a CLIP checkpoint" in error

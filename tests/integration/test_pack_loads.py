@@ -19,6 +19,7 @@ PACK_NODES = {
     "CIDM_RegionCondition": "Region Condition",
     "CIDM_ContextControlledKSampler": "Context-Controlled KSampler",
     "CIDM_EvaluateConceptLibrary": "Evaluate Concept Library",
+    "CIDM_LoadEvaluationBackbone": "Load Evaluation Backbone",
 }
 
 

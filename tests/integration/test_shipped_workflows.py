@@ -22,7 +22,7 @@ SDXL_LOADER = "CIDMTest_SmallTowerCheckpointLoader"
 def test_the_set_of_workflows():
     assert set(SHIPPED) == {"continual_customization", "method_comparison", "export_concept_lora",
                             "region_composition", "continual_customization_sdxl", "region_composition_sdxl",
-                            "region_composition_auto"}
+                            "region_composition_auto", "continual_evaluation"}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -50,7 +50,8 @@ def test_workflow_converts_and_carries_real_settings_of_its_family(comfy, name):
     assert all(inputs["resolution"] == size and inputs["token_slots"] == "family default"
                for inputs in by_class.get("CIDM_ConceptTrainingOptions", []))
     assert all(min(inputs["width"], inputs["height"]) == size for inputs in by_class.get("EmptyLatentImage", []))
-    samplers = by_class.get("KSampler", []) + by_class.get("CIDM_ContextControlledKSampler", [])
+    samplers = [inputs for kind in ("KSampler", "CIDM_ContextControlledKSampler", "CIDM_EvaluateConceptLibrary")
+                for inputs in by_class.get(kind, [])]
     assert samplers and all(inputs["steps"] >= 20 for inputs in samplers)
 
 
@@ -168,3 +169,23 @@ def test_method_comparison_trains_each_method_into_its_own_library(comfy):
         assert [(t["concept"], t["method"]) for t in manifest["tasks"]] == [("dog", method), ("duck", method)]
     saved = sorted(path.name.rsplit("_", 2)[0] for path in comfy.output_files(entry) if path.parent.name == "cidm")
     assert saved == ["compare_c-lora", "compare_cidm", "compare_finetune"]
+
+
+def test_continual_evaluation_scores_every_concept_after_each_task_and_keeps_the_history(comfy):
+    """The library goes Train → Evaluate → Train → …, so each evaluation sees its own revision; the last report
+    holds every concept after each later task. The CLIP vision file is swapped for a random-weight model made at
+    test time (the frontend has no file to offer here)."""
+    overrides = {**cpu_overrides(CKPT), "CLIPVisionLoader": {"class_type": "CIDMTest_SmallClipVision"}}
+    prompt = shipped_prompt(comfy, "continual_evaluation", overrides, scale_sizes=8)
+    entry = comfy.run(prompt, timeout=1800)
+    root = library_root(comfy, "my-concepts-evaluated")
+    history = json.loads((root / "evaluations.json").read_text())["evaluations"]
+    assert [e["tasks"] for e in history] == [1, 2, 3]
+    assert [sorted(e["scores"]) for e in history] == [["dog"], ["dog", "duck"], ["cat", "dog", "duck"]]
+    assert all(s["references"].endswith(("from dog", "from duck_toy", "from cat")) and "training images" in
+               s["references"] for e in history for s in e["scores"].values())
+    reports = [entry["outputs"][i]["text"][0] for i, node in prompt.items()
+               if node["class_type"] == "CIDM_EvaluateConceptLibrary"]
+    assert len(reports) == 3
+    assert sum("| IA | after 1 task | after 2 tasks | after 3 tasks | forgetting |" in r for r in reports) == 1
+    assert all(entry["outputs"][i]["images"] for i, node in prompt.items() if node["class_type"] == "PreviewImage")

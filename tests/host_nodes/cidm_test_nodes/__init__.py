@@ -124,14 +124,16 @@ class SmallTowerCheckpointLoader:
 class SmallClipVision:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0}),
+        # clip_name: CLIPVisionLoader's input, ignored, so that a shipped workflow's loader can be swapped for this
+        return {"required": {"clip_name": ("STRING", {"default": ""})},
+                "optional": {"seed": ("INT", {"default": 0, "min": 0}),
                              "projection_dim": ("INT", {"default": 768, "min": 8, "max": 4096})}}
 
     RETURN_TYPES = ("CLIP_VISION",)
     FUNCTION = "make"
     CATEGORY = "_for_testing"
 
-    def make(self, seed, projection_dim):
+    def make(self, clip_name, seed=0, projection_dim=768):
         config = {"hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 64, "intermediate_size": 128,
                   "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 4,
                   "num_channels": 3, "num_hidden_layers": 2, "patch_size": 16, "projection_dim": projection_dim}
