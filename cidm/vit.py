@@ -41,6 +41,11 @@ class DinoViT(nn.Module):
     """
 
     def __init__(self, state_dict: dict[str, torch.Tensor]):
+        """Builds the model on `state_dict`'s weights (DINO's keys; a classification head is ignored).
+
+        Raises:
+            CIDMInputError: ("backbone") when the positions do not fit 224-pixel inputs or a key is not DINO's.
+        """
         super().__init__()
         width = state_dict["cls_token"].shape[-1]
         depth = 1 + max(int(m.group(1)) for key in state_dict if (m := re.match(r"blocks\.(\d+)\.", key)))
