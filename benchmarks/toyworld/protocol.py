@@ -532,40 +532,50 @@ def summary(stages: list[dict[str, dict]], names: list[str]) -> dict:
 
 def composition_modes(method: str) -> tuple[str, ...]:
     """How a method's tasks are composed at sampling time, the first as reported. Methods that train a task on top
-    of the earlier ones (c-lora, finetune) sum all tasks at weight 1, as in the C-LoRA paper; cidm routes with the
-    product's default, `named` (the tasks the prompt names, at full strength), and is also judged with the paper's
-    `elastic` weights (EWA), the same LoRAs under the paper's router."""
-    return ("fixed",) if CONSOLIDATORS[method].uses_old_in_forward else ("named", "elastic")
+    of the earlier ones (c-lora, finetune) sum all tasks at weight 1 (`fixed`), as in the C-LoRA paper; cidm routes
+    with the product's default, `named` (the tasks the prompt names, at full strength), and is also judged with the
+    paper's `elastic` weights (EWA). Every method is judged under the other's rule too (issue #33: routing apart
+    from consolidation): summed methods under `named`, routed ones summed."""
+    return ("fixed", "named") if CONSOLIDATORS[method].uses_old_in_forward else ("named", "elastic", "fixed")
+
+
+def judge_tasks(setup: Setup, learned: list[LearnedConcept], config: ProtocolConfig, mode: str,
+                log: Callable[[str], None], label: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """`learned`'s tasks composed under `mode`, judged after each task (its first k tasks after task k) as the
+    protocol judges a method: (summary scores with generic accuracy and `composition`, the last stage's samples,
+    the judged stages' Composer after the last task for further judging)."""
+    names = [item.concept.name for item in learned]
+    stages = []
+    for count in range(1, len(learned) + 1):
+        composer = Composer(setup, learned[:count], config, mode=mode)
+        stage, images = judge_stage(composer, learned[:count], config, setup.oracle, setup.world)
+        stages.append(stage)
+        log(f"{label} ({mode}): task {count}/{len(learned)} ({names[count - 1]}), acc "
+            + " ".join(f"{n} {stage[n]['acc']:.2f}" for n in stage))
+    scores = {**summary(stages, names), "composition": mode, "generic": generic_accuracy(composer, config,
+                                                                                         setup.oracle)}
+    return scores, images, composer
 
 
 def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[[str], None]) -> MethodRun:
-    names = setup.world.names()[:config.tasks]
-    modes = composition_modes(method)
-    trainers, learned, stages = [], [], {mode: [] for mode in modes}
+    """Trains `method`'s tasks one after the other, then judges them under each of `composition_modes(method)`,
+    the first as reported (with controls and compositions), the others in `other_compositions`."""
     started = time.monotonic()
+    trainers, learned = [], []
     for index in range(config.tasks):
         trainer, item = learn(setup, index, learned, method, config)
         trainers.append(trainer)
         learned.append(item)
-        composers = {mode: Composer(setup, learned, config, mode=mode) for mode in modes}
-        for mode, composer in composers.items():
-            stage, images = judge_stage(composer, learned, config, setup.oracle, setup.world)
-            stages[mode].append(stage)
-            if mode == modes[0]:
-                kept_images = images
-            log(f"{method} ({mode}): task {index + 1}/{config.tasks} ({names[index]}), acc "
-                + " ".join(f"{n} {stage[n]['acc']:.2f}" for n in stage) + f", {time.monotonic() - started:.0f} s")
-    composer = composers[modes[0]]
-    scores = summary(stages[modes[0]], names)
+        log(f"{method}: task {index + 1}/{config.tasks} ({item.concept.name}) trained, "
+            f"{time.monotonic() - started:.0f} s")
+    modes = composition_modes(method)
+    judged = {mode: judge_tasks(setup, learned, config, mode, log, method) for mode in modes}
+    scores, kept_images, composer = judged[modes[0]]
     scores["control"] = control_rates(composer, [c.concept for c in learned], config, setup.oracle)
-    scores["generic"] = generic_accuracy(composer, config, setup.oracle)
     scores["regions"], region_samples = judge_regions(
         region_pairs(learned, setup.world),
         lambda a, b, prompts, seeds, boxes: composer.sample_regions(prompts, seeds, boxes), config, setup.oracle)
-    scores["composition"] = modes[0]
-    scores["other_compositions"] = {mode: {**summary(stages[mode], names), "composition": mode,
-                                           "generic": generic_accuracy(composers[mode], config, setup.oracle)}
-                                    for mode in modes[1:]}
+    scores["other_compositions"] = {mode: judged[mode][0] for mode in modes[1:]}
     scores["seconds"] = time.monotonic() - started
     scores["trainer"] = f"{type(trainers[0]).__module__}.{type(trainers[0]).__qualname__}"
     scores["consolidator"] = type(trainers[-1].consolidator).__name__

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.toyworld import (auto_regions, concepts, judge_check, learnability, models, oracle, protocol, report, run,
-                                 tasks,
+from benchmarks.toyworld import (auto_regions, concepts, evaluation, judge_check, learnability, models, oracle, protocol,
+                                 report, run, tasks,
                                  world)
 from cidm.auto_regions import ProbeSettings
+from cidm.evaluation import image_alignment
 from cidm.backends.diffusers_backend import DiffusersDenoiser
 from cidm.consolidation import CONSOLIDATORS
 from cidm.train import ConceptTrainer
@@ -143,9 +144,12 @@ def test_smoke_protocol_writes_results_for_every_method(smoke):
         assert all(scores["acc"][t][c] is None for t in range(tasks) for c in range(t + 1, tasks))
         assert all(0 <= scores["acc"][t][c] <= 1 for t in range(tasks) for c in range(t + 1))
         # cidm under the product's named routing (and the paper's elastic beside it); the methods that train on
-        # top of the old tasks as the sum of all tasks
+        # top of the old tasks as the sum of all tasks; every method also under the other rule (issue #33)
         assert scores["composition"] == ("named" if method.startswith("cidm") else "fixed")
-        assert list(scores["other_compositions"]) == (["elastic"] if method.startswith("cidm") else [])
+        assert list(scores["other_compositions"]) == (["elastic", "fixed"] if method.startswith("cidm")
+                                                      else ["named"])
+        for other in scores["other_compositions"].values():
+            assert len(other["acc"]) == tasks and 0 <= other["final_acc"] <= 1
         if scores["composition"] == "named":
             # the zarp prompt names zarp only: weight 1 on it, 0 on its partner quil
             assert scores["weight_right"][-1] == [1.0, 1.0] and scores["weight_partner"][-1] == [0.0, 0.0]
@@ -400,6 +404,29 @@ def test_consolidation_ablations_zero_only_the_dropped_cidm_terms_and_name_thems
         " --token-slots one --consolidation none"
     with pytest.raises(ValueError, match="consolidation 'all'"):
         protocol.consolidation_weights("all", defaults)
+
+
+def test_the_evaluation_harness_scores_the_nodes_ia_on_the_protocols_stages(smoke):
+    """Issue 34's toy validity check on the smoke run: the history holds each concept from its task on, its IA is
+    the node's formula on the oracle's features of the stage's samples, and the harness's accuracy is the
+    protocol's own."""
+    out, _, runs = smoke
+    context, configs, _ = run.setup(True, out.parent / "cache", 1, lambda _: None)
+    config = configs[2]
+    learned = runs["finetune"].learned
+    embed = evaluation.oracle_features(context.oracle)
+    references = {item.concept.name: embed(evaluation.held_out_references(item.concept, 0)) for item in learned}
+    evaluations, stages = evaluation.method_history(context, config, learned, "finetune", embed, references,
+                                                    lambda _: None)
+    assert [sorted(e.scores) for e in evaluations] == [["zarp"], ["quil", "zarp"]]
+    composer = protocol.Composer(context, learned, config, mode="fixed")
+    _, images = protocol.judge_stage(composer, learned, config, context.oracle, context.world)
+    assert evaluations[-1].scores["quil"]["IA"] == image_alignment(embed(images["quil"]), references["quil"])
+    assert [s["zarp"]["acc"] for s in stages] == [row[0] for row in runs["finetune"].scores["acc"]]
+    summary = evaluation.summarize(evaluations, stages, {"zarp": 0.0, "quil": 2.0})
+    assert summary["above_base"] == 1 and summary["concepts"] == ["zarp", "quil"]
+    assert summary["ia_forgetting_mean"] == pytest.approx(max(e.scores["zarp"]["IA"] for e in evaluations)
+                                                          - evaluations[-1].scores["zarp"]["IA"])
 
 
 def test_automatic_regions_go_on_from_the_probe_and_fall_back_to_the_plain_sample(smoke, tmp_path):
