@@ -54,6 +54,13 @@ def fill(template: str, text: str) -> str:
     return template.replace(PLACEHOLDER, text)
 
 
+def prompt_pairs(templates: list[str], concept: str, class_text: str,
+                 samples_per_prompt: int) -> list[tuple[str, str]]:
+    """(sampling prompt, TA text) per sample, in sampling order: each template `samples_per_prompt` times, naming
+    the concept as `<concept>` for sampling and by `class_text` for TA (CIFC inference.py lines 196-218)."""
+    return [(fill(t, f"<{concept}>"), fill(t, class_text)) for t in templates for _ in range(samples_per_prompt)]
+
+
 def _unit(embeddings: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(embeddings.double().flatten(1), dim=1)
 
@@ -137,28 +144,32 @@ def history_from_json(text: str, where: str) -> list[Evaluation]:
 
 
 def with_evaluation(evaluations: list[Evaluation], new: Evaluation) -> list[Evaluation]:
-    """The history with `new` added; an earlier evaluation under the same key (the same library revision, backbone,
-    sampler settings and seed) is replaced, so a re-run never doubles an entry."""
+    """The history with `new` added. An earlier evaluation under the same key (the same library revision, backbone,
+    sampler settings and seed) is merged with it concept by concept, `new`'s concepts (scored or skipped) winning,
+    so a re-run never doubles an entry and a run on some concepts keeps the others' scores."""
+    old = next((e for e in evaluations if e.key == new.key), None)
+    if old is not None:
+        kept = set(new.scores) | set(new.skipped)
+        new = dataclasses.replace(new, scores={**{c: s for c, s in old.scores.items() if c not in kept}, **new.scores},
+                                  skipped={**{c: n for c, n in old.skipped.items() if c not in kept}, **new.skipped})
     return [e for e in evaluations if e.key != new.key] + [new]
 
 
 @dataclasses.dataclass
 class ForgettingTable:
-    """One series' scores of one metric: `scores` [concepts, evaluations] (NaN where a concept was not yet learned
-    or not scored), columns in revision order, labelled by the number of tasks the library held."""
+    """One series' scores of one metric: `scores` [concepts, evaluations] (NaN where a concept was not yet learned,
+    not scored, or scored against other reference images than its latest score), columns in revision order,
+    labelled by the number of tasks the library held."""
     metric: str
     concepts: list[str]
     tasks: list[int]
     scores: torch.Tensor
 
     def forgetting(self) -> dict[str, float]:
-        """Per concept scored at least once: its peak score minus its latest (CIDM's F_j; 0 when never lower)."""
-        result = {}
-        for concept, row in zip(self.concepts, self.scores):
-            seen = row[~row.isnan()]
-            if len(seen):
-                result[concept] = float(seen.max() - seen[-1])
-        return result
+        """Per concept scored in the latest evaluation: its peak score minus that latest one (CIDM's F_j; 0 when
+        never lower). A concept the latest evaluation did not score has no forgetting to show."""
+        return {concept: float(row[~row.isnan()].max() - row[-1]) for concept, row in zip(self.concepts, self.scores)
+                if not row[-1].isnan()}
 
     def markdown(self) -> str:
         forgetting = self.forgetting()
@@ -167,7 +178,8 @@ class ForgettingTable:
                  "|---" * (len(self.tasks) + 2) + "|"]
         for concept, row in zip(self.concepts, self.scores):
             cells = ["–" if math.isnan(v) else f"{v:.3f}" for v in row.tolist()]
-            lines.append(f"| {concept} | " + " | ".join(cells) + f" | {forgetting.get(concept, float('nan')):.3f} |")
+            lost = f"{forgetting[concept]:.3f}" if concept in forgetting else "–"
+            lines.append(f"| {concept} | " + " | ".join(cells) + f" | {lost} |")
         return "\n".join(lines)
 
 
@@ -182,10 +194,12 @@ def forgetting_table(evaluations: list[Evaluation], series: str, metric: str) ->
         raise ValueError(f"metric {metric!r}: expected one of {METRICS}")
     chosen = sorted((e for e in evaluations if e.key.series() == series), key=lambda e: e.key.revision)
     concepts = list(dict.fromkeys(c for e in chosen for c, s in e.scores.items() if s.get(metric) is not None))
+    latest = {c: next(e.scores[c].get("references_id") for e in reversed(chosen) if c in e.scores)
+              for c in concepts}
     scores = torch.full((len(concepts), len(chosen)), math.nan, dtype=torch.float64)
     for column, evaluation in enumerate(chosen):
         for row, concept in enumerate(concepts):
-            value = evaluation.scores.get(concept, {}).get(metric)
-            if value is not None:
-                scores[row, column] = value
+            score = evaluation.scores.get(concept, {})
+            if score.get(metric) is not None and score.get("references_id") == latest[concept]:
+                scores[row, column] = score[metric]
     return ForgettingTable(metric, concepts, [e.tasks for e in chosen], scores)

@@ -34,7 +34,8 @@ def line_plot(values: list[float], title: str, width: int = 512, height: int = 2
 
 def heatmap(matrix: torch.Tensor, row_labels: list[str], column_labels: list[str], title: str,
             font_size: int = 14, cell_height: int = 26) -> torch.Tensor:
-    """Rows × columns of values in [0, 1], darker = larger, each cell labelled with its value.
+    """Rows × columns of values in [0, 1], darker = larger, each cell labelled with its value (NaN: an empty cell
+    labelled "–").
 
     Labels are drawn in full: every column is as wide as its label (at least 64 px), the row label margin as wide
     as the longest row label, in PIL's scalable default font at `font_size` px. Returns an IMAGE tensor
@@ -62,8 +63,12 @@ def heatmap(matrix: torch.Tensor, row_labels: list[str], column_labels: list[str
         draw.text((pad, y + (cell_height - font_size) // 2), label, fill=INK, font=font)
         for c in range(columns):
             value = float(matrix[r, c])
-            shade = int(255 * (1 - max(0.0, min(1.0, value))))
             box = [starts[c], y, starts[c] + widths[c] - 2, y + cell_height - 2]
+            if value != value:  # NaN: no value here (a concept not learned yet); an empty cell with a dash
+                draw.rectangle(box, outline=GRID)
+                draw.text((box[0] + pad, y + (cell_height - font_size) // 2), "–", fill=INK, font=font)
+                continue
+            shade = int(255 * (1 - max(0.0, min(1.0, value))))
             draw.rectangle(box, fill=(shade, shade, 255))
             draw.text((box[0] + pad, y + (cell_height - font_size) // 2), f"{value:.2f}",
                       fill=INK if shade > 120 else BACKGROUND, font=font)

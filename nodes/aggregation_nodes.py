@@ -21,8 +21,9 @@ from .library_nodes import ConceptLibraryType
 CATEGORY = "CIDM/aggregation"
 
 
-def select_tasks(library, selection: str):
-    """'all', or task numbers / concept names separated by commas."""
+def select_tasks(library, selection: str, input_name: str = "tasks"):
+    """'all', or task numbers / concept names separated by commas. Raises CIDMInputError naming `library` for a
+    library with no task, or `input_name` for an item that is no task."""
     tasks = library.tasks
     if not tasks:
         raise CIDMInputError("library", f"library '{library.name}' has no concepts yet")
@@ -32,7 +33,7 @@ def select_tasks(library, selection: str):
     for item in (part.strip() for part in selection.split(",") if part.strip()):
         match = [t for t in tasks if str(t.index) == item or name_key(t.concept) == name_key(item)]
         if not match:
-            raise CIDMInputError("tasks", f"'{item}' is not a task number or concept of '{library.name}'; known: "
+            raise CIDMInputError(input_name, f"'{item}' is not a task number or concept of '{library.name}'; known: "
                                           + ", ".join(f"{t.index}:{t.concept}" for t in tasks))
         chosen.extend(t for t in match if t not in chosen)
     return chosen

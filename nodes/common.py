@@ -80,15 +80,15 @@ def input_root() -> Path:
     return Path(folder_paths.get_input_directory()).resolve()
 
 
-def input_subfolder(folder: str) -> Path | None:
-    """A folder named relative to ComfyUI's input directory; refuses paths that escape it."""
+def input_subfolder(folder: str, input_name: str = "folder") -> Path | None:
+    """A folder named relative to ComfyUI's input directory; refuses paths that escape it, naming `input_name`."""
     folder = folder.strip()
     if not folder:
         return None
     base = input_root()
     path = (base / folder).resolve()
     if base != path and base not in path.parents:
-        raise CIDMInputError("folder", f"'{folder}' is outside ComfyUI's input directory")
+        raise CIDMInputError(input_name, f"'{folder}' is outside ComfyUI's input directory")
     return path
 
 

@@ -4,9 +4,12 @@ library."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import math
 from datetime import datetime, timezone
+from pathlib import Path
 
 import comfy.model_management
 import comfy.sample
@@ -19,8 +22,9 @@ from safetensors.torch import load_file
 
 from ..cidm.data import load_concept_folder
 from ..cidm.errors import CIDMInputError
-from ..cidm.evaluation import (Evaluation, EvaluationKey, fill, forgetting_table, image_alignment, parse_prompts,
-                               text_alignment)
+from ..cidm.evaluation import (Evaluation, EvaluationKey, forgetting_table, image_alignment, parse_prompts,
+                               prompt_pairs, text_alignment)
+from ..cidm.names import name_key
 from ..cidm.plots import heatmap
 from ..cidm.routing import PROMPT_KEY
 from .aggregation_nodes import aggregate, encode_layerwise, select_tasks
@@ -53,28 +57,74 @@ def backbone_name(clip_vision) -> str:
     return f"{kind} #{digest.hexdigest()[:10]}"
 
 
+EMBED_CHUNK = 16  # images per CLIP vision / DINO call: a paper-sized run (1000 per concept) fits any GPU
+
+
 def image_embeddings(clip_vision, images: torch.Tensor) -> torch.Tensor:
     """[N, D] `image_embeds` of IMAGE [N, H, W, 3] (ComfyUI's preprocessing: shortest side to the model's size,
-    centre crop)."""
-    return clip_vision.encode_image(images, crop=True)["image_embeds"].float().cpu()
+    centre crop), EMBED_CHUNK images at a time."""
+    return torch.cat([clip_vision.encode_image(images[start:start + EMBED_CHUNK], crop=True)["image_embeds"]
+                      .float().cpu() for start in range(0, len(images), EMBED_CHUNK)])
 
 
-def references(task, held_out: str) -> tuple[torch.Tensor | None, str]:
-    """(IMAGE batch of the concept's references or None, what they are). Held-out images (a subfolder named as the
-    concept under `held_out`, in ComfyUI's input folder) come first; else the training folder the task recorded,
-    if it still exists. The library itself keeps no image."""
-    root = input_subfolder(held_out)
-    candidates = [(root / task.concept, "held-out")] if root is not None else []
+@dataclasses.dataclass
+class References:
+    """A concept's reference images (None: it has none), what they are, and a digest of the files (`id`): scores
+    against other references never share a row of the forgetting table."""
+    images: list[torch.Tensor] | None
+    note: str
+    id: str | None = None
+
+
+def reference_folders(task, held_out: str) -> list[tuple[Path, str]]:
+    """The folders that may hold `task`'s references, preferred first: the subfolder of `held_out` named as the
+    concept (in any case, as the library matches names), then the training folder the task recorded."""
+    candidates = []
+    root = input_subfolder(held_out, "held_out")
+    if root is not None and root.is_dir():
+        named = [p for p in root.iterdir() if p.is_dir() and name_key(p.name) == name_key(task.concept)]
+        candidates.append((named[0] if named else root / task.concept, "held-out"))
     trained_from = task.hyperparameters.get("folder") or ""
     if trained_from:
-        candidates.append((input_subfolder(trained_from), "training images (they reward copying)"))
+        candidates.append((input_subfolder(trained_from, "library"), "training images (they reward copying)"))
+    return candidates
+
+
+def references(task, held_out: str) -> References:
+    """The first existing folder of `reference_folders`. The library itself keeps no image.
+
+    Raises CIDMInputError naming `held_out` (or `library` for a recorded training folder) when a folder holds a
+    file that is not an image, or no image."""
+    candidates = reference_folders(task, held_out)
     for folder, kind in candidates:
         if folder.is_dir():
             examples = load_concept_folder(folder, "held_out" if kind == "held-out" else "library",
                                            root=input_root())
-            return [e.image for e in examples], f"{len(examples)} {kind} from {folder.name}"
+            digest = hashlib.sha256(kind.encode())
+            for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+                digest.update(path.name.encode() + path.read_bytes())
+            return References([e.image for e in examples], f"{len(examples)} {kind} from {folder.name}",
+                              digest.hexdigest()[:16])
     tried = ", ".join(str(folder) for folder, _ in candidates) or "no folder (none given, none recorded)"
-    return None, f"no reference images: tried {tried}"
+    return References(None, f"no reference images: tried {tried}")
+
+
+def reference_fingerprint(library, held_out: str) -> str | float:
+    """ComfyUI's cache key part for the reference images: every candidate folder's files (names, sizes, times), so
+    that adding held-out images re-runs the node; NaN (always re-run) when the library or a folder cannot be read
+    now, for the run to name the problem."""
+    try:
+        tasks = library.open().tasks
+        folders = [folder for task in tasks for folder, _ in reference_folders(task, held_out)]
+    except CIDMInputError:
+        return float("nan")
+    digest = hashlib.sha256()
+    for folder in folders:
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                stat = path.stat()
+                digest.update(f"{path} {stat.st_size} {stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def class_text(task) -> str:
@@ -85,25 +135,29 @@ def class_text(task) -> str:
 class Evaluator:
     """Samples, embeds and scores concepts for one evaluation run of the node; `progress` counts sampled images."""
 
-    def __init__(self, model, clip, vae, lib, clip_vision, dino, templates: list[str], held_out: str,
-                 samples_per_prompt: int, seed: int, sampler: dict, node_id: str | None, total: int):
+    def __init__(self, model, clip, vae, lib, clip_vision, dino, templates: list[str], samples_per_prompt: int,
+                 seed: int, sampler: dict, node_id: str | None, total: int):
         self.model = aggregate(model, lib, lib.tasks, sampler["scale"], "named", node="Evaluate Concept Library")
         self.clip, self.vae, self.lib = clip, vae, lib
-        self.clip_vision, self.dino, self.held_out = clip_vision, dino, held_out
+        self.clip_vision, self.dino = clip_vision, dino
         self.templates, self.samples_per_prompt, self.seed, self.sampler = templates, samples_per_prompt, seed, sampler
         self.negative = self.conditioning("")
         self.progress = comfy.utils.ProgressBar(total, node_id=node_id)
 
     def conditioning(self, text: str):
+        """CIDM Text Encode's conditioning of `text`, with the sampled size for SDXL's size conditioning (as
+        CLIPTextEncodeSDXL sets it; a plain prompt would say 768)."""
         ordinary, pooled, prompt, _ = encode_layerwise(self.clip, self.lib, text, "prompts")
-        return [[ordinary, {"pooled_output": pooled, PROMPT_KEY: prompt}]]
+        size = self.sampler["size"]
+        return [[ordinary, {"pooled_output": pooled, PROMPT_KEY: prompt, "width": size, "height": size,
+                            "target_width": size, "target_height": size}]]
 
     def sample(self, text: str) -> torch.Tensor:
         """IMAGE [samples_per_prompt, H, W, 3] of `text`, from the same seed for every prompt (as CIFC
         inference.py re-seeds per prompt)."""
-        size = self.sampler["size"]
-        latent = torch.zeros(self.samples_per_prompt, 4, size // 8, size // 8)
-        latent = comfy.sample.fix_empty_latent_channels(self.model, latent)
+        cells = self.sampler["size"] // self.lib.family.vae_downscale
+        latent = comfy.sample.fix_empty_latent_channels(self.model, torch.zeros(self.samples_per_prompt, 4, cells,
+                                                                                cells))
         noise = comfy.sample.prepare_noise(latent, self.seed)
         samples = comfy.sample.sample(self.model, noise, self.sampler["steps"], self.sampler["cfg"],
                                       self.sampler["sampler"], self.sampler["scheduler"], self.conditioning(text),
@@ -124,49 +178,65 @@ class Evaluator:
         pooled = [self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)[1] for text in texts]
         return torch.cat(pooled).float().cpu()
 
-    def score(self, task) -> tuple[dict | None, str, torch.Tensor]:
-        """(metrics or None when the concept has no references, a note, the samples)."""
-        images, texts = [], []
-        for number, template in enumerate(self.templates, 1):
+    def score(self, task, refs: References) -> tuple[dict | None, str, torch.Tensor]:
+        """(metrics, or None when the concept has no references or its samples are not finite; a note; the
+        samples)."""
+        pairs = prompt_pairs(self.templates, task.concept, class_text(task), self.samples_per_prompt)
+        images = []
+        for number, start in enumerate(range(0, len(pairs), self.samples_per_prompt), 1):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            images.append(self.sample(fill(template, f"<{task.concept}>")))
-            texts += [fill(template, class_text(task))] * self.samples_per_prompt
+            images.append(self.sample(pairs[start][0]))
             logging.info("CIDM evaluate '%s': prompt %d/%d", task.concept, number, len(self.templates))
         images = torch.cat(images)
-        refs, note = references(task, self.held_out)
-        if refs is None:
-            return None, note, images
+        if refs.images is None:
+            return None, refs.note, images
         embedded = image_embeddings(self.clip_vision, images)
-        reference_embeddings = torch.cat([image_embeddings(self.clip_vision, r[None]) for r in refs])
-        text = self.text_embeddings(texts, embedded.shape[1])
+        reference_embeddings = torch.cat([image_embeddings(self.clip_vision, r[None]) for r in refs.images])
+        text = self.text_embeddings([ta for _, ta in pairs], embedded.shape[1])
         scores = {"IA": image_alignment(embedded, reference_embeddings),
                   "TA": None if text is None else text_alignment(embedded, text),
                   "DINO": None if self.dino is None else image_alignment(
                       image_embeddings(self.dino, images),
-                      torch.cat([image_embeddings(self.dino, r[None]) for r in refs])),
-                  "references": note, "samples": len(images)}
-        return scores, note, images
+                      torch.cat([image_embeddings(self.dino, r[None]) for r in refs.images])),
+                  "references": refs.note, "references_id": refs.id, "samples": len(images)}
+        if not all(math.isfinite(v) for v in (scores["IA"], scores["TA"] or 0.0, scores["DINO"] or 0.0)):
+            return None, "its samples or their embeddings are not finite (NaN); try the VAE in fp32", images
+        return scores, refs.note, images
+
+
+def sample_size(size: int, lib) -> int:
+    """The square side sampled: `size`, or the family's native one for 0, as a whole number of latent cells.
+
+    Raises CIDMInputError("size") below 64 pixels or off the VAE's grid."""
+    size = size or lib.family.resolution
+    if size < 64 or size % lib.family.vae_downscale:
+        raise CIDMInputError("size", f"{size} px: give 0 (the family's size) or a multiple of "
+                                     f"{lib.family.vae_downscale} of at least 64")
+    return size
 
 
 def evaluate_library(model, clip, vae, library, clip_vision, dino, concepts: str, prompts: str, held_out: str,
                      samples_per_prompt: int, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
                      scale: float, size: int, node_id: str | None) -> tuple[torch.Tensor, str, torch.Tensor]:
     """Scores the chosen concepts, records the evaluation in the library's history (only once every concept is
-    done: an interrupted run records nothing), and returns (samples, report, plot)."""
+    done: an interrupted run records nothing), and returns (samples, report, plot). Every input, reference folder
+    and the history are checked before the first sample."""
     lib = library.open()
-    chosen = select_tasks(lib, concepts)
+    chosen = select_tasks(lib, concepts, "concepts")
     templates = parse_prompts(prompts)
-    held_out_folder = input_subfolder(held_out)
+    held_out_folder = input_subfolder(held_out, "held_out")
     if held_out_folder is not None and not held_out_folder.is_dir():
         raise CIDMInputError("held_out", f"folder {held_out_folder} does not exist; give a folder under ComfyUI's "
                                          "input folder with one subfolder per concept, or leave it empty")
     sampler = {"steps": steps, "cfg": cfg, "sampler": sampler_name, "scheduler": scheduler, "scale": scale,
-               "size": size or lib.family.resolution, "samples_per_prompt": samples_per_prompt, "prompts": templates}
-    evaluator = Evaluator(model, clip, vae, lib, clip_vision, dino, templates, held_out, samples_per_prompt, seed,
-                          sampler, node_id, len(chosen) * len(templates) * samples_per_prompt)
+               "size": sample_size(size, lib), "samples_per_prompt": samples_per_prompt, "prompts": templates}
+    refs = {task.concept: references(task, held_out) for task in chosen}
+    lib.evaluation_history()  # an unreadable history is named now, not after the sampling
+    evaluator = Evaluator(model, clip, vae, lib, clip_vision, dino, templates, samples_per_prompt, seed, sampler,
+                          node_id, len(chosen) * len(templates) * samples_per_prompt)
     scores, skipped, samples = {}, {}, []
     for task in chosen:
-        result, note, images = evaluator.score(task)
+        result, note, images = evaluator.score(task, refs[task.concept])
         samples.append(images)
         if result is None:
             skipped[task.concept] = note
@@ -270,6 +340,10 @@ class EvaluateConceptLibrary(io.ComfyNode):
                      io.Image.Output(display_name="plot", tooltip="IA per concept after each evaluated revision, "
                                      "and its forgetting.")],
             hidden=[io.Hidden.unique_id])
+
+    @classmethod
+    def fingerprint_inputs(cls, library, held_out, **_):
+        return reference_fingerprint(library, held_out)
 
     @classmethod
     def execute(cls, model, clip, vae, library, clip_vision, concepts, prompts, held_out, samples_per_prompt, seed,

@@ -24,6 +24,7 @@ EVALUATE = dict(concepts="all", prompts="a photo of a <TOK>\na <TOK> in the fore
 
 
 def write_held_out(comfy, concept: str, seed: int, count: int = 3) -> None:
+    """`count` random images in input/held_out/<concept> (the folder name in any case)."""
     folder = comfy.workspace / "input" / "held_out" / concept
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -33,11 +34,12 @@ def write_held_out(comfy, concept: str, seed: int, count: int = 3) -> None:
 
 @pytest.fixture(scope="module")
 def library(comfy):
-    """dog, duck and cat (random LoRAs that visibly act); held-out images for dog and duck only."""
+    """dog, duck and cat (random LoRAs that visibly act); held-out images for dog and duck only (duck's folder named
+    in another case: concepts match in any case)."""
     synthesize_library(comfy.workspace / "models" / "checkpoints" / CKPT, library_root(comfy, LIBRARY),
                        ["dog", "duck", "cat"], lora_std=0.2)
     write_held_out(comfy, "dog", 1)
-    write_held_out(comfy, "duck", 2)
+    write_held_out(comfy, "Duck", 2)
     return library_root(comfy, LIBRARY)
 
 
@@ -100,6 +102,13 @@ def test_a_three_task_library_is_scored_a_concept_without_references_skipped_and
     graph, node = evaluation_graph(seed=7, dino=True)  # another seed: another series, kept apart
     (report,) = comfy.run(graph.prompt())["outputs"][node.id]["text"]
     assert len(history(library)) == 3 and "| IA | after 4 tasks | forgetting |" in report
+    # held-out images for cat arrive: the same prompt runs again (not served from ComfyUI's cache), and cat joins
+    # the same entry while the others keep their scores
+    write_held_out(comfy, "cat", 5)
+    comfy.run(graph.prompt())
+    latest = history(library)
+    assert len(latest) == 3 and set(latest[-1]["scores"]) == {"dog", "duck", "bear", "cat"}
+    assert "cat" not in latest[-1]["skipped"]
 
 
 def test_an_interrupt_leaves_the_library_and_its_history_readable(comfy, library):

@@ -7,7 +7,8 @@ import torch
 
 from cidm.errors import CIDMInputError
 from cidm.evaluation import (DEFAULT_PROMPTS, Evaluation, EvaluationKey, fill, forgetting_table, history_from_json,
-                             history_json, image_alignment, parse_prompts, text_alignment, with_evaluation)
+                             history_json, image_alignment, parse_prompts, prompt_pairs, text_alignment,
+                             with_evaluation)
 
 
 def test_image_alignment_is_the_mean_over_all_pairs_of_unit_vectors():
@@ -40,12 +41,18 @@ def test_prompts_name_the_concept_as_TOK_and_the_class_word_takes_its_place():
     template = "A <TOK>, in the forest"
     assert fill(template, "<dog>") == "A <dog>, in the forest"
     assert fill(template, "dog") == "A dog, in the forest"
+    # each sample is sampled from the concept's prompt and scored against the same prompt with the class word
+    assert prompt_pairs(["a <TOK>", "a <TOK> at night"], "my dog", "dog", 2) == [
+        ("a <my dog>", "a dog"), ("a <my dog>", "a dog"), ("a <my dog> at night", "a dog at night"),
+        ("a <my dog> at night", "a dog at night")]
 
 
-def entry(revision: int, tasks: int, scores: dict, backbone="clip-vit-l", seed=0, steps=20) -> Evaluation:
+def entry(revision: int, tasks: int, scores: dict, backbone="clip-vit-l", seed=0, steps=20, references="r",
+          skipped=None) -> Evaluation:
     key = EvaluationKey(revision=revision, backbone=backbone, sampler={"steps": steps, "cfg": 7.5}, seed=seed)
-    return Evaluation(key=key, tasks=tasks, scores={c: {"IA": v, "TA": None, "DINO": None} for c, v in scores.items()},
-                      skipped={}, created="2026-12-08T00:00:00+00:00")
+    return Evaluation(key=key, tasks=tasks, scores={c: {"IA": v, "TA": None, "DINO": None, "references_id": references}
+                                                    for c, v in scores.items()},
+                      skipped=skipped or {}, created="2026-12-08T00:00:00+00:00")
 
 
 def test_history_keys_by_revision_backbone_sampler_and_seed_and_a_rerun_replaces_its_entry():
@@ -60,6 +67,11 @@ def test_history_keys_by_revision_backbone_sampler_and_seed_and_a_rerun_replaces
     rerun = entry(3, 2, {"dog": 0.76, "duck": 0.61})
     history = with_evaluation(history, rerun)
     assert len(history) == 6 and history[-1] == rerun
+    # a run on some concepts at the same key keeps the others' scores; a concept skipped now loses its old score
+    history = with_evaluation(history, entry(3, 2, {"duck": 0.61}))
+    assert history[-1].scores == rerun.scores
+    merged = with_evaluation(history, entry(3, 2, {}, skipped={"duck": "no references"}))
+    assert set(merged[-1].scores) == {"dog"} and merged[-1].skipped == {"duck": "no references"}
     table = forgetting_table(history, rerun.key.series(), "IA")
     assert table.concepts == ["dog", "duck", "cat"] and table.tasks == [1, 2, 3]
     expected = torch.tensor([[0.80, 0.76, 0.78], [math.nan, 0.61, 0.55], [math.nan, math.nan, 0.9]],
@@ -82,3 +94,16 @@ def test_the_history_round_trips_refuses_nan_and_names_an_unreadable_file(tmp_pa
     for text in ("{", '{"format": "cidm-evaluation-history", "version": 9, "evaluations": []}', "[]"):
         with pytest.raises(CIDMInputError, match="library: the evaluation history at/here cannot be read"):
             history_from_json(text, "at/here")
+
+
+def test_forgetting_is_peak_minus_the_latest_evaluation_against_the_same_references():
+    history = [entry(2, 1, {"dog": 0.9}), entry(3, 2, {"dog": 0.7, "duck": 0.6}),
+               entry(4, 3, {"duck": 0.5, "cat": 0.8})]  # the latest run did not score dog
+    table = forgetting_table(history, history[0].key.series(), "IA")
+    assert table.forgetting() == pytest.approx({"duck": 0.1, "cat": 0.0}), "dog has no latest score to compare"
+    assert "| dog | 0.900 | 0.700 | – | – |" in table.markdown()
+    # new (held-out) references for duck: its scores against the old ones drop out of its row
+    history.append(entry(5, 4, {"duck": 0.4}, references="held-out"))
+    table = forgetting_table(history, history[0].key.series(), "IA")
+    assert table.scores[table.concepts.index("duck")].isnan().tolist() == [True, True, True, False]
+    assert table.forgetting()["duck"] == 0.0

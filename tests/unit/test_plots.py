@@ -30,3 +30,12 @@ def test_heatmap_is_large_enough_to_read():
     image = heatmap(torch.rand(16, 2), [f"layer {i}" for i in range(16)], ["1:dog", "2:duck"], "weights")
     assert image.shape[1] >= 400 and image.shape[2] >= 200
     assert image.min() >= 0 and image.max() <= 1
+
+
+def test_a_nan_cell_is_drawn_empty_not_as_the_largest_value():
+    """Issue 34's forgetting plot: a concept not learned yet has NaN cells, which must not look like a score of 1."""
+    nan = heatmap(torch.tensor([[float("nan")]]), ["dog"], ["after 1"], "IA")
+    one = heatmap(torch.tensor([[1.0]]), ["dog"], ["after 1"], "IA")
+    assert nan.shape == one.shape
+    coloured = lambda image: float((image[0].mean(-1) < 0.9).float().mean())  # noqa: E731  (not white)
+    assert coloured(nan) < coloured(one) / 2
