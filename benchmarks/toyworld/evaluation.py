@@ -139,9 +139,9 @@ def main() -> None:
     results = {"world_seed": args.world_seed, "methods": {}, "tasks": {}}
     for method in METHODS:
         given = getattr(args, f"tasks_{method.replace('-', '_')}")
+        results["tasks"][method] = (given or tasks.tasks_path(configs, args.cache, method)).name  # keyed now
         learned = tasks.load_tasks(context, given, config.tasks, method) if given else \
             tasks.learned_tasks(context, configs, args.cache, print, method)
-        results["tasks"][method] = (given or tasks.tasks_path(configs, args.cache, method)).name
         torch.manual_seed(0)
         evaluations, stages = method_history(context, config, learned, method, embed, references, print)
         results["methods"][method] = summarize(evaluations, stages,

@@ -66,10 +66,10 @@ def main() -> None:
     context, configs, _ = run.setup(args.smoke, args.cache, args.threads or (1 if args.smoke else None), print,
                                     args.world_seed)
     config = configs[2]
+    kept = (args.tasks or tasks.tasks_path(configs, args.cache, args.method)).name  # keyed before any training
     learned = tasks.load_tasks(context, args.tasks, config.tasks, args.method) if args.tasks else \
         tasks.learned_tasks(context, configs, args.cache, print, args.method)
-    results = {"method": args.method, "world_seed": args.world_seed,
-               "tasks": (args.tasks or tasks.tasks_path(configs, args.cache, args.method)).name,
+    results = {"method": args.method, "world_seed": args.world_seed, "tasks": kept,
                "rules": {mode: judge_rule(context, config, learned, mode, args.method, print) for mode in MODES}}
     out = args.out or (args.cache / "smoke-routing" if args.smoke else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
