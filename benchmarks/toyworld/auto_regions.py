@@ -27,7 +27,7 @@ from cidm.auto_regions import AttentionProbe, AutoMasks, ProbeSettings, auto_mas
 from cidm.backends.diffusers_backend import RegionBatch  # noqa: E402
 from cidm.routing import LayerwisePrompt, only_concept  # noqa: E402
 
-from benchmarks.toyworld import models, protocol, run, tasks  # noqa: E402
+from benchmarks.toyworld import models, protocol, tasks  # noqa: E402
 
 class AutoComposer(protocol.Composer):
     """The protocol's Composer with automatic regions (cidm.auto_regions): the first `settings.probe_steps` DDIM
@@ -230,23 +230,15 @@ def markdown(results: dict, world_seed: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="tiny configuration: checks the harness end to end")
+    tasks.add_harness_arguments(parser, RESULTS)
     parser.add_argument("--train", action="store_true", help="train (or find) the tasks, and stop")
     parser.add_argument("--tasks", type=Path, help="the trained tasks to use (a file written by --train), "
                         "instead of the cache's for the current training code")
-    parser.add_argument("--cache", type=Path, default=models.CACHE)
-    parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
-    parser.add_argument("--threads", type=int)
     parser.add_argument("--default-only", action="store_true", help="automatic regions with the default settings "
                         "only (ProbeSettings()), not the whole sweep")
     args = parser.parse_args()
-    context, configs, _ = run.setup(args.smoke, args.cache, args.threads or (1 if args.smoke else None), print,
-                                    args.world_seed)
-    if args.tasks:
-        learned = tasks.load_tasks(context, args.tasks, configs[2].tasks)
-    else:
-        learned = tasks.learned_tasks(context, configs, args.cache, print)
+    context, configs = tasks.harness_setup(args)
+    learned, kept = tasks.method_tasks(context, configs, args.cache, "cidm", args.tasks)
     if args.train:
         return
     torch.manual_seed(0)
@@ -254,7 +246,7 @@ def main() -> None:
     results = evaluate(context, configs[2], learned, sweep, print)
     results["localization"] = localization(AutoComposer(context, learned, configs[2]),
                                            protocol.region_pairs(learned, context.world), configs[2])
-    results["tasks"] = (args.tasks or tasks.tasks_path(configs, args.cache)).name
+    results["tasks"] = kept
     out = args.out or (args.cache / "smoke-auto-regions" if args.smoke else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"world-{args.world_seed}.json").write_text(json.dumps(results, indent=1))

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from cidm.evaluation import Evaluation, EvaluationKey, forgetting_table, image_alignment  # noqa: E402
 
-from benchmarks.toyworld import concepts, models, oracle, protocol, run, tasks, world  # noqa: E402
+from benchmarks.toyworld import concepts, oracle, protocol, tasks, world  # noqa: E402
 
 METHODS = ("cidm", "finetune")
 REFERENCE_SEED = 7919  # added to the world seed: placements the training images never had
@@ -121,27 +121,20 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="tiny configuration: checks the harness end to end")
+    tasks.add_harness_arguments(parser, RESULTS)
     for method in METHODS:
         parser.add_argument(f"--tasks-{method}", type=Path, help=f"{method}'s trained tasks (a file of "
                             "benchmarks.toyworld.tasks), instead of the cache's for the current training code")
-    parser.add_argument("--cache", type=Path, default=models.CACHE)
-    parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
-    parser.add_argument("--threads", type=int)
     args = parser.parse_args()
-    context, configs, _ = run.setup(args.smoke, args.cache, args.threads or (1 if args.smoke else None), print,
-                                    args.world_seed)
+    context, configs = tasks.harness_setup(args)
     config = configs[2]
     embed = oracle_features(context.oracle)
     references = {c.name: embed(held_out_references(c, args.world_seed))
                   for c in context.world.concepts[:config.tasks]}
     results = {"world_seed": args.world_seed, "methods": {}, "tasks": {}}
     for method in METHODS:
-        given = getattr(args, f"tasks_{method.replace('-', '_')}")
-        results["tasks"][method] = (given or tasks.tasks_path(configs, args.cache, method)).name  # keyed now
-        learned = tasks.load_tasks(context, given, config.tasks, method) if given else \
-            tasks.learned_tasks(context, configs, args.cache, print, method)
+        learned, results["tasks"][method] = tasks.method_tasks(context, configs, args.cache, method,
+                                                               getattr(args, f"tasks_{method}"))
         torch.manual_seed(0)
         evaluations, stages = method_history(context, config, learned, method, embed, references, print)
         results["methods"][method] = summarize(evaluations, stages,

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.toyworld import models, protocol, report, run, tasks  # noqa: E402
+from benchmarks.toyworld import protocol, report, tasks  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "toyworld" / "v2.6-33-routing"
 MODES = ("fixed", "named")
@@ -54,21 +54,14 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-seed", type=int, default=0)
+    tasks.add_harness_arguments(parser, RESULTS)
     parser.add_argument("--method", choices=protocol.METHODS, required=True)
     parser.add_argument("--tasks", type=Path, help="the method's trained tasks (a file of benchmarks.toyworld.tasks), "
                         "instead of the cache's for the current training code")
-    parser.add_argument("--smoke", action="store_true", help="tiny configuration: checks the harness end to end")
-    parser.add_argument("--cache", type=Path, default=models.CACHE)
-    parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
-    parser.add_argument("--threads", type=int)
     args = parser.parse_args()
-    context, configs, _ = run.setup(args.smoke, args.cache, args.threads or (1 if args.smoke else None), print,
-                                    args.world_seed)
+    context, configs = tasks.harness_setup(args)
     config = configs[2]
-    kept = (args.tasks or tasks.tasks_path(configs, args.cache, args.method)).name  # keyed before any training
-    learned = tasks.load_tasks(context, args.tasks, config.tasks, args.method) if args.tasks else \
-        tasks.learned_tasks(context, configs, args.cache, print, args.method)
+    learned, kept = tasks.method_tasks(context, configs, args.cache, args.method, args.tasks)
     results = {"method": args.method, "world_seed": args.world_seed, "tasks": kept,
                "rules": {mode: judge_rule(context, config, learned, mode, args.method, print) for mode in MODES}}
     out = args.out or (args.cache / "smoke-routing" if args.smoke else RESULTS)

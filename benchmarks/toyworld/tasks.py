@@ -8,6 +8,7 @@ settings), trained one after the other and kept under a key of the configuration
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from cidm.consolidation import CONSOLIDATORS
 from cidm.train import TrainedTask
 
-from . import models, protocol
+from . import models, protocol, run
 
 REPO = Path(__file__).resolve().parents[2]
 # What decides the trained tasks: the trainer, its consolidation and LoRA math, the training data and tokens, and
@@ -91,3 +92,29 @@ def learned_tasks(setup: protocol.Setup, configs: tuple, cache: Path, log,
     save_tasks(learned, path)
     log(f"{method} tasks kept in {path}")
     return learned
+
+
+def add_harness_arguments(parser: argparse.ArgumentParser, results: Path) -> None:
+    """The options every sampling harness takes: world seed, smoke, cache, results folder, threads."""
+    parser.add_argument("--world-seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny configuration: checks the harness end to end")
+    parser.add_argument("--cache", type=Path, default=models.CACHE)
+    parser.add_argument("--out", type=Path, help=f"results folder (default {results})")
+    parser.add_argument("--threads", type=int)
+
+
+def harness_setup(args: argparse.Namespace) -> tuple[protocol.Setup, tuple]:
+    """(the toy world's setup, the configurations) for a harness's parsed arguments (`add_harness_arguments`)."""
+    context, configs, _ = run.setup(args.smoke, args.cache, args.threads or (1 if args.smoke else None), print,
+                                    args.world_seed)
+    return context, configs
+
+
+def method_tasks(setup: protocol.Setup, configs: tuple, cache: Path, method: str,
+                 given: Path | None) -> tuple[list[protocol.LearnedConcept], str]:
+    """(`method`'s tasks, the name of the file they come from): `given`, else the cache's for the current training
+    code (trained now when missing). The name is keyed before any training."""
+    name = (given or tasks_path(configs, cache, method)).name
+    if given:
+        return load_tasks(setup, given, configs[2].tasks, method), name
+    return learned_tasks(setup, configs, cache, print, method), name
