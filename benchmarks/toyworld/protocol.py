@@ -51,6 +51,12 @@ from .concepts import Concept, ConceptWorld
 from .oracle import GARBAGE, Oracle, as_images, judge
 
 UPPER_BOUND = "upper bound"
+# A toy-only baseline (issue #33: a setting where forgetting shows): one LoRA trained on from task to task, each task
+# starting from the last one's factors, with no regularizer and no replay; every concept is then sampled through that
+# one LoRA (and its own tokens). The classic catastrophic-forgetting setting.
+SHARED = "finetune-shared"
+RUN_METHODS = (*METHODS, SHARED)  # what a run may name (`--only`, `--methods`); ProtocolConfig.methods' default
+# stays the product's METHODS
 # The reference freezes token embeddings at mean norm 0.55, about 1.4× a typical SD CLIP word embedding; the toy
 # text encoder's embeddings have their own scale, so the threshold is set relative to it.
 FREEZE_AT_NORM_RATIO = 1.4
@@ -450,16 +456,43 @@ def learn(setup: Setup, index: int, old: list[LearnedConcept], method: str,
     depends on the concept only, so every method's first task (and the upper bound's) starts identically. Methods
     that keep the class word out of the prompt (C-LoRA) get captions without it, here and when judged."""
     concept = setup.world.concepts[index]
-    class_word = CONSOLIDATORS[method].class_word_in_prompt
-    training = dataclasses.replace(config.training, method=method, seed=config.seed + index,
+    shared = method == SHARED
+    class_word = consolidator_of(method).class_word_in_prompt
+    training = dataclasses.replace(config.training, method=trained_as(method), seed=config.seed + index,
                                    embedding_norm_threshold=freeze_threshold(setup.base))
     denoiser = make_denoiser(setup.base)
     trainer = ConceptTrainer(denoiser, make_encoder(setup.base, [layer.path for layer in denoiser.layers],
                                                     config.token_slots),
                              training_set(concept, config, setup.world.seed, class_word),
                              ConceptSpec(concept.name, concept_tokens(concept), [None, concept.look.shape]),
-                             [c.task.lora for c in old], training)
+                             [] if shared else [c.task.lora for c in old], training)
+    if shared and old:  # train on from the shared LoRA as the last task left it
+        with torch.no_grad():
+            for key, (down, up) in trainer.lora.items():
+                down.copy_(old[-1].task.lora[key][0])
+                up.copy_(old[-1].task.lora[key][1])
     return trainer, LearnedConcept(concept, concept_tokens(concept), trainer.run(TrainingCallbacks()), class_word)
+
+
+def trained_as(method: str) -> str:
+    """The trainer's method (cidm.consolidation.METHODS) a run method trains with: SHARED trains as cidm with no
+    old task (so its consolidation terms are 0) and no replay."""
+    return "cidm" if method == SHARED else method
+
+
+def consolidator_of(method: str):
+    """The consolidator class whose attributes (prompts with the class word, old tasks in the forward pass) a run
+    method follows."""
+    return CONSOLIDATORS[trained_as(method)]
+
+
+def composed(method: str, learned: list[LearnedConcept]) -> list[LearnedConcept]:
+    """The concepts as `method` samples them after its last task: SHARED's all through the last task's LoRA (the
+    one LoRA trained on), each with its own tokens; any other method's as learned."""
+    if method != SHARED or not learned:
+        return learned
+    last = learned[-1].task.lora
+    return [dataclasses.replace(item, task=dataclasses.replace(item.task, lora=last)) for item in learned]
 
 
 def judge_stage(composer: Composer, learned: list[LearnedConcept], config: ProtocolConfig,
@@ -536,21 +569,23 @@ def composition_modes(method: str) -> tuple[str, ...]:
     with the product's default, `named` (the tasks the prompt names, at full strength), and is also judged with the
     paper's `elastic` weights (EWA). Every method is judged under the other's rule too (issue #33: routing apart
     from consolidation): summed methods under `named`, routed ones summed."""
+    if method == SHARED:  # one LoRA for every concept: summing or mixing it with itself means nothing
+        return ("named",)
     return ("fixed", "named") if CONSOLIDATORS[method].uses_old_in_forward else ("named", "elastic", "fixed")
 
 
 def judge_tasks(setup: Setup, learned: list[LearnedConcept], config: ProtocolConfig, mode: str,
-                log: Callable[[str], None], label: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
+                log: Callable[[str], None], method: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """`learned`'s tasks composed under `mode`, judged after each task (its first k tasks after task k) as the
     protocol judges a method: (summary scores with generic accuracy and `composition`, the last stage's samples,
     the judged stages' Composer after the last task for further judging)."""
     names = [item.concept.name for item in learned]
     stages = []
     for count in range(1, len(learned) + 1):
-        composer = Composer(setup, learned[:count], config, mode=mode)
+        composer = Composer(setup, composed(method, learned[:count]), config, mode=mode)
         stage, images = judge_stage(composer, learned[:count], config, setup.oracle, setup.world)
         stages.append(stage)
-        log(f"{label} ({mode}): task {count}/{len(learned)} ({names[count - 1]}), acc "
+        log(f"{method} ({mode}): task {count}/{len(learned)} ({names[count - 1]}), acc "
             + " ".join(f"{n} {stage[n]['acc']:.2f}" for n in stage))
     scores = {**summary(stages, names), "composition": mode, "generic": generic_accuracy(composer, config,
                                                                                          setup.oracle)}
@@ -578,7 +613,8 @@ def run_method(setup: Setup, method: str, config: ProtocolConfig, log: Callable[
     scores["other_compositions"] = {mode: judged[mode][0] for mode in modes[1:]}
     scores["seconds"] = time.monotonic() - started
     scores["trainer"] = f"{type(trainers[0]).__module__}.{type(trainers[0]).__qualname__}"
-    scores["consolidator"] = type(trainers[-1].consolidator).__name__
+    scores["consolidator"] = "none (one LoRA trained on)" if method == SHARED else \
+        type(trainers[-1].consolidator).__name__
     return MethodRun(trainers, learned, scores, kept_images, region_samples)
 
 

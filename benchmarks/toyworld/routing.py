@@ -55,7 +55,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks.add_harness_arguments(parser, RESULTS)
-    parser.add_argument("--method", choices=protocol.METHODS, required=True)
+    parser.add_argument("--method", choices=protocol.RUN_METHODS, required=True)
     parser.add_argument("--tasks", type=Path, help="the method's trained tasks (a file of benchmarks.toyworld.tasks), "
                         "instead of the cache's for the current training code")
     args = parser.parse_args()

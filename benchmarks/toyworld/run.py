@@ -128,11 +128,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --smoke, else torch's own). "
                         "On a shared machine use fewer threads than free cores: the tiny ops here slow down many "
                         "times over when a thread waits for a busy core")
-    parser.add_argument("--only", nargs="+", metavar="RUN", choices=[*protocol.METHODS, "upper-bound"],
+    parser.add_argument("--only", nargs="+", metavar="RUN", choices=[*protocol.RUN_METHODS, "upper-bound"],
                         help="run only these (methods, or upper-bound) and keep them in the cache without writing "
                         "results; on a machine with free cores, split the runs over processes this way, then run "
                         "the plain command to collect them")
-    parser.add_argument("--methods", nargs="+", choices=protocol.METHODS,
+    parser.add_argument("--methods", nargs="+", choices=protocol.RUN_METHODS,
                         help="report only these methods (default: all), beside the upper bound")
     parser.add_argument("--token-slots", choices=sorted(protocol.TOKEN_SLOT_RULES), default="layer",
                         help="concept-token slots: one per attn2 layer (default), one per resolution stage, or one "

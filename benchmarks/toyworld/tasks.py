@@ -16,7 +16,6 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from cidm.consolidation import CONSOLIDATORS
 from cidm.train import TrainedTask
 
 from . import models, protocol, run
@@ -72,7 +71,7 @@ def load_tasks(setup: protocol.Setup, path: Path, count: int, method: str = "cid
         task = TrainedTask(lora, tensors[f"{index}/embeddings"], tensors[f"{index}/features"], [], None, 0.0)
         concept = setup.world.concepts[index]
         learned.append(protocol.LearnedConcept(concept, protocol.concept_tokens(concept), task,
-                                               CONSOLIDATORS[method].class_word_in_prompt))
+                                               protocol.consolidator_of(method).class_word_in_prompt))
     return learned
 
 

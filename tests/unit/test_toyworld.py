@@ -429,6 +429,29 @@ def test_the_evaluation_harness_scores_the_nodes_ia_on_the_protocols_stages(smok
                                                           - evaluations[-1].scores["zarp"]["IA"])
 
 
+def test_finetune_shared_trains_one_lora_on_from_task_to_task_and_samples_every_concept_through_it(smoke):
+    """Issue 33's forgetting baseline: task 2 starts from task 1's factors (with a zero learning rate it ends there
+    too), where a cidm task starts from its own initialisation; every concept is then sampled through the last
+    LoRA with its own tokens, under named routing only."""
+    out, _, _ = smoke
+    context, configs, _ = run.setup(True, out.parent / "cache", 1, lambda _: None)
+    config = configs[2]
+    frozen = dataclasses.replace(config, training=dataclasses.replace(config.training, lora_lr=0.0))
+    _, first = protocol.learn(context, 0, [], protocol.SHARED, config)
+    _, second = protocol.learn(context, 1, [first], protocol.SHARED, frozen)
+    _, separate = protocol.learn(context, 1, [first], "cidm", frozen)
+    for key, (down, up) in first.task.lora.items():
+        assert torch.equal(second.task.lora[key][0], down) and torch.equal(second.task.lora[key][1], up)
+    assert any(not torch.equal(separate.task.lora[key][1], up) for key, (_, up) in first.task.lora.items())
+    views = protocol.composed(protocol.SHARED, [first, second])
+    assert all(view.task.lora is second.task.lora for view in views)
+    assert views[0].task.embeddings is first.task.embeddings and views[0].tokens == first.tokens
+    assert protocol.composed("cidm", [first, second]) == [first, second]
+    scores = protocol.run_method(context, protocol.SHARED, config, lambda _: None).scores
+    assert scores["composition"] == "named" and scores["other_compositions"] == {}
+    assert scores["consolidator"].startswith("none") and len(scores["acc"]) == config.tasks
+
+
 def test_automatic_regions_go_on_from_the_probe_and_fall_back_to_the_plain_sample(smoke, tmp_path):
     """Issue 31's toy harness: the kept tasks load back unchanged; a probe that finds no regions gives exactly the
     plain sample (the run goes on from the probe's last step); one that finds them gives disjoint masks over the
