@@ -171,6 +171,7 @@ def test_method_comparison_trains_each_method_into_its_own_library(comfy):
     assert saved == ["compare_c-lora", "compare_cidm", "compare_finetune"]
 
 
+@pytest.mark.slow  # about 3 minutes on 2 idle cores (three trainings); the node's own tests run by default
 def test_continual_evaluation_scores_every_concept_after_each_task_and_keeps_the_history(comfy):
     """The library goes Train → Evaluate → Train → …, so each evaluation sees its own revision; the last report
     holds every concept after each later task. The CLIP vision file is swapped for a random-weight model made at
