@@ -129,6 +129,7 @@ class ElasticAggregateLoRAs(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, library, tasks, scale, mode, weights, uncond_weights):
+        require_finite(scale=scale)  # named before anything is read
         lib = library.open()
         return io.NodeOutput(aggregate(model, lib, select_tasks(lib, tasks), scale, mode, weights, uncond_weights,
                                        "Elastic Aggregate LoRAs"))

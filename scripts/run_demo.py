@@ -1,6 +1,7 @@
 """Runs the shipped workflows headless in a real ComfyUI server, in the order a user would: continual
 customization (three CIFC concepts trained in sequence into one library, each then generated), composing two of
-them in regions, then exporting a concept as a standard LoRA used in a plain sampling graph; then the SDXL versions
+them in regions, then exporting a concept as a standard LoRA used in a plain sampling graph, then three tasks with
+an evaluation after each; then the SDXL versions
 of the first two on an SDXL-layout test checkpoint. The files in workflows/ are converted to API format here; the
 CPU-sized settings (test checkpoints, few steps, small images) are applied at run time only. Outputs land in
 demo_output/ (printed at the end)."""
@@ -25,6 +26,9 @@ DEMO_WORKFLOWS = (
     ("region_composition", cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8), 4),
     ("region_composition_auto", cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8), 4),
     ("export_concept_lora", cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8), 4),
+    # the CLIP vision file swapped for a random-weight model of ComfyUI's own class, made at run time
+    ("continual_evaluation", {**cpu_overrides(CHECKPOINT, training_steps=12, sampling_steps=8),
+                              "CLIPVisionLoader": {"class_type": "CIDMTest_SmallClipVision"}}, 4),
     ("continual_customization_sdxl", cpu_overrides(SDXL_CHECKPOINT, training_steps=4, sampling_steps=4,
                                                    loader=SDXL_LOADER), 8),
     ("region_composition_sdxl", cpu_overrides(SDXL_CHECKPOINT, training_steps=4, sampling_steps=4,
@@ -51,9 +55,10 @@ def main() -> int:
                 kind = "preview" if path.is_relative_to(workspace / "temp") else "output"  # temp: on-node previews
                 print(f"  {kind}: {path}")
             for node_id, node in prompt.items():
-                if node["class_type"] in ("CIDM_InspectAggregationWeights", "CIDM_ContextControlledKSampler"):
+                if node["class_type"] in ("CIDM_InspectAggregationWeights", "CIDM_ContextControlledKSampler",
+                                          "CIDM_EvaluateConceptLibrary"):
                     for table in entry["outputs"].get(node_id, {}).get("text", []):
-                        print(table)  # the per-layer task weights of the inspected prompt; a sampler's note
+                        print(table)  # inspected task weights; a sampler's note; an evaluation's report
     finally:
         server.stop()
     print(f"concept libraries: {workspace / 'models' / 'cidm' / 'my-concepts'}, "
