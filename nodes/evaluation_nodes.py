@@ -255,8 +255,8 @@ def report(history: list[Evaluation], evaluation: Evaluation, comparable: str) -
     """(markdown: this run's scores, the concept × evaluation table of each metric of its series with forgetting,
     skipped concepts; plot: the IA table with a forgetting column)."""
     series = evaluation.key.series()
-    lines = [f"library revision {evaluation.key.revision} ({evaluation.tasks} tasks), backbone "
-             f"{evaluation.key.backbone}, seed {evaluation.key.seed}; {comparable}", ""]
+    lines = [f"library revision {evaluation.key.revision} ({evaluation.tasks} task{'s' * (evaluation.tasks != 1)}), "
+             f"backbone {evaluation.key.backbone}, seed {evaluation.key.seed}; {comparable}", ""]
     for concept, note in evaluation.skipped.items():
         lines.append(f"skipped {concept}: {note}")
     tables = [forgetting_table(history, series, metric) for metric in ("IA", "TA", "DINO")]
