@@ -39,24 +39,38 @@ def select_tasks(library, selection: str, input_name: str = "tasks"):
     return chosen
 
 
+class LibraryPromptEncoder:
+    """Encodes prompts naming one library's concepts: the library's tasks are read and the CLIP's layer-wise encoder
+    built once, for any number of prompts."""
+
+    def __init__(self, clip, library):
+        self.library = library
+        datas = library.load_all()
+        self.vocabulary = vocabulary_from_tasks([t.concept for t in library.tasks], [t.tokens for t in library.tasks],
+                                                [d.embeddings for d in datas])
+        self.encoder = ComfyLayerwiseEncoder(clip, library.num_layers, library.token_slots)
+        self.fingerprint = text_encoder_fingerprint(self.encoder)
+
+    def __call__(self, text: str, input_name: str = "text"):
+        """(ordinary conditioning [1, k·77, D], pooled, LayerwisePrompt, expanded text) for a prompt naming the
+        library's concepts, in k 77-token chunks as ComfyUI's CLIPTextEncode makes them (cidm.routing describes the
+        transport). Raises CIDMInputError naming `input_name` for an unknown concept, or `clip` when the CLIP is not
+        the one the library was trained with."""
+        expanded = self.vocabulary.expand(text, input_name)
+        check_text_encoder(self.library, self.fingerprint)
+        layers, pooled = self.encoder.encode_with_pooled(expanded, self.vocabulary.embeddings)
+        tokens = tuple(self.vocabulary.tokens_in(expanded))
+        concepts = self.vocabulary.named_concepts(expanded, self.encoder.token_positions(
+            expanded, self.vocabulary.embeddings))
+        prompt = LayerwisePrompt(contexts=layers.float() if tokens else None, tokens=tokens,
+                                 library=self.library.name, concepts=concepts)
+        ordinary = ordinary_context(layers) if tokens else layers[:1]
+        return ordinary, pooled, prompt, expanded
+
+
 def encode_layerwise(clip, library, text: str, input_name: str = "text"):
-    """(ordinary conditioning [1, k·77, D], pooled, LayerwisePrompt, expanded text) for a prompt naming the
-    library's concepts, in k 77-token chunks as ComfyUI's CLIPTextEncode makes them (cidm.routing describes the
-    transport). Raises CIDMInputError naming `clip` when the CLIP is not the one the library was trained with, or
-    `input_name` for an unknown concept."""
-    datas = library.load_all()
-    vocabulary = vocabulary_from_tasks([t.concept for t in library.tasks], [t.tokens for t in library.tasks],
-                                       [d.embeddings for d in datas])
-    expanded = vocabulary.expand(text, input_name)
-    encoder = ComfyLayerwiseEncoder(clip, library.num_layers, library.token_slots)
-    check_text_encoder(library, text_encoder_fingerprint(encoder))
-    layers, pooled = encoder.encode_with_pooled(expanded, vocabulary.embeddings)
-    tokens = tuple(vocabulary.tokens_in(expanded))
-    concepts = vocabulary.named_concepts(expanded, encoder.token_positions(expanded, vocabulary.embeddings))
-    prompt = LayerwisePrompt(contexts=layers.float() if tokens else None, tokens=tokens, library=library.name,
-                             concepts=concepts)
-    ordinary = ordinary_context(layers) if tokens else layers[:1]
-    return ordinary, pooled, prompt, expanded
+    """One prompt through a LibraryPromptEncoder (its call says what comes back and what is raised)."""
+    return LibraryPromptEncoder(clip, library)(text, input_name)
 
 
 class CIDMTextEncode(io.ComfyNode):

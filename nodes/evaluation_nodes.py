@@ -27,7 +27,7 @@ from ..cidm.evaluation import (Evaluation, EvaluationKey, forgetting_table, imag
 from ..cidm.names import name_key
 from ..cidm.plots import heatmap
 from ..cidm.routing import PROMPT_KEY
-from .aggregation_nodes import aggregate, encode_layerwise, select_tasks
+from .aggregation_nodes import LibraryPromptEncoder, aggregate, select_tasks
 from .common import EVAL_FOLDER, input_root, input_subfolder, register_library_folder
 from .host.eval_backbones import load_backbone
 from .library_nodes import ConceptLibraryType
@@ -139,6 +139,7 @@ class Evaluator:
                  seed: int, sampler: dict, node_id: str | None, total: int):
         self.model = aggregate(model, lib, lib.tasks, sampler["scale"], "named", node="Evaluate Concept Library")
         self.clip, self.vae, self.lib = clip, vae, lib
+        self.encode = LibraryPromptEncoder(clip, lib)
         self.clip_vision, self.dino = clip_vision, dino
         self.templates, self.samples_per_prompt, self.seed, self.sampler = templates, samples_per_prompt, seed, sampler
         self.negative = self.conditioning("")
@@ -147,7 +148,7 @@ class Evaluator:
     def conditioning(self, text: str):
         """CIDM Text Encode's conditioning of `text`, with the sampled size for SDXL's size conditioning (as
         CLIPTextEncodeSDXL sets it; a plain prompt would say 768)."""
-        ordinary, pooled, prompt, _ = encode_layerwise(self.clip, self.lib, text, "prompts")
+        ordinary, pooled, prompt, _ = self.encode(text, "prompts")
         size = self.sampler["size"]
         return [[ordinary, {"pooled_output": pooled, PROMPT_KEY: prompt, "width": size, "height": size,
                             "target_width": size, "target_height": size}]]

@@ -165,12 +165,18 @@ def checkpoint(wf: Workflow, family: FamilySettings, column: int = 0) -> Node:
     return wf.add("CheckpointLoaderSimple", column, ckpt_name=family.checkpoint)
 
 
+def train_task(wf: Workflow, ckpt: Node, library: Node, column: int, method: str, index: int, concept: str,
+               folder: str, options) -> Node:
+    """Train Concept Increment for task `index` (from 0), appending to `library` (a node whose first output is one)."""
+    return wf.add("CIDM_TrainConceptIncrement", column, title=f"Task {index + 1}: {concept} ({method})",
+                  node_width=380, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], library=library[0], concept=concept,
+                  method=method, steps=800, folder=folder, options=options[concept][0])
+
+
 def train_sequence(wf: Workflow, ckpt: Node, library: Node, column: int, method: str, concepts, options) -> Node:
     """One Train Concept Increment per concept, each appending to the library the previous one returned."""
     for index, (concept, folder, _, _) in enumerate(concepts):
-        library = wf.add("CIDM_TrainConceptIncrement", column, title=f"Task {index + 1}: {concept} ({method})",
-                         node_width=380, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], library=library[0],
-                         concept=concept, method=method, steps=800, folder=folder, options=options[concept][0])
+        library = train_task(wf, ckpt, library, column, method, index, concept, folder, options)
     return library
 
 
@@ -358,9 +364,7 @@ def continual_evaluation(info: dict) -> Workflow:
     options = concept_options(wf, SD15, 1, CONCEPTS)
     for index, (concept, folder, _, _) in enumerate(CONCEPTS):
         column = 2 + 2 * index
-        trained = wf.add("CIDM_TrainConceptIncrement", column, title=f"Task {index + 1}: {concept} (cidm)",
-                         node_width=380, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], library=library[0],
-                         concept=concept, method="cidm", steps=800, folder=folder, options=options[concept][0])
+        trained = train_task(wf, ckpt, library, column, "cidm", index, concept, folder, options)
         library = wf.add("CIDM_EvaluateConceptLibrary", column + 1, title=f"Evaluate after task {index + 1}",
                          node_width=380, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], library=trained[0],
                          clip_vision=vision[0])

@@ -30,19 +30,18 @@ TRAINING_SOURCES = ("cidm/train.py", "cidm/consolidation.py", "cidm/adapters.py"
 
 def tasks_key(configs: tuple, method: str = "cidm") -> str:
     base_config, oracle_config, protocol_config = configs
-    digest = hashlib.sha256(f"{base_config.key()} {oracle_config.key()}".encode())
+    digest = hashlib.sha256(f"{base_config.key()} {oracle_config.key()} {method}".encode())
     settings = {k: v for k, v in dataclasses.asdict(protocol_config).items() if k != "methods"}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    if method != "cidm":  # cidm's key is the one the automatic-regions harness has always used
-        digest.update(method.encode())
     for source in TRAINING_SOURCES:
         digest.update((REPO / source).read_bytes())
     return digest.hexdigest()[:16]
 
 
 def tasks_path(configs: tuple, cache: Path, method: str = "cidm") -> Path:
-    prefix = "auto-regions-tasks" if method == "cidm" else f"tasks-{method}"
-    return cache / f"{prefix}-{tasks_key(configs, method)}.safetensors"
+    """Where `method`'s tasks are kept (earlier sessions kept cidm's as auto-regions-tasks-<key>; pass such a file
+    with --tasks)."""
+    return cache / f"tasks-{method}-{tasks_key(configs, method)}.safetensors"
 
 
 def save_tasks(learned: list[protocol.LearnedConcept], path: Path) -> None:

@@ -68,10 +68,11 @@ class PaperCLIP(comfy.clip_vision.ClipVisionModel):
     """
 
     def __init__(self, state_dict: dict):
+        config = vision_config(state_dict)
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "config.json")
             with open(path, "w") as handle:
-                json.dump(vision_config(state_dict), handle)
+                json.dump(config, handle)
             super().__init__(path)
         missing, _ = self.load_sd({k: v for k, v in state_dict.items()
                                    if k.startswith(("vision_model.", "visual_projection."))})
@@ -86,7 +87,6 @@ class PaperCLIP(comfy.clip_vision.ClipVisionModel):
             self.tokenizer = comfy.sd1_clip.SDTokenizer().tokenizer
         if missing:
             raise CIDMInputError("backbone", f"the CLIP checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
-        config = vision_config(state_dict)
         shape = config["hidden_size"], config["patch_size"], config["num_hidden_layers"]
         self.paper_name = "CLIP ViT-B/32" if shape == PAPER_CLIP and self.text is not None else None
 
